@@ -1,0 +1,214 @@
+"""`ranksearch` commands: wiring, exit codes and human output; the logic lives elsewhere.
+
+Exit codes: 0 done; 1 the study stopped early (failures); 2 bad input (nothing was launched or
+written); 130 interrupted (the running trial was stopped and recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+
+from ranksearch.config import StudyConfig, StudyError, parse_study
+from ranksearch.data import DataError
+from ranksearch.paths import BUILTIN_STUDIES, PathError, redact_url
+from ranksearch.storage import StorageError, default_storage_url
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 1
+EXIT_INTERRUPTED = 130
+
+MAIN_EXAMPLES = """examples:
+  ranksearch run --study cls-task                       # the offline default study
+  ranksearch run --study my.yaml --set budget.n_trials=40
+  ranksearch validate --study cls-task                  # check a study, run nothing
+  ranksearch list                                       # the study files shipped
+"""
+RUN_EXAMPLES = """examples:
+  ranksearch run --study cls-task
+  ranksearch run --study path/to/my.yaml --set budget.n_trials=40 --set training.max_steps=600
+  ranksearch run --study cls-task --out /data/runs/cls --storage postgresql://u:pw@db/optuna
+Run it again to resume: finished trials are kept, only the missing ones run."""
+VALIDATE_EXAMPLES = """examples:
+  ranksearch validate --study cls-task
+  ranksearch validate --study my.yaml --set search.rank=[4,8] --schema-only"""
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("study")
+    g.add_argument(
+        "--study",
+        required=True,
+        help="a study NAME (search_spaces/NAME.yaml) or a path to a YAML file",
+    )
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a study key, e.g. --set training.max_steps=600 (repeatable)",
+    )
+    g.add_argument(
+        "--out", type=Path, default=None, help="study directory (default: runs/<study_name>)"
+    )
+    g.add_argument(
+        "--storage", default=None, help="Optuna storage URL (default: sqlite:///<out>/optuna.db)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ranksearch",
+        description="Measured LoRA configuration search (Optuna + PEFT).",
+        epilog=MAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) a study",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _study_args(run)
+    out = run.add_argument_group("output")
+    out.add_argument("--quiet", action="store_true", help="warnings only (default: off)")
+    out.add_argument(
+        "--plain",
+        action="store_true",
+        help="line output even on a terminal (default: live view on a terminal)",
+    )
+    val = sub.add_parser(
+        "validate",
+        help="check a study file; run nothing",
+        epilog=VALIDATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _study_args(val)
+    val.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="check keys and values only; do not load the model or data",
+    )
+    sub.add_parser("list", help="list the study files shipped with ranksearch")
+    return parser
+
+
+def study_dir(cfg: StudyConfig, out: Path | None) -> Path:
+    return out if out is not None else Path("runs") / cfg.study_name
+
+
+def quiet_libraries() -> None:
+    """Library chatter (load reports, progress bars, deprecations) stays out of the view."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import datasets
+    import optuna
+    import transformers
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _load_checked(args, schema_only: bool = False) -> tuple[StudyConfig, str]:
+    """The study, checked as a whole: every problem (schema, model, data, storage) at once."""
+    from ranksearch.validate import resource_problems
+
+    cfg, path, problems = parse_study(args.study, args.overrides)
+    storage_url = args.storage or default_storage_url(study_dir(cfg, args.out))
+    if not schema_only:
+        problems += resource_problems(cfg, storage_url if args.storage else None)
+    if problems:
+        raise StudyError(problems, str(path))
+    return cfg, storage_url
+
+
+def cmd_validate(args, console: Console) -> int:
+    cfg, _ = _load_checked(args, args.schema_only)
+    what = "schema" if args.schema_only else "schema, model modules, data"
+    console.print(f"[green]ok[/green]: study {cfg.study_name} ({what}) is valid")
+    return 0
+
+
+def cmd_run(args, console: Console) -> int:
+    import torch
+
+    from ranksearch.data import prepare
+    from ranksearch.report import best_summary, trials_table
+    from ranksearch.study import Interrupted, Orchestrator, StudyStopped
+    from ranksearch.view import PlainView, make_view
+
+    cfg, storage_url = _load_checked(args)
+    out = study_dir(cfg, args.out)
+    device = cfg.launch.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    view = PlainView(console) if args.plain else make_view(args.quiet, console)
+    if not args.quiet:
+        console.print(
+            f"study {cfg.study_name}: {out} (storage {redact_url(storage_url)}, device {device})"
+        )
+    data = prepare(cfg, out)
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    orchestrator = Orchestrator(cfg, out, storage_url, data, view, device, bf16)
+    code = 0
+    try:
+        orchestrator.run()
+    except StudyStopped as e:
+        view.close()
+        console.print(Text("study stopped: ", style="red") + Text(str(e)))
+        code = EXIT_STOPPED
+    except Interrupted as e:
+        view.close()
+        console.print(
+            Text(
+                f"interrupted ({e}): the running trial was stopped and recorded; "
+                "run the same command to resume"
+            )
+        )
+        code = EXIT_INTERRUPTED
+    finally:
+        view.close()
+    if not args.quiet:
+        console.print(trials_table(orchestrator.study, title=f"study {cfg.study_name}"))
+        console.print(Text(best_summary(orchestrator.study)))
+    return code
+
+
+def cmd_list(args, console: Console) -> int:
+    for path in sorted(BUILTIN_STUDIES.glob("*.yaml")):
+        header = path.read_text().splitlines()[0].lstrip("# ")
+        console.print(f"{path.stem:<18} {header}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # logs and pipes: wide enough for the trial table
+        console = Console(highlight=False, width=max(console.width, 160))
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}
+    try:
+        quiet_libraries()
+        return commands[args.command](args, console)
+    except (StudyError, PathError, DataError, StorageError) as e:
+        err.print(Text("error: ", style="red") + Text(str(e)))
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""A study file as typed pydantic models: load, apply `--set` overrides, validate once.
+
+Every problem in a study file is collected into one `StudyError` that names each key path and
+how to fix it, so a user fixes the file in one pass. Nothing is launched or written before this
+passes. Checks that need the model or the data (module names, columns) live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ranksearch.paths import resolve_study_file
+
+
+class StudyError(Exception):
+    """One or more problems with a study, each as (key path, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "study file"):
+        self.problems = problems
+        self.source = source
+        lines = [f"{len(problems)} problem(s) in {source}:"]
+        lines += [f"  - `{key}`: {msg}" if key else f"  - {msg}" for key, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(_Strict):
+    """A numeric range for Optuna: `{low: 1.0e-4, high: 3.0e-3, log: true}`."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high}); swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}; raise low or drop `log`")
+        if self.log and self.step is not None:
+            raise ValueError("`step` and `log: true` cannot be combined; choose one")
+        return self
+
+
+Scalar = bool | int | float | str
+# A dimension is fixed (one value), a list of choices, or a range.
+Choice = Annotated[list[Scalar], Field(min_length=1)]
+Dimension = Range | Choice | Scalar
+ModuleSet = Literal["all-linear"] | Annotated[list[str], Field(min_length=1)]
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="hub id, local directory, or package://pkg/sub/dir")
+    quantization: Literal["none", "4bit"] = "none"  # 4bit = QLoRA (NF4, double quant); CUDA only
+    trust_remote_code: bool = False  # never run code shipped with a model unless asked
+
+
+class DataConfig(_Strict):
+    source: str  # hub dataset id, a local csv/tsv/json/jsonl/parquet file, or package://...
+    validation: str | None = None  # a validation file, or a split name for hub datasets
+    config_name: str | None = None  # hub dataset configuration
+    split: str = "train"  # hub split used for training
+    encoding: str = "utf-8"  # text encoding of csv/tsv files (e.g. latin-1)
+    quoting: Literal["minimal", "none"] = "minimal"  # csv quoting; `none` for raw TSV like SST-2
+    text_column: str = "text"
+    label_column: str = "label"  # ignored for causal-lm
+    labels: dict[str, int] | None = None  # raw label -> class id; unmapped rows are dropped
+    validation_fraction: float = Field(0.1, gt=0, lt=1)  # held out when no validation source
+    max_length: int = Field(128, gt=0)  # tokens; longer texts are truncated
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _label_keys_as_str(cls, data: Any) -> Any:
+        # YAML reads `{0: 0, 1: 1}` with int keys; labels are matched as strings.
+        if isinstance(data, dict) and isinstance(data.get("labels"), dict):
+            data = {**data, "labels": {str(k): v for k, v in data["labels"].items()}}
+        return data
+
+
+class SearchConfig(_Strict):
+    rank: Dimension = Field(default_factory=lambda: [4, 8, 16, 32])
+    alpha: Dimension | None = None  # absolute lora_alpha values
+    alpha_ratio: Dimension | None = None  # lora_alpha = ratio * rank (default [1, 2])
+    dropout: Dimension = 0.05
+    target_modules: dict[str, ModuleSet] | ModuleSet = Field(
+        default_factory=lambda: {"qv": ["query", "value"]}
+    )
+    learning_rate: Dimension = Field(default_factory=lambda: Range(low=1e-4, high=3e-3, log=True))
+    use_rslora: Dimension = False
+    use_dora: Dimension = False
+    init_lora_weights: Dimension = True
+
+    @model_validator(mode="after")
+    def _alpha(self) -> SearchConfig:
+        if self.alpha is not None and self.alpha_ratio is not None:
+            raise ValueError(
+                "can't provide both `search.alpha` and `search.alpha_ratio`; choose one"
+            )
+        return self
+
+
+class TrainingConfig(_Strict):
+    max_steps: int = Field(300, gt=0)  # optimizer steps of a full-budget trial
+    eval_every: int = Field(25, gt=0)  # optimizer steps between evaluations (= reports)
+    batch_size: int = Field(16, gt=0)  # per process
+    eval_batch_size: int | None = Field(None, gt=0)  # default: 2 * batch_size
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on GPU
+    gradient_checkpointing: bool = False
+
+
+class PrunerConfig(_Strict):
+    type: Literal["hyperband", "successive-halving", "median", "none"] = "hyperband"
+    min_steps: int = Field(25, gt=0)  # first rung (hyperband/SH) or warmup (median), in steps
+    reduction_factor: int = Field(3, ge=2)
+
+
+class SamplerConfig(_Strict):
+    type: Literal["tpe", "random", "grid", "bruteforce"] = "tpe"
+    seed: int = 0
+    n_startup_trials: int = Field(5, ge=0)  # TPE: random trials before modelling
+
+
+class BudgetConfig(_Strict):
+    n_trials: int = Field(20, gt=0)  # finished (complete + pruned) trials in the whole study
+    max_consecutive_failures: int = Field(3, gt=0)
+
+
+class LaunchConfig(_Strict):
+    num_processes: int = Field(1, gt=0)  # accelerate ranks per trial
+    gpus_per_trial: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    stop_grace_seconds: float = Field(5.0, ge=0)  # after SIGTERM, before SIGKILL
+    trial_timeout_minutes: float | None = Field(None, gt=0)
+
+
+class StudyConfig(_Strict):
+    """A whole study file."""
+
+    study_name: str
+    task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
+    model: ModelConfig
+    data: DataConfig
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    enqueue: list[dict[str, Scalar]] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        # `model: <path>` and `sampler: grid` are shorthands for the full mappings.
+        if isinstance(data, dict):
+            data = dict(data)
+            if isinstance(data.get("model"), str):
+                data["model"] = {"path": data["model"]}
+            if isinstance(data.get("sampler"), str):
+                data["sampler"] = {"type": data["sampler"]}
+            if isinstance(data.get("pruner"), str):
+                data["pruner"] = {"type": data["pruner"]}
+        return data
+
+
+def _check_cross_fields(cfg: StudyConfig) -> list[tuple[str, str]]:
+    """Rules that span sections; each returns (key path, message with the fix)."""
+    problems: list[tuple[str, str]] = []
+    t, p = cfg.training, cfg.pruner
+    if t.eval_every > t.max_steps:
+        problems.append(
+            ("training.eval_every", f"{t.eval_every} > max_steps {t.max_steps}; lower it")
+        )
+    if p.type != "none" and p.min_steps > t.max_steps:
+        problems.append(
+            ("pruner.min_steps", f"{p.min_steps} > training.max_steps {t.max_steps}; lower it")
+        )
+    if p.type != "none" and p.min_steps < t.eval_every:
+        problems.append(
+            (
+                "pruner.min_steps",
+                f"{p.min_steps} < training.eval_every {t.eval_every}: no report arrives before "
+                "the first rung; set it to a multiple of eval_every",
+            )
+        )
+    if cfg.task == "causal-lm" and cfg.data.labels:
+        problems.append(("data.labels", "causal-lm trains on text only; remove `labels`"))
+    if cfg.data.labels is not None and len(set(cfg.data.labels.values())) < 2:
+        problems.append(("data.labels", "map at least two classes, e.g. {neg: 0, pos: 1}"))
+    if cfg.data.labels and sorted(set(cfg.data.labels.values())) != list(
+        range(len(set(cfg.data.labels.values())))
+    ):
+        problems.append(("data.labels", "class ids must be 0..K-1 without gaps"))
+    if cfg.launch.device == "cpu" and cfg.model.quantization == "4bit":
+        problems.append(("model.quantization", "4bit needs CUDA; use `none` on CPU"))
+    from ranksearch.space import space_problems  # avoids an import cycle
+
+    problems += space_problems(cfg)
+    return problems
+
+
+def _format_pydantic(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        # Drop the union-branch names pydantic inserts ("list[...]", "Range") from the path.
+        loc = [
+            str(x)
+            for x in e["loc"]
+            if not re.search(r"[\[\]]|^(Range|str|int|float|bool)$", str(x))
+        ]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling or remove it (see search_spaces/cls-task.yaml)"
+        elif e["type"] == "missing":
+            msg = "required key is missing; add it"
+        problems.append((".".join(loc), msg))
+    # A union reports one error per branch; keep each distinct (path, message) once.
+    return list(dict.fromkeys(problems))
+
+
+def set_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set key.sub=value`; the value is parsed as YAML (`8`, `true`, `[4, 8]`)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise StudyError([("--set", f"expected key.sub=value, got {assignment!r}")], "--set")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else {"type": child} if isinstance(child, str) else None
+            if child is None:
+                raise StudyError([(key, f"`{part}` is not a mapping; cannot set {key}")], "--set")
+            node[part] = child
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+
+
+def parse_study(
+    study: str | Path, overrides: list[str] = (), search_dirs: list[Path] | None = None
+) -> tuple[StudyConfig, Path, list[tuple[str, str]]]:
+    """Resolve, read and type-check a study file; return it with its cross-field problems.
+
+    Raises `StudyError` when the file cannot be typed at all (YAML, unknown keys, wrong types).
+    """
+    path = resolve_study_file(str(study), search_dirs)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise StudyError([("", f"not valid YAML: {e}")], str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise StudyError([("", "a study file must be a YAML mapping of keys")], str(path))
+    data.setdefault("study_name", path.stem)
+    for assignment in overrides:
+        set_override(data, assignment)
+    try:
+        cfg = StudyConfig.model_validate(data)
+    except ValidationError as e:
+        raise StudyError(_format_pydantic(e), str(path)) from None
+    return cfg, path, _check_cross_fields(cfg)
+
+
+def load_study(
+    study: str | Path, overrides: list[str] = (), search_dirs: list[Path] | None = None
+) -> tuple[StudyConfig, Path]:
+    """Resolve, read and validate a study file; raise `StudyError` listing every problem."""
+    cfg, path, problems = parse_study(study, overrides, search_dirs)
+    if problems:
+        raise StudyError(problems, str(path))
+    return cfg, path

@@ -1,0 +1,257 @@
+"""Load, label-map, split and tokenize a study's data once; cache it as Arrow in the study dir.
+
+Every trial of a study reads the same prepared splits (`datasets.load_from_disk`), so no trial
+re-tokenizes. The cache key covers everything that changes the result (data settings, tokenizer,
+task, seed); a changed study file prepares a new cache beside the old one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ranksearch.paths import PathError, local_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ranksearch.config import DataConfig, StudyConfig
+
+LOCAL_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".parquet": "parquet",
+}
+
+
+class DataError(Exception):
+    """Data that cannot be used as the study file describes; names the key and the fix."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"`{key}`: {message}")
+
+
+@dataclass
+class PreparedData:
+    path: Path  # holds train/ and validation/ (load_from_disk) and meta.json
+    num_labels: int
+    label_names: list[str]
+    pad_token_id: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+def model_location(path: str) -> str:
+    """A model source as `from_pretrained` takes it: a local directory or a hub id."""
+    local = local_path(path)
+    return str(local) if local is not None else path
+
+
+def read_frame(cfg: DataConfig, source: str, key: str = "data.source") -> pd.DataFrame:
+    """One table from a local file, a file inside a package, or a hub dataset split."""
+    import pandas as pd
+
+    try:
+        path = local_path(source)
+    except PathError as e:
+        raise DataError(key, str(e)) from None
+    if path is None:
+        return _read_hub(cfg, source, key)
+    if not path.is_file():
+        raise DataError(key, f"no such file: {path}")
+    fmt = LOCAL_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            key, f"unknown file type {path.suffix!r}; use one of {sorted(LOCAL_FORMATS)}"
+        )
+    try:
+        if fmt in ("csv", "tsv"):
+            quoting = csv.QUOTE_NONE if cfg.quoting == "none" else csv.QUOTE_MINIMAL
+            return pd.read_csv(
+                path,
+                sep="\t" if fmt == "tsv" else ",",
+                encoding=cfg.encoding,
+                quoting=quoting,
+                keep_default_na=False,
+            )
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        return pd.read_json(path, lines=fmt == "jsonl")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            "data.encoding",
+            f"{path.name} is not {cfg.encoding} ({e.reason} at byte {e.start}); set "
+            "`data.encoding` to the file's encoding, e.g. latin-1",
+        ) from None
+    except LookupError:
+        raise DataError("data.encoding", f"unknown encoding {cfg.encoding!r}; e.g. utf-8") from None
+    except (ValueError, OSError, pd.errors.ParserError) as e:
+        raise DataError(key, f"cannot read {path}: {e}") from None
+
+
+def _read_hub(cfg: DataConfig, source: str, key: str) -> pd.DataFrame:
+    import datasets
+
+    split = cfg.split if key == "data.source" else source
+    name = cfg.source if key != "data.source" else source
+    try:
+        ds = datasets.load_dataset(name, cfg.config_name, split=split)
+    except Exception as e:  # noqa: BLE001 - the hub client raises many types
+        raise DataError(
+            key,
+            f"cannot load hub dataset {name!r} (split {split!r}): {type(e).__name__}: "
+            f"{str(e)[:200]}. Offline? Give a local file instead.",
+        ) from None
+    return ds.to_pandas()
+
+
+def label_frame(
+    cfg: DataConfig, frame: pd.DataFrame, task: str, where: str
+) -> tuple[pd.DataFrame, dict[str, int], dict[str, int]]:
+    """Check columns, drop empty texts and unmapped labels, add integer `labels`.
+
+    Returns the frame, row counts, and the label mapping used (raw label -> class id).
+    """
+    columns = list(frame.columns)
+    if cfg.text_column not in columns:
+        raise DataError(
+            "data.text_column", f"{where} has no column {cfg.text_column!r}; columns are {columns}"
+        )
+    counts = {"rows": len(frame)}
+    frame = frame[frame[cfg.text_column].astype(str).str.strip() != ""]
+    counts["dropped_empty"] = counts["rows"] - len(frame)
+    if task == "causal-lm":
+        return frame.reset_index(drop=True), counts, {}
+    if cfg.label_column not in columns:
+        raise DataError(
+            "data.label_column",
+            f"{where} has no column {cfg.label_column!r}; columns are {columns}",
+        )
+    raw = frame[cfg.label_column].astype(str)
+    mapping = cfg.labels or {v: i for i, v in enumerate(sorted(raw.unique()))}
+    ids = raw.map(mapping)
+    counts["dropped_unmapped"] = int(ids.isna().sum())
+    frame = frame.assign(labels=ids).dropna(subset=["labels"])
+    frame["labels"] = frame["labels"].astype(int)
+    present = sorted(frame["labels"].unique())
+    if len(present) < 2:
+        raise DataError(
+            "data.labels",
+            f"{where} has {len(present)} label(s) after mapping "
+            f"{mapping}; a classifier needs at least two: check `data.labels` "
+            f"against the values in {cfg.label_column!r}",
+        )
+    return frame.reset_index(drop=True), counts, mapping
+
+
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split that keeps each class's share in both parts. Returns (train, val) indices."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = max(1, round(len(idx) * fraction))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def cache_key(cfg: StudyConfig) -> str:
+    blob = json.dumps(
+        {
+            "data": cfg.data.model_dump(),
+            "model": cfg.model.path,
+            "task": cfg.task,
+            "seed": cfg.training.seed,
+            "version": 1,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def load_tokenizer(cfg: StudyConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        model_location(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code
+    )
+    if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS, masked out of the loss
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prepare(cfg: StudyConfig, study_dir: Path) -> PreparedData:
+    """Prepare (or reuse) the tokenized train/validation splits for this study."""
+    out = study_dir / "data" / cache_key(cfg)
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return PreparedData(
+            out, meta["num_labels"], meta["label_names"], meta["pad_token_id"], meta["counts"]
+        )
+
+    from datasets import Dataset
+
+    d, seed = cfg.data, cfg.training.seed
+    frame, counts, mapping = label_frame(d, read_frame(d, d.source), cfg.task, "data.source")
+    if d.validation:
+        val_frame, val_counts, _ = label_frame(
+            d, read_frame(d, d.validation, "data.validation"), cfg.task, "data.validation"
+        )
+        counts.update({f"validation_{k}": v for k, v in val_counts.items()})
+    else:
+        strata = frame["labels"].to_numpy() if "labels" in frame else np.zeros(len(frame), int)
+        train_idx, val_idx = stratified_split(strata, d.validation_fraction, seed)
+        frame, val_frame = frame.iloc[train_idx], frame.iloc[val_idx]
+    frame = frame.iloc[_subsample(len(frame), d.max_train_samples, seed)]
+    val_frame = val_frame.iloc[_subsample(len(val_frame), d.max_eval_samples, seed + 1)]
+    counts.update(train=len(frame), validation=len(val_frame))
+
+    tok = load_tokenizer(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", frame), ("validation", val_frame)):
+        enc = tok(
+            part[d.text_column].astype(str).tolist(), truncation=True, max_length=d.max_length
+        )
+        columns = {"input_ids": enc["input_ids"]}
+        if "labels" in part:
+            columns["labels"] = part["labels"].tolist()
+        ds = Dataset.from_dict(columns)
+        if name == "validation":  # sorted by length: evaluation batches carry little padding
+            ds = ds.select(np.argsort([len(x) for x in columns["input_ids"]], kind="stable"))
+        ds.save_to_disk(str(out / name))
+
+    # class id -> a readable name (the first raw label mapped to it)
+    names: dict[int, str] = {}
+    for raw, idx in mapping.items():
+        names.setdefault(idx, raw)
+    label_names = [names[i] for i in sorted(names)]
+    meta = {
+        "num_labels": len(label_names),
+        "label_names": label_names,
+        "counts": counts,
+        "pad_token_id": tok.pad_token_id,
+        "source": d.source,
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return PreparedData(out, meta["num_labels"], label_names, tok.pad_token_id, counts)

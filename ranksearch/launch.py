@@ -1,0 +1,156 @@
+"""Build the `accelerate launch` command of a trial (pure) and supervise the process it starts.
+
+Each trial is its own process group (a new session), so a pruned, timed-out or interrupted trial
+is stopped as a whole: SIGTERM to every rank, a grace period, then SIGKILL. No rank is orphaned
+and no rendezvous port stays bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added to the orchestrator's environment
+
+    def command_line(self) -> str:
+        env = " ".join(f"{k}={v}" for k, v in self.env.items())
+        return (env + " " if env else "") + " ".join(self.argv)
+
+
+def resolve_mixed_precision(requested: str, device: str, bf16_supported: bool) -> str:
+    """`auto` = bf16 where the GPU supports it, else fp16; always `no` on CPU."""
+    if device == "cpu":
+        return "no"
+    if requested != "auto":
+        return requested
+    return "bf16" if bf16_supported else "fp16"
+
+
+def accelerate_argv(
+    spec_path: Path,
+    *,
+    num_processes: int,
+    device: str,
+    mixed_precision: str,
+    gpu_ids: list[int] | None = None,
+    main_process_port: int = 0,
+    cpu_threads: int | None = None,
+    python: str = sys.executable,
+) -> LaunchPlan:
+    """The `accelerate launch ... -m ranksearch.worker <spec>` command for one trial.
+
+    CPU with several ranks uses the multi-GPU code path over gloo (`ACCELERATE_USE_CPU=true`
+    with `--multi_gpu`); `--cpu --num_processes 2` would start a single process.
+    """
+    argv = [python, "-m", "accelerate.commands.accelerate_cli", "launch"]
+    env: dict[str, str] = {}
+    if num_processes > 1:
+        argv.append("--multi_gpu")
+    if device == "cpu":
+        if num_processes > 1:
+            env["ACCELERATE_USE_CPU"] = "true"
+        else:
+            argv.append("--cpu")
+        if cpu_threads:
+            argv += ["--num_cpu_threads_per_process", str(cpu_threads)]
+    elif gpu_ids:
+        if len(gpu_ids) != num_processes:
+            raise ValueError(f"{len(gpu_ids)} GPU ids for {num_processes} processes; give one each")
+        argv += ["--gpu_ids", ",".join(str(g) for g in gpu_ids)]
+    argv += [
+        "--num_processes", str(num_processes),
+        "--num_machines", "1",
+        "--mixed_precision", mixed_precision,
+        "--dynamo_backend", "no",
+        "--main_process_port", str(main_process_port),
+        "-m", "ranksearch.worker", str(spec_path),
+    ]  # fmt: skip
+    return LaunchPlan(argv, env)
+
+
+class WorkerProcess:
+    """A running trial: its process group, its log file and its report channel."""
+
+    def __init__(self, plan: LaunchPlan, log_path: Path, reports_path: Path):
+        self.plan = plan
+        self.log_path = log_path
+        self.reports_path = reports_path
+        self._offset = 0
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {
+            **os.environ,
+            **self.plan.env,
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {self.plan.command_line()}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                self.plan.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # its own process group: stopped as a whole
+            )
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def poll(self) -> int | None:
+        """The exit code once the launcher has exited, else None."""
+        return self._proc.poll() if self._proc else None
+
+    def read_reports(self) -> list[dict]:
+        """Every complete new line of the report channel since the last call."""
+        try:
+            with open(self.reports_path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self._offset += end
+        return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+
+    def stop(self, grace_seconds: float) -> None:
+        """SIGTERM the whole group, wait up to `grace_seconds`, then SIGKILL what is left."""
+        if self._proc is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while self._proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._signal_group(signal.SIGKILL)
+        self._proc.wait()
+
+    def reap(self) -> None:
+        """After the launcher exits, make sure no rank of its group lives on."""
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])

@@ -1,0 +1,227 @@
+"""The study's search space -> Optuna distributions -> a resolved LoRA configuration.
+
+A dimension is searched when it is a list of two or more choices or a range; a single value is
+fixed and never reaches Optuna. Target-module sets reach Optuna as their string keys (`qv`), so
+the sampler sees a plain categorical and the table stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+from ranksearch.config import Range, SearchConfig
+
+if TYPE_CHECKING:
+    import optuna
+
+    from ranksearch.config import StudyConfig
+
+# study-file key -> Optuna parameter name, in display order
+PARAM_NAMES = {
+    "rank": "rank",
+    "alpha": "lora_alpha",
+    "alpha_ratio": "alpha_ratio",
+    "dropout": "lora_dropout",
+    "target_modules": "target_modules",
+    "learning_rate": "learning_rate",
+    "use_rslora": "use_rslora",
+    "use_dora": "use_dora",
+    "init_lora_weights": "init_lora_weights",
+}
+INT_KEYS = {"rank"}
+
+
+def dimensions(search: SearchConfig) -> dict[str, Any]:
+    """Study-file key -> dimension, with defaults filled in (alpha_ratio [1, 2] if no alpha)."""
+    dims = search.model_dump(exclude_none=True)
+    dims = {k: getattr(search, k) for k in dims}
+    if search.alpha is None and search.alpha_ratio is None:
+        dims["alpha_ratio"] = [1, 2]
+    if isinstance(search.target_modules, dict):
+        dims["target_modules"] = list(search.target_modules)
+    else:
+        dims["target_modules"] = module_set_name(search.target_modules)
+    return dims
+
+
+def module_set_name(modules: str | list[str]) -> str:
+    return modules if isinstance(modules, str) else "+".join(modules)
+
+
+def module_sets(search: SearchConfig) -> dict[str, str | list[str]]:
+    tm = search.target_modules
+    return dict(tm) if isinstance(tm, dict) else {module_set_name(tm): tm}
+
+
+def is_searched(dim: Any) -> bool:
+    if isinstance(dim, Range):
+        return dim.low < dim.high
+    return isinstance(dim, list) and len(dim) > 1
+
+
+def _fixed_value(dim: Any) -> Any:
+    if isinstance(dim, Range):
+        return dim.low
+    return dim[0] if isinstance(dim, list) else dim
+
+
+def suggest(trial: optuna.Trial, search: SearchConfig) -> dict[str, Any]:
+    """Ask the trial for every searched dimension; return the full resolved configuration."""
+    values: dict[str, Any] = {}
+    for key, dim in dimensions(search).items():
+        name = PARAM_NAMES[key]
+        if not is_searched(dim):
+            values[key] = _fixed_value(dim)
+        elif isinstance(dim, Range) and key in INT_KEYS:
+            step = int(dim.step or 1)
+            values[key] = trial.suggest_int(
+                name, int(dim.low), int(dim.high), step=step, log=dim.log
+            )
+        elif isinstance(dim, Range):
+            values[key] = trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
+        else:
+            values[key] = trial.suggest_categorical(name, dim)
+    return resolve(search, values)
+
+
+def resolve(search: SearchConfig, values: dict[str, Any]) -> dict[str, Any]:
+    """Study-file values -> the concrete configuration a worker trains (lora_alpha computed)."""
+    rank = int(values["rank"])
+    if "alpha_ratio" in values:
+        alpha = float(values["alpha_ratio"]) * rank
+    else:
+        alpha = float(values["alpha"])
+    set_name = values["target_modules"]
+    return {
+        "rank": rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": float(values["dropout"]),
+        "target_modules": set_name,
+        "modules": module_sets(search)[set_name],
+        "learning_rate": float(values["learning_rate"]),
+        "use_rslora": bool(values["use_rslora"]),
+        "use_dora": bool(values["use_dora"]),
+        "init_lora_weights": values["init_lora_weights"],
+    }
+
+
+def params_to_values(search: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """Optuna params of a trial (searched dims only) -> study-file values for `resolve`."""
+    by_name = {v: k for k, v in PARAM_NAMES.items()}
+    values = {k: _fixed_value(d) for k, d in dimensions(search).items()}
+    values.update({by_name[name]: v for name, v in params.items() if name in by_name})
+    return values
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A canonical string of what is trained; equal keys mean the same fine-tune."""
+    keep = {k: v for k, v in config.items() if k != "modules"}
+    keep["learning_rate"] = float(f"{keep['learning_rate']:.6g}")
+    keep["lora_dropout"] = float(f"{keep['lora_dropout']:.6g}")
+    return json.dumps(keep, sort_keys=True)
+
+
+def grid(search: SearchConfig) -> dict[str, list[Any]]:
+    """Optuna parameter name -> choices, for GridSampler (every searched dim must be a list)."""
+    return {PARAM_NAMES[k]: list(d) for k, d in dimensions(search).items() if is_searched(d)}
+
+
+def enqueue_params(search: SearchConfig, entry: dict[str, Any]) -> dict[str, Any]:
+    """A study file's `enqueue:` entry -> Optuna params. `alpha` converts to a ratio if needed."""
+    dims = dimensions(search)
+    entry = dict(entry)
+    if "alpha" in entry and "alpha_ratio" in dims and "alpha" not in dims:
+        rank = entry.get("rank", _fixed_value(dims["rank"]))
+        entry["alpha_ratio"] = entry.pop("alpha") / rank
+    return {PARAM_NAMES[k]: v for k, v in entry.items() if k in dims and is_searched(dims[k])}
+
+
+def lora_kwargs(config: dict[str, Any], task: str) -> dict[str, Any]:
+    """The `peft.LoraConfig` keyword arguments for a resolved configuration."""
+    return {
+        "task_type": "SEQ_CLS" if task == "sequence-classification" else "CAUSAL_LM",
+        "r": config["rank"],
+        "lora_alpha": config["lora_alpha"],
+        "lora_dropout": config["lora_dropout"],
+        "target_modules": config["modules"],
+        "use_rslora": config["use_rslora"],
+        "use_dora": config["use_dora"],
+        "init_lora_weights": config["init_lora_weights"],
+    }
+
+
+def _values(dim: Any) -> list[Any]:
+    if isinstance(dim, Range):
+        return [dim.low, dim.high]
+    return list(dim) if isinstance(dim, list) else [dim]
+
+
+def _number_problems(key: str, dim: Any, ok, fix: str) -> list[tuple[str, str]]:
+    bad = [v for v in _values(dim) if isinstance(v, bool) or not isinstance(v, int | float)]
+    if bad:
+        return [(f"search.{key}", f"expected numbers, got {bad!r}")]
+    bad = [v for v in _values(dim) if not ok(v)]
+    return [(f"search.{key}", f"{bad!r} out of range: {fix}")] if bad else []
+
+
+def space_problems(cfg: StudyConfig) -> list[tuple[str, str]]:
+    """Value ranges of the search space, sampler compatibility and `enqueue` entries."""
+    s = cfg.search
+    dims = dimensions(s)
+    problems: list[tuple[str, str]] = []
+    problems += _number_problems(
+        "rank", s.rank, lambda v: v > 0 and float(v).is_integer(), "ranks are integers >= 1"
+    )
+    problems += _number_problems(
+        "dropout", s.dropout, lambda v: 0 <= v < 1, "dropout must be in [0, 1)"
+    )
+    problems += _number_problems(
+        "learning_rate", s.learning_rate, lambda v: 0 < v < 1, "use e.g. 1.0e-4 .. 3.0e-3"
+    )
+    for key in ("alpha", "alpha_ratio"):
+        if getattr(s, key) is not None:
+            problems += _number_problems(key, getattr(s, key), lambda v: v > 0, "must be > 0")
+    for key in ("use_rslora", "use_dora"):
+        if any(not isinstance(v, bool) for v in _values(getattr(s, key))):
+            problems.append((f"search.{key}", "expected true/false or a list of them"))
+    if isinstance(s.target_modules, dict) and not s.target_modules:
+        problems.append(
+            ("search.target_modules", "name at least one set, e.g. {qv: [query, value]}")
+        )
+    if cfg.sampler.type in ("grid", "bruteforce"):
+        for key, dim in dims.items():
+            if isinstance(dim, Range) and is_searched(dim):
+                mid = math.sqrt(dim.low * dim.high) if dim.log else (dim.low + dim.high) / 2
+                problems.append(
+                    (
+                        f"search.{key}",
+                        f"`sampler: {cfg.sampler.type}` needs a list of choices, not a range; "
+                        f"e.g. [{dim.low:g}, {mid:g}, {dim.high:g}]",
+                    )
+                )
+    for i, entry in enumerate(cfg.enqueue):
+        problems += _enqueue_problems(f"enqueue.{i}", s, dims, entry)
+    return problems
+
+
+def _enqueue_problems(
+    where: str, s: SearchConfig, dims: dict, entry: dict
+) -> list[tuple[str, str]]:
+    allowed = set(dims) | ({"alpha"} if "alpha_ratio" in dims else set())
+    problems = [
+        (f"{where}.{k}", f"not a search key; use one of {sorted(allowed)}")
+        for k in entry
+        if k not in allowed
+    ]
+    if problems:
+        return problems
+    for name, value in enqueue_params(s, entry).items():
+        key = next(k for k, v in PARAM_NAMES.items() if v == name)
+        dim = dims[key]
+        if isinstance(dim, list) and value not in dim:
+            problems.append((f"{where}.{key}", f"{value!r} is not one of the choices {dim}"))
+        if isinstance(dim, Range) and not dim.low <= value <= dim.high:
+            problems.append((f"{where}.{key}", f"{value!r} is outside [{dim.low}, {dim.high}]"))
+    return problems

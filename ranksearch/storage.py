@@ -1,0 +1,80 @@
+"""Optuna storage: open it with heartbeats, and check it is reachable before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from ranksearch.paths import redact_url
+
+HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
+GRACE_PERIOD = 60  # a RUNNING trial without a heartbeat for this long is failed by any worker
+
+
+class StorageError(Exception):
+    """The storage URL cannot be used; the message carries the redacted URL and the fix."""
+
+
+def default_storage_url(study_dir: Path) -> str:
+    return f"sqlite:///{study_dir.resolve() / 'optuna.db'}"
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        # several orchestrators on one SQLite file wait for the lock instead of failing
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
+def check_storage(url: str) -> None:
+    """Connect once (nothing is written); raise StorageError naming `--storage` and the fix."""
+    import sqlalchemy
+
+    shown = redact_url(url)
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(
+            f"`--storage` {shown}: not a database URL; use e.g. sqlite:///runs/x/optuna.db or "
+            "postgresql://user:password@host:5432/db"
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        parent = Path(parsed.database or ".").expanduser().resolve().parent
+        if not parent.exists() and not _creatable(parent):
+            raise StorageError(f"`--storage` {shown}: directory {parent} cannot be created")
+        return
+    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ModuleNotFoundError as e:
+        raise StorageError(
+            f"`--storage` {shown}: driver {e.name!r} is not installed; "
+            "pip install 'ranksearch[postgres]' (psycopg) or the driver for your database"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - drivers raise their own types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(
+            f"`--storage` {shown}: cannot connect ({first.replace(url, shown)}). "
+            "Check that the server runs and the URL, user and database are right."
+        ) from None
+
+
+def _creatable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return True
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=_engine_kwargs(url),
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        grace_period=GRACE_PERIOD,
+    )

@@ -1,0 +1,115 @@
+"""Checks that need the model, the data or the storage; run before anything is launched.
+
+The model is built from its config on the `meta` device (no weights are read), so checking that
+every target module exists as a Linear layer takes a second even for large models.
+"""
+
+from __future__ import annotations
+
+from ranksearch.config import StudyConfig
+from ranksearch.data import DataError, label_frame, model_location, read_frame
+from ranksearch.paths import PathError
+from ranksearch.space import module_sets
+from ranksearch.storage import StorageError, check_storage
+
+Problem = tuple[str, str]
+
+
+def linear_modules(cfg: StudyConfig) -> dict[str, str]:
+    """Module name -> class name for every module of the model (built on `meta`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    location = model_location(cfg.model.path)
+    config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.model.trust_remote_code)
+    auto = AutoModelForCausalLM if cfg.task == "causal-lm" else AutoModelForSequenceClassification
+    if cfg.task != "causal-lm":
+        config.num_labels = max(2, len(set((cfg.data.labels or {}).values())))
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return {name: type(m).__name__ for name, m in model.named_modules() if name}
+
+
+def _is_linear(class_name: str) -> bool:
+    return class_name in ("Linear", "Conv1D") or class_name.endswith("Linear")
+
+
+def module_problems(cfg: StudyConfig, modules: dict[str, str]) -> list[Problem]:
+    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, c in modules.items() if _is_linear(c)})
+    problems = []
+    for set_name, names in module_sets(cfg.search).items():
+        if names == "all-linear":
+            continue
+        for name in names:
+            hits = [c for n, c in modules.items() if n == name or n.endswith("." + name)]
+            key = f"search.target_modules.{set_name}"
+            if not hits:
+                problems.append(
+                    (
+                        key,
+                        f"`{name}` is not a module of the model; Linear layers "
+                        f"are: {', '.join(linear_leaves)}",
+                    )
+                )
+            elif not any(_is_linear(c) for c in hits):
+                problems.append(
+                    (
+                        key,
+                        f"`{name}` is a {hits[0]}, not a Linear layer; use one of "
+                        f"{', '.join(linear_leaves)}",
+                    )
+                )
+    return problems
+
+
+def model_problems(cfg: StudyConfig) -> list[Problem]:
+    try:
+        modules = linear_modules(cfg)
+    except PathError as e:
+        return [("model.path", str(e))]
+    except Exception as e:  # noqa: BLE001 - from_pretrained raises many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return [
+            (
+                "model.path",
+                f"cannot load the model config from {cfg.model.path!r}: {first}. "
+                "Give a local directory, package://pkg/dir, or a hub id (needs network)",
+            )
+        ]
+    problems = module_problems(cfg, modules)
+    if cfg.model.quantization == "4bit":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(
+                (
+                    "model.quantization",
+                    "4bit (QLoRA) needs a CUDA GPU and none is "
+                    "visible here; set `model.quantization: none` on CPU",
+                )
+            )
+    return problems
+
+
+def data_problems(cfg: StudyConfig) -> list[Problem]:
+    problems = []
+    sources = [("data.source", cfg.data.source)]
+    if cfg.data.validation:
+        sources.append(("data.validation", cfg.data.validation))
+    for key, source in sources:
+        try:
+            label_frame(cfg.data, read_frame(cfg.data, source, key), cfg.task, key)
+        except DataError as e:
+            problems.append((e.key, str(e).split(": ", 1)[1]))
+    return problems
+
+
+def resource_problems(cfg: StudyConfig, storage_url: str | None = None) -> list[Problem]:
+    """Every problem with the model, the data and the storage, collected (not the first)."""
+    problems = model_problems(cfg) + data_problems(cfg)
+    if storage_url:
+        try:
+            check_storage(storage_url)
+        except StorageError as e:
+            problems.append(("--storage", str(e).split(": ", 1)[1]))
+    return problems

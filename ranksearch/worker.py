@@ -1,0 +1,273 @@
+"""One LoRA fine-tune, as a plain accelerate script: train, evaluate every `eval_every` steps,
+report each evaluation.
+
+ranksearch starts it for every trial, and it can be run by hand on a trial's spec:
+
+    accelerate launch --num_processes 1 -m ranksearch.worker runs/cls-task/trials/3/spec.json
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no -m ranksearch.worker spec.json   # 2 CPU ranks
+
+Reports go to the JSON-lines file named in the spec (`reports`), one line per evaluation, written
+by the main process only; stdout and stderr are left to the libraries and end in the trial log.
+This module imports neither Optuna nor MLflow: the orchestrator owns those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import load_from_disk
+from torch.utils.data import DataLoader
+
+
+class Reporter:
+    """Appends one JSON object per line to the report channel and flushes it at once."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives for the run
+
+    def emit(self, **record: Any) -> None:
+        self._file.write(json.dumps({"time": time.time(), **record}) + "\n")
+        self._file.flush()
+
+
+class NullReporter:
+    """What ranks other than the main process report to: nothing."""
+
+    def emit(self, **record: Any) -> None:
+        pass
+
+
+def pad_collate(features: list[dict], pad_id: int, causal: bool) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in the batch (not to max_length): far less wasted compute."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if causal:
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    else:
+        batch["labels"] = torch.tensor([f["labels"] for f in features])
+    return batch
+
+
+def get_dataloaders(spec: dict, seed: int) -> tuple[DataLoader, DataLoader]:
+    data, train = spec["data"], spec["training"]
+    collate = functools.partial(
+        pad_collate, pad_id=data["pad_token_id"], causal=spec["task"] == "causal-lm"
+    )
+    train_ds = load_from_disk(str(Path(data["path"]) / "train"))
+    # The validation split is stored sorted by length, so evaluation batches are nearly unpadded.
+    eval_ds = load_from_disk(str(Path(data["path"]) / "validation"))
+    generator = torch.Generator().manual_seed(seed)
+    train_dl = DataLoader(
+        train_ds,
+        batch_size=train["batch_size"],
+        shuffle=True,
+        collate_fn=collate,
+        generator=generator,
+        drop_last=len(train_ds) > train["batch_size"],
+    )
+    eval_bs = train.get("eval_batch_size") or 2 * train["batch_size"]
+    eval_dl = DataLoader(eval_ds, batch_size=eval_bs, shuffle=False, collate_fn=collate)
+    return train_dl, eval_dl
+
+
+def load_model(spec: dict, accelerator: Accelerator) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_spec, train = spec["model"], spec["training"]
+    kwargs: dict[str, Any] = {"trust_remote_code": model_spec["trust_remote_code"]}
+    if model_spec["quantization"] == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        # QLoRA: frozen base in 4-bit NF4 with double quantization, LoRA computed in bf16.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": accelerator.local_process_index}
+    if spec["task"] == "sequence-classification":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_spec["path"], num_labels=spec["data"]["num_labels"], **kwargs
+        )
+        model.config.pad_token_id = spec["data"]["pad_token_id"]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_spec["path"], **kwargs)
+    if model_spec["quantization"] == "4bit":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=train["gradient_checkpointing"]
+        )
+    elif train["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, LoraConfig(**spec["lora"]))
+
+
+def batch_loss(model: torch.nn.Module, batch: dict, causal: bool) -> tuple[torch.Tensor, ...]:
+    """Per-example summed loss, token count and prediction, so ranks can be gathered exactly."""
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if not causal:
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        return loss, torch.ones_like(loss), logits.argmax(-1), labels
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits.transpose(1, 2), targets, reduction="none", ignore_index=-100
+    )
+    count = (targets != -100).sum(-1)
+    return token_loss.sum(-1), count.float(), count, count
+
+
+def evaluate(model, eval_dl, accelerator: Accelerator, spec: dict) -> dict[str, float]:
+    causal = spec["task"] == "causal-lm"
+    model.eval()
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with torch.no_grad():
+        for batch in eval_dl:
+            parts.append(accelerator.gather_for_metrics(batch_loss(model, batch, causal)))
+    model.train()
+    loss_sum, count, preds, labels = (torch.cat(p) for p in zip(*parts, strict=True))
+    metrics = {"val_loss": (loss_sum.sum() / count.sum().clamp(min=1)).item()}
+    if causal:
+        metrics["perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
+        return metrics
+    metrics["accuracy"] = (preds == labels).float().mean().item()
+    f1s = []
+    for c in range(spec["data"]["num_labels"]):
+        tp = ((preds == c) & (labels == c)).sum().item()
+        fp = ((preds == c) & (labels != c)).sum().item()
+        fn = ((preds != c) & (labels == c)).sum().item()
+        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+    metrics["f1"] = sum(f1s) / len(f1s)  # macro F1
+    return metrics
+
+
+def peak_memory_mb(accelerator: Accelerator) -> float:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def training_function(spec: dict) -> None:
+    from transformers import get_scheduler
+
+    train = spec["training"]
+    accelerator = Accelerator(gradient_accumulation_steps=train["gradient_accumulation_steps"])
+    reporter = Reporter(spec["reports"]) if accelerator.is_main_process else NullReporter()
+    set_seed(train["seed"])  # same seed in every trial: configurations differ, not luck
+    started = time.time()
+
+    train_dl, eval_dl = get_dataloaders(spec, train["seed"])
+    model = load_model(spec, accelerator)
+    trainable, total = model.get_nb_trainable_parameters()
+    reporter.emit(
+        event="start",
+        trainable_params=trainable,
+        total_params=total,
+        num_processes=accelerator.num_processes,
+        device=str(accelerator.device),
+        mixed_precision=accelerator.mixed_precision,
+        setup_seconds=time.time() - started,
+    )
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=train["learning_rate"],
+        weight_decay=train["weight_decay"],
+    )
+    max_steps = train["max_steps"]
+    # The schedule counts optimizer steps and is stepped by hand once per optimizer step, so it
+    # is not passed to accelerate (which would step it once per process).
+    scheduler = get_scheduler(
+        train["lr_scheduler"],
+        optimizer,
+        num_warmup_steps=int(train["warmup_ratio"] * max_steps),
+        num_training_steps=max_steps,
+    )
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+
+    step, epoch, losses, train_seconds, eval_seconds = 0, 0, [], 0.0, 0.0
+    model.train()
+    while step < max_steps:
+        tick = time.time()
+        for batch in train_dl:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss is {loss.item()} at step {step + 1}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train["max_grad_norm"]:
+                    accelerator.clip_grad_norm_(model.parameters(), train["max_grad_norm"])
+                optimizer.step()
+                optimizer.zero_grad()
+            losses.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            if step % train["eval_every"] == 0 or step == max_steps:
+                train_seconds += time.time() - tick
+                tick = time.time()
+                metrics = evaluate(model, eval_dl, accelerator, spec)
+                eval_seconds += time.time() - tick
+                train_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+                losses = []
+                reporter.emit(
+                    step=step,
+                    epoch=epoch,
+                    train_loss=train_loss,
+                    learning_rate=scheduler.get_last_lr()[0],
+                    train_seconds=train_seconds,
+                    eval_seconds=eval_seconds,
+                    **metrics,
+                )
+                tick = time.time()
+            if step >= max_steps:
+                break
+        epoch += 1
+
+    if spec.get("adapter_dir") and accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(spec["adapter_dir"])
+    reporter.emit(
+        event="end",
+        step=step,
+        peak_memory_mb=peak_memory_mb(accelerator),
+        train_seconds=train_seconds,
+        eval_seconds=eval_seconds,
+        wall_seconds=time.time() - started,
+    )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # without it a gloo rank can abort at exit
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train one LoRA configuration from a spec file.")
+    parser.add_argument("spec", type=Path, help="the trial's spec.json written by ranksearch")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    training_function(json.loads(args.spec.read_text()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
