@@ -121,6 +121,8 @@ def quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # ranksearch records heartbeats itself for its ask/tell loop (see study.py)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
 
 
 def _load_checked(args, schema_only: bool = False) -> tuple[StudyConfig, str]:

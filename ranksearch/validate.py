@@ -111,5 +111,5 @@ def resource_problems(cfg: StudyConfig, storage_url: str | None = None) -> list[
         try:
             check_storage(storage_url)
         except StorageError as e:
-            problems.append(("--storage", str(e).split(": ", 1)[1]))
+            problems.append(("--storage", str(e).removeprefix("`--storage` ")))
     return problems

@@ -1,0 +1,146 @@
+"""Tiny random models built from a config, generated data, and a study-file writer.
+
+Everything here is made on the fly: no hub, no weights downloaded, a few hundred rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+POSITIVE = ["good", "great", "fine", "happy", "love", "nice"]
+NEGATIVE = ["bad", "awful", "sad", "hate", "poor", "ugly"]
+FILLER = ["the", "movie", "was", "a", "it", "and", "plot", "cast", "so", "very"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<eos>"]
+
+
+def _tokenizer(out: Path, eos: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + POSITIVE + NEGATIVE + FILLER)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = (
+        {"eos_token": "<eos>"}
+        if eos
+        else {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **extra)
+    fast.save_pretrained(out)
+    return len(vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with Linear modules query/key/value/dense, random weights."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    vocab_size = _tokenizer(out, eos=False)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    BertForSequenceClassification(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 (n_embd 32) whose attention projection is the Conv1D `c_attn`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    vocab_size = _tokenizer(out, eos=True)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=4,
+        eos_token_id=4,
+    )
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+def make_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(label, text) rows: pos/neg by their sentiment words, plus `neutral` rows to be dropped."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = ("pos", "neg", "pos", "neutral")[i % 4]
+        words = rng.choices(FILLER, k=rng.randint(3, 9))
+        if label != "neutral":
+            words += rng.choices(POSITIVE if label == "pos" else NEGATIVE, k=2)
+        rng.shuffle(words)
+        rows.append((label, " ".join(words)))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["sentiment", "review"])
+        w.writerows(make_rows(400))
+    return path
+
+
+def write_study(path: Path, model_dir: Path, data_file: Path, **overrides) -> Path:
+    """A small, fast study file on the tiny BERT; `overrides` replace top-level sections."""
+    study = {
+        "task": "sequence-classification",
+        "model": str(model_dir),
+        "data": {
+            "source": str(data_file),
+            "text_column": "review",
+            "label_column": "sentiment",
+            "labels": {"neg": 0, "pos": 1},
+            "validation_fraction": 0.2,
+            "max_length": 32,
+        },
+        "search": {
+            "rank": [2, 4, 8],
+            "alpha_ratio": [1, 2],
+            "dropout": 0.0,
+            "target_modules": {"qv": ["query", "value"], "all-linear": "all-linear"},
+            "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
+        },
+        "training": {"max_steps": 12, "eval_every": 2, "batch_size": 8, "seed": 0},
+        "pruner": {"type": "hyperband", "min_steps": 2, "reduction_factor": 3},
+        "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 2},
+        "budget": {"n_trials": 6},
+        "launch": {"device": "cpu", "stop_grace_seconds": 2},
+    }
+    study.update(overrides)
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real `ranksearch` command in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "ranksearch.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

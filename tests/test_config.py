@@ -1,0 +1,144 @@
+"""Study files: the shipped ones load, bad ones are refused with every problem named."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ranksearch.config import StudyError, load_study, parse_study, set_override
+from ranksearch.paths import BUILTIN_STUDIES, PathError, redact_url, resolve_study_file
+
+SHIPPED = sorted(BUILTIN_STUDIES.glob("*.yaml"))
+
+
+def test_the_three_documented_studies_ship():
+    assert {p.stem for p in SHIPPED} >= {"cls-task", "sst2-minilm", "causal-lm-gpt2"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_study_loads(path):
+    cfg, resolved = load_study(path.stem)
+    assert resolved.resolve() == path.resolve()
+    assert cfg.study_name == path.stem
+    # torchtune style: the header says how to run it
+    assert f"ranksearch run --study {path.stem}" in path.read_text().splitlines()[1]
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {"model": "m", "data": {"source": "d.csv"}}
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    path = _write(tmp_path, {**BASE, "training": {"batch_size": 0, "max_stepz": 3}, "bogus": 1})
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    keys = [k for k, _ in err.value.problems]
+    assert keys == ["training.batch_size", "training.max_stepz", "bogus"]
+    assert "unknown key" in str(err.value)
+
+
+def test_value_ranges_and_cross_field_rules(tmp_path):
+    path = _write(
+        tmp_path,
+        {
+            **BASE,
+            "search": {"rank": [0, 8], "dropout": [0.1, 1.0], "target_modules": {}},
+            "training": {"max_steps": 100, "eval_every": 20},
+            "pruner": {"min_steps": 10},
+        },
+    )
+    cfg, _, problems = parse_study(path)
+    by_key = dict(problems)
+    assert "ranks are integers" in by_key["search.rank"]
+    assert "[0, 1)" in by_key["search.dropout"]
+    assert "at least one set" in by_key["search.target_modules"]
+    assert "multiple of eval_every" in by_key["pruner.min_steps"]
+    problems = parse_study(_write(tmp_path, {**BASE, "pruner": {"min_steps": 400}}))[2]
+    assert any("min_steps" in k and "lower it" in m for k, m in problems)
+
+
+def test_grid_needs_choices_and_alpha_forms_exclude_each_other(tmp_path):
+    path = _write(tmp_path, {**BASE, "sampler": "grid"})
+    problems = dict(parse_study(path)[2])
+    assert "needs a list of choices" in problems["search.learning_rate"]
+    with pytest.raises(StudyError, match="can't provide both"):
+        load_study(_write(tmp_path, {**BASE, "search": {"alpha": [8], "alpha_ratio": [2]}}))
+
+
+def test_enqueue_entries_are_checked_against_the_space(tmp_path):
+    path = _write(
+        tmp_path,
+        {
+            **BASE,
+            "search": {"rank": [4, 8], "alpha_ratio": [1, 2]},
+            "enqueue": [{"rank": 8, "alpha": 16}, {"rank": 5}, {"rnak": 4}],
+        },
+    )
+    problems = parse_study(path)[2]
+    assert ("enqueue.1.rank", "5 is not one of the choices [4, 8]") in problems
+    assert problems[-1][0] == "enqueue.2.rnak"
+    assert len(problems) == 2  # alpha=16 at rank 8 is ratio 2: fine
+
+
+def test_set_overrides_parse_yaml_values_and_create_sections():
+    data = {"sampler": "tpe", "budget": {"n_trials": 3}}
+    set_override(data, "budget.n_trials=40")
+    set_override(data, "search.rank=[4, 8]")
+    set_override(data, "sampler.type=grid")
+    assert data == {
+        "sampler": {"type": "grid"},
+        "budget": {"n_trials": 40},
+        "search": {"rank": [4, 8]},
+    }
+    with pytest.raises(StudyError, match="key.sub=value"):
+        set_override(data, "budget.n_trials")
+
+
+def test_override_applies_before_validation(tmp_path):
+    cfg, _ = load_study(_write(tmp_path, BASE), ["budget.n_trials=7", "training.max_steps=600"])
+    assert (cfg.budget.n_trials, cfg.training.max_steps) == (7, 600)
+    with pytest.raises(StudyError, match="budget.n_trials"):
+        load_study(_write(tmp_path, BASE), ["budget.n_trials=zero"])
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "..", "my study"])
+def test_study_names_cannot_escape(name):
+    with pytest.raises(PathError, match="may not contain"):
+        resolve_study_file(name)
+
+
+def test_unknown_study_name_lists_the_known_ones():
+    with pytest.raises(PathError, match="Known studies: .*cls-task"):
+        resolve_study_file("no-such-study")
+
+
+def test_malformed_yaml_is_a_study_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(StudyError, match="not valid YAML"):
+        load_study(path)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['true']\ndata: {source: x}\n")
+    with pytest.raises(StudyError, match="not valid YAML"):
+        load_study(path)
+
+
+def test_trust_remote_code_is_off_unless_set(tmp_path):
+    cfg, _ = load_study(_write(tmp_path, BASE))
+    assert cfg.model.trust_remote_code is False
+
+
+def test_passwords_are_redacted():
+    assert (
+        redact_url("postgresql://bob:s3cret@db:5432/optuna")
+        == "postgresql://bob:***@db:5432/optuna"
+    )
+    assert redact_url("sqlite:///runs/x/optuna.db") == "sqlite:///runs/x/optuna.db"

@@ -1,0 +1,85 @@
+"""Checks against the real model, data and storage, before anything runs."""
+
+import socket
+
+import pytest
+
+from ranksearch.config import load_study
+from ranksearch.validate import model_problems, resource_problems
+
+from .conftest import write_study
+
+
+def _study(tmp_path, model_dir, data_file, **overrides):
+    return load_study(write_study(tmp_path / "s.yaml", model_dir, data_file, **overrides))[0]
+
+
+def test_a_valid_study_has_no_problems(tmp_path, tiny_bert, sentiment_csv):
+    assert resource_problems(_study(tmp_path, tiny_bert, sentiment_csv)) == []
+
+
+def test_target_modules_must_exist_as_linear_layers(tmp_path, tiny_bert, sentiment_csv):
+    search = {
+        "rank": [4],
+        "target_modules": {"ok": ["query"], "typo": ["querry"], "not-linear": ["attention"]},
+    }
+    problems = dict(model_problems(_study(tmp_path, tiny_bert, sentiment_csv, search=search)))
+    assert "`querry` is not a module of the model" in problems["search.target_modules.typo"]
+    assert "query" in problems["search.target_modules.typo"]  # lists what exists
+    assert "not a Linear layer" in problems["search.target_modules.not-linear"]
+    assert "search.target_modules.ok" not in problems
+
+
+def test_gpt2_conv1d_counts_as_linear(tmp_path, tiny_gpt2, sentiment_csv):
+    data = {"source": str(sentiment_csv), "text_column": "review"}
+    cfg = _study(
+        tmp_path,
+        tiny_gpt2,
+        sentiment_csv,
+        task="causal-lm",
+        data=data,
+        search={"rank": [4], "target_modules": {"attn": ["c_attn"]}},
+    )
+    assert model_problems(cfg) == []
+
+
+def test_unloadable_model_and_4bit_on_cpu(tmp_path, tiny_bert, sentiment_csv):
+    cfg = _study(tmp_path, tmp_path / "nowhere", sentiment_csv)
+    ((key, msg),) = model_problems(cfg)
+    assert key == "model.path" and "cannot load" in msg
+    model = {"path": str(tiny_bert), "quantization": "4bit"}
+    cfg = _study(tmp_path, tiny_bert, sentiment_csv, model=model, launch={"device": "auto"})
+    problems = dict(model_problems(cfg))
+    assert "CUDA" in problems["model.quantization"]
+
+
+def test_missing_columns_are_named(tmp_path, tiny_bert, sentiment_csv):
+    data = {
+        "source": str(sentiment_csv),
+        "text_column": "body",
+        "label_column": "sentiment",
+        "labels": {"neg": 0, "pos": 1},
+    }
+    problems = dict(resource_problems(_study(tmp_path, tiny_bert, sentiment_csv, data=data)))
+    assert "no column 'body'" in problems["data.text_column"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_storage_is_reported_with_the_password_hidden(
+    tmp_path, tiny_bert, sentiment_csv
+):
+    url = f"postgresql://user:hunter2@127.0.0.1:{_closed_port()}/test"
+    problems = dict(resource_problems(_study(tmp_path, tiny_bert, sentiment_csv), url))
+    assert "cannot connect" in problems["--storage"]
+    assert "hunter2" not in problems["--storage"] and "user:***@" in problems["--storage"]
+
+
+@pytest.mark.parametrize("url", ["not a url", "sqlite:////proc/forbidden/x.db"])
+def test_bad_storage_urls(tmp_path, tiny_bert, sentiment_csv, url):
+    problems = dict(resource_problems(_study(tmp_path, tiny_bert, sentiment_csv), url))
+    assert "--storage" in problems
