@@ -1,7 +1,8 @@
 """`ranksearch` commands: wiring, exit codes and human output; the logic lives elsewhere.
 
 Exit codes: 0 done; 1 the study stopped early (failures); 2 bad input (nothing was launched or
-written); 130 interrupted (the running trial was stopped and recorded).
+written); 130/143 interrupted by SIGINT/SIGTERM (the running
+trial was stopped and recorded).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -23,7 +25,6 @@ from ranksearch.storage import StorageError, default_storage_url
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 1
-EXIT_INTERRUPTED = 130
 
 MAIN_EXAMPLES = """examples:
   ranksearch run --study cls-task                       # the offline default study
@@ -181,7 +182,7 @@ def cmd_run(args, console: Console) -> int:
                 "run the same command to resume"
             )
         )
-        code = EXIT_INTERRUPTED
+        code = 128 + signal.Signals[str(e)].value  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         view.close()
     if not args.quiet:
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
         return commands[args.command](args, console)
+    except KeyboardInterrupt:  # before the study loop took over the signal
+        err.print("interrupted")
+        return 128 + signal.SIGINT.value
     except (StudyError, PathError, DataError, StorageError) as e:
         err.print(Text("error: ", style="red") + Text(str(e)))
         return EXIT_BAD_INPUT

@@ -201,6 +201,8 @@ def space_problems(cfg: StudyConfig) -> list[tuple[str, str]]:
                         f"e.g. [{dim.low:g}, {mid:g}, {dim.high:g}]",
                     )
                 )
+    if cfg.sampler.type == "grid" and cfg.enqueue:
+        problems.append(("enqueue", "`sampler: grid` runs every combination already; remove it"))
     for i, entry in enumerate(cfg.enqueue):
         problems += _enqueue_problems(f"enqueue.{i}", s, dims, entry)
     return problems

@@ -30,6 +30,7 @@ from ranksearch.storage import open_storage
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 0.2
 HEARTBEAT_SECONDS = 10
+EXIT_GRACE_SECONDS = 20  # after a worker's final report, before it is stopped
 
 
 class StudyStopped(Exception):
@@ -184,7 +185,7 @@ class Orchestrator:
                 self.study._storage.set_trial_user_attr(
                     t._trial_id, "fail_reason", "orchestrator died while it ran (killed or crashed)"
                 )
-                self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                self._tell(t.number, None, TrialState.FAIL)
                 self.view.message(f"trial {t.number}: left RUNNING by a dead orchestrator -> FAIL")
 
     def _run_trial(self, trial: optuna.Trial) -> Outcome:
@@ -220,9 +221,7 @@ class Orchestrator:
                 trial.set_user_attr(name, value)
         trial.set_user_attr("duplicate_of", origin)
         trial.set_user_attr("wall_seconds", 0.0)
-        self.study.tell(
-            trial, twin.value if twin.state == TrialState.COMPLETE else None, state=twin.state
-        )
+        self._tell(trial, twin.value if twin.state == TrialState.COMPLETE else None, twin.state)
         return Outcome(twin.state, twin.value)
 
     # -- a real fine-tune --------------------------------------------------------------------
@@ -246,6 +245,7 @@ class Orchestrator:
             "lora": space.lora_kwargs(config, cfg.task),
             "training": {**cfg.training.model_dump(), "learning_rate": config["learning_rate"]},
             "reports": str(trial_dir / "reports.jsonl"),
+            "orchestrator_pid": os.getpid(),  # the worker exits if this process is gone
             "adapter_dir": str(trial_dir / "adapter"),
         }
 
@@ -272,8 +272,10 @@ class Orchestrator:
         except Interrupted:
             worker.stop(self.cfg.launch.stop_grace_seconds)
             self._finish(trial, started, Outcome(TrialState.FAIL, reason="interrupted"))
-            # queued again so that the next `ranksearch run` trains it first
-            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            # queued again so that the next `ranksearch run` trains it first (a grid revisits
+            # unfinished points by itself, and Optuna's GridSampler rejects enqueued trials)
+            if self.cfg.sampler.type != "grid":
+                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             raise
         worker.reap()
         if outcome.state == TrialState.FAIL and not outcome.reason:
@@ -285,12 +287,14 @@ class Orchestrator:
         timeout = self.cfg.launch.trial_timeout_minutes
         deadline = time.monotonic() + timeout * 60 if timeout else math.inf
         beat = 0.0
+        ended = math.inf  # when the final report arrived
         last: dict[str, Any] = {}
         while True:
             rc = worker.poll()  # read the exit code first: no report can follow it
             for rec in worker.read_reports():
                 if rec.get("event"):
                     self._record_event(trial, rec)
+                    ended = time.monotonic() if rec["event"] == "end" else ended
                     continue
                 last = rec
                 self._record_report(trial, rec)
@@ -305,6 +309,13 @@ class Orchestrator:
                     trial.set_user_attr("pruned_at_step", rec["step"])
                     return Outcome(TrialState.PRUNED, rec["val_loss"])
             if rc is not None:
+                break
+            if time.monotonic() - ended > EXIT_GRACE_SECONDS:
+                # The result is in; a rank stuck in its distributed shutdown must not hold the
+                # study. Stop the group and keep the result.
+                worker.stop(self.cfg.launch.stop_grace_seconds)
+                trial.set_user_attr("note", "worker stopped after its final report (hung at exit)")
+                rc = 0
                 break
             if time.monotonic() > deadline:
                 worker.stop(self.cfg.launch.stop_grace_seconds)
@@ -352,7 +363,17 @@ class Orchestrator:
         if outcome.reason:
             trial.set_user_attr("fail_reason", outcome.reason[-2000:])
         value = outcome.value if outcome.state == TrialState.COMPLETE else None
-        self.study.tell(trial, value, state=outcome.state)
+        self._tell(trial, value, outcome.state)
+
+    def _tell(self, trial: optuna.Trial | int, value: float | None, state: TrialState) -> None:
+        try:
+            self.study.tell(trial, value, state=state, skip_if_finished=True)
+        except RuntimeError as e:
+            # Grid and brute-force samplers call Study.stop() once the space is exhausted, which
+            # Optuna allows only inside optimize(). The trial is stored before that (tell's
+            # `finally`), and this loop already caps the budget at the size of the space.
+            if "Study.stop" not in str(e):
+                raise
 
 
 def _pid_alive(pid: int) -> bool:

