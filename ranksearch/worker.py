@@ -118,7 +118,13 @@ def load_model(spec: dict, accelerator: Accelerator) -> torch.nn.Module:
             model, use_gradient_checkpointing=train["gradient_checkpointing"]
         )
     elif train["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     return get_peft_model(model, LoraConfig(**spec["lora"]))
 
 

@@ -1,0 +1,90 @@
+"""The worker in-process (single CPU process): deterministic, checkpointing, NaN, orphaned."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ranksearch.config import load_study
+from ranksearch.data import prepare
+from ranksearch.space import lora_kwargs, resolve
+from ranksearch.worker import OrphanedError, training_function
+
+from .conftest import write_study
+
+
+@pytest.fixture
+def make_spec(tmp_path, tiny_bert, sentiment_csv):
+    cfg = load_study(write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv))[0]
+    data = prepare(cfg, tmp_path / "run")
+    values = {
+        "rank": 4,
+        "alpha_ratio": 2,
+        "dropout": 0.0,
+        "target_modules": "qv",
+        "learning_rate": 5e-3,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+    }
+
+    def spec(name: str, **training) -> dict:
+        return {
+            "task": cfg.task,
+            "model": {"path": str(tiny_bert), "quantization": "none", "trust_remote_code": False},
+            "data": {"path": str(data.path), "num_labels": 2, "pad_token_id": 0},
+            "lora": lora_kwargs(resolve(cfg.search, values), cfg.task),
+            "training": {
+                **cfg.training.model_dump(),
+                "max_steps": 6,
+                "learning_rate": 5e-3,
+                **training,
+            },
+            "reports": str(tmp_path / f"{name}.jsonl"),
+            "adapter_dir": str(tmp_path / name),
+        }
+
+    return spec
+
+
+def _reports(spec: dict) -> list[dict]:
+    return [json.loads(x) for x in open(spec["reports"]).read().splitlines()]
+
+
+def _curve(spec: dict) -> list[tuple[int, float]]:
+    return [(r["step"], r["val_loss"]) for r in _reports(spec) if "val_loss" in r]
+
+
+def test_same_seed_same_curve_and_the_adapter_is_saved(make_spec):
+    a, b, c = make_spec("a"), make_spec("b"), make_spec("c", seed=1)
+    for spec in (a, b, c):
+        training_function(spec)
+    assert _curve(a) == _curve(b) and len(_curve(a)) == 3
+    assert _curve(a) != _curve(c)
+    assert os.path.isfile(os.path.join(a["adapter_dir"], "adapter_config.json"))
+    start = _reports(a)[0]
+    assert start["event"] == "start" and start["trainable_params"] == 2 * 2 * 4 * 64 + 32 * 2 + 2
+
+
+def test_gradient_checkpointing_trains_the_same_model(make_spec):
+    plain, ckpt = make_spec("plain"), make_spec("ckpt", gradient_checkpointing=True)
+    training_function(plain)
+    training_function(ckpt)
+    for (s1, l1), (s2, l2) in zip(_curve(plain), _curve(ckpt), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
+
+
+def test_a_diverging_run_raises_instead_of_reporting_garbage(make_spec):
+    spec = make_spec("nan", learning_rate=1e30, max_grad_norm=None)
+    with pytest.raises(FloatingPointError, match="training loss is"):
+        training_function(spec)
+
+
+def test_a_worker_whose_orchestrator_died_stops(make_spec):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    spec = {**make_spec("orphan"), "orchestrator_pid": dead.pid}
+    with pytest.raises(OrphanedError, match="is gone"):
+        training_function(spec)
