@@ -1,8 +1,7 @@
 """`ranksearch` commands: wiring, exit codes and human output; the logic lives elsewhere.
 
 Exit codes: 0 done; 1 the study stopped early (failures); 2 bad input (nothing was launched or
-written); 130/143 interrupted by SIGINT/SIGTERM (the running
-trial was stopped and recorded).
+written); 130/143 interrupted by SIGINT/SIGTERM (the running trial was stopped and recorded).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from ranksearch.config import StudyConfig, StudyError, parse_study
 from ranksearch.data import DataError
 from ranksearch.paths import BUILTIN_STUDIES, PathError, redact_url
 from ranksearch.storage import StorageError, default_storage_url
+from ranksearch.tracking import TrackingError, check_tracking, make_tracker, tracking_uri
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 1
@@ -30,16 +30,22 @@ MAIN_EXAMPLES = """examples:
   ranksearch run --study cls-task                       # the offline default study
   ranksearch run --study my.yaml --set budget.n_trials=40
   ranksearch validate --study cls-task                  # check a study, run nothing
+  ranksearch ui --study cls-task                        # its runs in the MLflow UI
   ranksearch list                                       # the study files shipped
 """
 RUN_EXAMPLES = """examples:
   ranksearch run --study cls-task
   ranksearch run --study path/to/my.yaml --set budget.n_trials=40 --set training.max_steps=600
   ranksearch run --study cls-task --out /data/runs/cls --storage postgresql://u:pw@db/optuna
+  ranksearch run --study cls-task --tracking-uri http://127.0.0.1:5000
 Run it again to resume: finished trials are kept, only the missing ones run."""
 VALIDATE_EXAMPLES = """examples:
   ranksearch validate --study cls-task
   ranksearch validate --study my.yaml --set search.rank=[4,8] --schema-only"""
+UI_EXAMPLES = """examples:
+  ranksearch ui --study cls-task                 # http://127.0.0.1:5000, this study's experiment
+  ranksearch ui --study cls-task --port 5001 --no-browser
+  ranksearch ui --study cls-task --host 0.0.0.0  # reachable from other machines: explicit only"""
 
 
 def _study_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +69,18 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--storage", default=None, help="Optuna storage URL (default: sqlite:///<out>/optuna.db)"
     )
+    g.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: study file `tracking.uri`, then "
+        "MLFLOW_TRACKING_URI, then sqlite:///<out>/mlflow.db)",
+    )
+
+
+def _sub(sub, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser(
-        "run",
-        help="run (or resume) a study",
-        epilog=RUN_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    run = _sub(sub, "run", "run (or resume) a study", RUN_EXAMPLES)
     _study_args(run)
     out = run.add_argument_group("output")
     out.add_argument("--quiet", action="store_true", help="warnings only (default: off)")
@@ -87,18 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="line output even on a terminal (default: live view on a terminal)",
     )
-    val = sub.add_parser(
-        "validate",
-        help="check a study file; run nothing",
-        epilog=VALIDATE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    out.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="do not log to MLflow (same as `tracking: none`; default: log)",
     )
+    val = _sub(sub, "validate", "check a study file; run nothing", VALIDATE_EXAMPLES)
     _study_args(val)
     val.add_argument(
         "--schema-only",
         action="store_true",
         help="check keys and values only; do not load the model or data",
     )
+    ui = _sub(sub, "ui", "open the MLflow UI on this study's runs", UI_EXAMPLES)
+    _study_args(ui)
+    ui.add_argument(
+        "--host",
+        default=None,
+        help="address to bind (default: 127.0.0.1; another address only if given)",
+    )
+    ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    ui.add_argument("--no-browser", action="store_true", help="only print the URL")
     sub.add_parser("list", help="list the study files shipped with ranksearch")
     return parser
 
@@ -126,7 +148,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
 
 
-def _load_checked(args, schema_only: bool = False) -> tuple[StudyConfig, str]:
+def _load_checked(args, schema_only: bool = False) -> tuple[StudyConfig, str, Path]:
     """The study, checked as a whole: every problem (schema, model, data, storage) at once."""
     from ranksearch.validate import resource_problems
 
@@ -134,14 +156,19 @@ def _load_checked(args, schema_only: bool = False) -> tuple[StudyConfig, str]:
     storage_url = args.storage or default_storage_url(study_dir(cfg, args.out))
     if not schema_only:
         problems += resource_problems(cfg, storage_url if args.storage else None)
+        if cfg.tracking.enabled and not getattr(args, "no_mlflow", False):
+            try:
+                check_tracking(tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri))
+            except TrackingError as e:
+                problems.append(("tracking.uri", str(e).removeprefix("`tracking.uri` ")))
     if problems:
         raise StudyError(problems, str(path))
-    return cfg, storage_url
+    return cfg, storage_url, path
 
 
 def cmd_validate(args, console: Console) -> int:
-    cfg, _ = _load_checked(args, args.schema_only)
-    what = "schema" if args.schema_only else "schema, model modules, data"
+    cfg, _, _ = _load_checked(args, args.schema_only)
+    what = "schema" if args.schema_only else "schema, model modules, data, tracking"
     console.print(f"[green]ok[/green]: study {cfg.study_name} ({what}) is valid")
     return 0
 
@@ -154,19 +181,32 @@ def cmd_run(args, console: Console) -> int:
     from ranksearch.study import Interrupted, Orchestrator, StudyStopped
     from ranksearch.view import PlainView, make_view
 
-    cfg, storage_url = _load_checked(args)
+    cfg, storage_url, study_file = _load_checked(args)
     out = study_dir(cfg, args.out)
     device = cfg.launch.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     view = PlainView(console) if args.plain else make_view(args.quiet, console)
+    tracker = make_tracker(cfg, out, args.tracking_uri, args.no_mlflow)
     if not args.quiet:
         console.print(
-            f"study {cfg.study_name}: {out} (storage {redact_url(storage_url)}, device {device})"
+            Text(
+                f"study {cfg.study_name}: {out} (storage {redact_url(storage_url)}, "
+                f"device {device})"
+            )
         )
+        if tracker.uri:
+            console.print(
+                Text(
+                    f"MLflow: {redact_url(tracker.uri)} (browse: ranksearch ui "
+                    f"--study {args.study})"
+                )
+            )
     data = prepare(cfg, out)
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    orchestrator = Orchestrator(cfg, out, storage_url, data, view, device, bf16)
+    orchestrator = Orchestrator(
+        cfg, out, storage_url, data, view, device, bf16, tracker, study_file
+    )
     code = 0
     try:
         orchestrator.run()
@@ -191,10 +231,26 @@ def cmd_run(args, console: Console) -> int:
     return code
 
 
+def cmd_ui(args, console: Console) -> int:
+    from ranksearch.ui import serve_ui
+
+    cfg, _, _ = parse_study(args.study, args.overrides)
+    out = study_dir(cfg, args.out)
+    uri = tracking_uri(cfg, out, args.tracking_uri)
+    return serve_ui(
+        uri,
+        cfg.tracking.experiment or cfg.study_name,
+        args.host,
+        args.port,
+        not args.no_browser,
+        console,
+    )
+
+
 def cmd_list(args, console: Console) -> int:
     for path in sorted(BUILTIN_STUDIES.glob("*.yaml")):
         header = path.read_text().splitlines()[0].lstrip("# ")
-        console.print(f"{path.stem:<18} {header}")
+        console.print(Text(f"{path.stem:<18} {header}"))
     return 0
 
 
@@ -204,14 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # logs and pipes: wide enough for the trial table
         console = Console(highlight=False, width=max(console.width, 160))
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}
+    commands = {"run": cmd_run, "validate": cmd_validate, "ui": cmd_ui, "list": cmd_list}
     try:
         quiet_libraries()
         return commands[args.command](args, console)
     except KeyboardInterrupt:  # before the study loop took over the signal
         err.print("interrupted")
         return 128 + signal.SIGINT.value
-    except (StudyError, PathError, DataError, StorageError) as e:
+    except (StudyError, PathError, DataError, StorageError, TrackingError) as e:
         err.print(Text("error: ", style="red") + Text(str(e)))
         return EXIT_BAD_INPUT
 

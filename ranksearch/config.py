@@ -150,6 +150,13 @@ class LaunchConfig(_Strict):
     trial_timeout_minutes: float | None = Field(None, gt=0)
 
 
+class TrackingConfig(_Strict):
+    enabled: bool = True  # `tracking: none` turns MLflow off
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<study dir>/mlflow.db
+    experiment: str | None = None  # default: the study name
+    log_adapters: Literal["best", "all", "none"] = "best"  # trained adapters kept in MLflow
+
+
 class StudyConfig(_Strict):
     """A whole study file."""
 
@@ -163,6 +170,7 @@ class StudyConfig(_Strict):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     enqueue: list[dict[str, Scalar]] = Field(default_factory=list)
 
     @model_validator(mode="before")
@@ -177,6 +185,10 @@ class StudyConfig(_Strict):
                 data["sampler"] = {"type": data["sampler"]}
             if isinstance(data.get("pruner"), str):
                 data["pruner"] = {"type": data["pruner"]}
+            if data.get("tracking") in ("none", False):
+                data["tracking"] = {"enabled": False}
+            elif isinstance(data.get("tracking"), str):
+                data["tracking"] = {"uri": data["tracking"]}
         return data
 
 

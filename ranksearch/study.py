@@ -26,6 +26,7 @@ from ranksearch.config import StudyConfig
 from ranksearch.data import PreparedData, model_location
 from ranksearch.launch import WorkerProcess, accelerate_argv, resolve_mixed_precision
 from ranksearch.storage import open_storage
+from ranksearch.tracking import NullTracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 0.2
@@ -126,8 +127,12 @@ class Orchestrator:
         view,
         device: str,
         bf16_supported: bool = False,
+        tracker: NullTracker | None = None,
+        study_file: Path | None = None,
     ):
         self.cfg = cfg
+        self.tracker = tracker or NullTracker()  # NullTracker: MLflow off
+        self.study_file = study_file
         self.study_dir = study_dir
         self.data = data
         self.view = view
@@ -150,6 +155,7 @@ class Orchestrator:
     def run(self) -> optuna.Study:
         self._fail_orphans()
         failures: list[str] = []
+        self.tracker.start_study(self.study, self.cfg, self.study_file, self.data)
         self.view.study_started(self.study, self.budget)
         previous = {
             sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
@@ -157,8 +163,12 @@ class Orchestrator:
         try:
             while self._remaining() > 0:
                 trial = self.study.ask()
-                outcome = self._run_trial(trial)
-                self.view.trial_finished(self.study, self.study.trials[trial.number])
+                try:
+                    outcome = self._run_trial(trial)
+                finally:  # also when interrupted: its MLflow run is closed with its state
+                    frozen = self.study._storage.get_trial(trial._trial_id)
+                    self.tracker.end_trial(frozen)
+                self.view.trial_finished(self.study, frozen)
                 failures = failures + [outcome.reason] if outcome.state == TrialState.FAIL else []
                 if len(failures) >= self.cfg.budget.max_consecutive_failures:
                     raise StudyStopped(
@@ -168,6 +178,7 @@ class Orchestrator:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.tracker.finish_study(self.study)
         return self.study
 
     def _remaining(self) -> int:
@@ -198,6 +209,9 @@ class Orchestrator:
             ("orchestrator_pid", os.getpid()),
         ):
             trial.set_user_attr(name, value)
+        run_id = self.tracker.start_trial(trial.number, config)
+        if run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
         twin = self._find_twin(key, trial.number)
         if twin is not None:
             return self._replay(trial, twin)
@@ -215,9 +229,17 @@ class Orchestrator:
     def _replay(self, trial: optuna.Trial, twin: FrozenTrial) -> Outcome:
         for step, value in sorted(twin.intermediate_values.items()):
             trial.report(value, step)
+            self.tracker.log_report(trial.number, {"step": step, "val_loss": value})
         origin = twin.user_attrs.get("duplicate_of", twin.number)
         for name, value in twin.user_attrs.items():
-            if name not in ("config", "config_key", "host", "orchestrator_pid", "trial_dir"):
+            if name not in (
+                "config",
+                "config_key",
+                "host",
+                "orchestrator_pid",
+                "trial_dir",
+                "mlflow_run_id",
+            ):
                 trial.set_user_attr(name, value)
         trial.set_user_attr("duplicate_of", origin)
         trial.set_user_attr("wall_seconds", 0.0)
@@ -356,6 +378,7 @@ class Orchestrator:
                 trial.set_user_attr(name, rec[name])
         best = trial.user_attrs.get("best_val_loss", math.inf)
         trial.set_user_attr("best_val_loss", min(best, rec["val_loss"]))
+        self.tracker.log_report(trial.number, rec)
         self.view.trial_report(trial.number, rec)
 
     def _finish(self, trial: optuna.Trial, started: float, outcome: Outcome) -> None:

@@ -36,10 +36,12 @@ def _states(study: optuna.Study) -> Counter:
     return Counter(t.state for t in study.get_trials())
 
 
-def _workers() -> list[psutil.Process]:
+def _workers(out: Path) -> list[psutil.Process]:
+    """The live worker processes (launcher and ranks) of the study in `out`, and no others."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
-        if "ranksearch.worker" in " ".join(p.info["cmdline"] or []):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if "ranksearch.worker" in cmdline and str(out) in cmdline:
             found.append(p)
     return found
 
@@ -170,7 +172,7 @@ def test_two_ranks_report_once_and_evaluate_the_whole_split(tmp_path, tiny_bert,
     assert records[0]["num_processes"] == 2
     assert all(r["eval_examples"] == 60 for r in records if "val_loss" in r)  # both ranks
     assert "--multi_gpu" in (out / "trials/0/worker.log").read_text()
-    assert not _workers()
+    assert not _workers(out)
 
 
 def test_a_crashing_trial_fails_alone(tmp_path, tiny_bert, sentiment_csv):
@@ -188,7 +190,7 @@ def test_a_crashing_trial_fails_alone(tmp_path, tiny_bert, sentiment_csv):
     proc = _popen_run(study_file, out)
     _wait_for_report(out / "trials/0/reports.jsonl")
     # what the OOM killer does: the rank dies with SIGKILL, the launcher stays
-    for p in _workers():
+    for p in _workers(out):
         if "accelerate_cli" not in " ".join(p.cmdline()):
             p.kill()
     output, _ = proc.communicate(timeout=180)
@@ -220,7 +222,7 @@ def test_interrupt_stops_the_trial_records_it_and_resume_finishes(
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig.value, output
     assert "run the same command to resume" in output
-    assert not _workers()  # every rank of the trial is gone
+    assert not _workers(out)  # every rank of the trial is gone
     study = _load(out, "stop")
     first = study.trials[0]
     assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "interrupted"

@@ -1,0 +1,331 @@
+"""MLflow: one experiment and one parent run per study, one nested run per trial.
+
+Only the orchestrator logs (through `MlflowClient`, no global active run); workers never import
+MLflow. `NullTracker` stands in when tracking is off, so the loop never asks "is MLflow on?".
+Several orchestrators may share a study and a tracking store: creation races converge (the
+earliest parent run wins) and SQLite's "database is locked" is retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from optuna.trial import FrozenTrial, TrialState
+
+from ranksearch.paths import redact_url
+
+T = TypeVar("T")
+ROLE = "ranksearch.role"
+STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+STEP_METRICS = ("val_loss", "accuracy", "f1", "perplexity", "train_loss", "learning_rate")
+FINAL_METRICS = (
+    "trainable_params",
+    "trainable_fraction",
+    "wall_seconds",
+    "peak_memory_mb",
+    "pruned_at_step",
+    "best_val_loss",
+)
+
+
+class TrackingError(Exception):
+    """The tracking store cannot be used; names the setting and the fix."""
+
+
+def default_tracking_uri(study_dir: Path) -> str:
+    return f"sqlite:///{study_dir.resolve() / 'mlflow.db'}"
+
+
+def check_tracking(uri: str) -> None:
+    """Reach the tracking store once, before any trial starts."""
+    shown = redact_url(uri)
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError as e:
+            raise TrackingError(
+                f"`tracking.uri` {shown}: MLflow server not reachable ({e}); start it "
+                "(mlflow server --host 127.0.0.1 --port 5000) or use `--no-mlflow`"
+            ) from None
+        raise TrackingError(f"`tracking.uri` {shown}: /health did not answer 200")
+    if "://" not in uri:
+        raise TrackingError(
+            f"`tracking.uri` {shown}: expected sqlite:///..., a database URL or http://host:port"
+        )
+    from ranksearch.storage import StorageError, check_storage
+
+    try:
+        check_storage(uri)
+    except StorageError as e:
+        raise TrackingError(str(e).replace("`--storage`", "`tracking.uri`")) from None
+
+
+def _retry(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call an MLflow client method, waiting out SQLite write locks held by other processes."""
+    delay = 0.05
+    for attempt in range(12):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - MlflowException and sqlalchemy errors
+            if "locked" not in str(e) or attempt == 11:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+class NullTracker:
+    """Tracking off (`tracking: none` or `--no-mlflow`)."""
+
+    uri = None
+
+    def start_study(self, study, cfg, study_file: Path, data) -> None: ...
+    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
+    def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
+    def end_trial(self, trial: FrozenTrial) -> None: ...
+    def finish_study(self, study) -> None: ...
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, uri: str, experiment: str, log_adapters: str, artifact_dir: Path):
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_name = experiment
+        self.log_adapters = log_adapters
+        self.artifact_dir = artifact_dir
+        self.experiment_id = ""
+        self.parent_id = ""
+        self._runs: dict[int, str] = {}
+
+    # -- the study ---------------------------------------------------------------------------
+
+    def start_study(self, study, cfg, study_file: Path, data) -> None:
+        self.study_name = study.study_name
+        self.experiment_id = self._experiment()
+        self.parent_id = self._parent(study.study_name)
+        _retry(self.client.update_run, self.parent_id, status="RUNNING")
+        study.set_user_attr("mlflow_parent_run_id", self.parent_id)
+        self._close_stale_runs(study)
+        run = self.client.get_run(self.parent_id)
+        if "budget.n_trials" not in run.data.params:  # first start: describe the study once
+            self._describe_study(cfg, study_file, data)
+
+    def _experiment(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            return found.experiment_id
+        location = None if self.uri.startswith("http") else self.artifact_dir.resolve().as_uri()
+        try:
+            return _retry(self.client.create_experiment, self.experiment_name, location)
+        except Exception:  # noqa: BLE001 - another orchestrator created it first
+            found = self.client.get_experiment_by_name(self.experiment_name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _parents(self, study_name: str) -> list:
+        runs = _retry(
+            self.client.search_runs,
+            [self.experiment_id],
+            f"tags.`{ROLE}` = 'study' and tags.`optuna.study_name` = '{study_name}'",
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def _parent(self, study_name: str) -> str:
+        """The study's parent run: re-attached if it exists; the earliest wins a creation race."""
+        parents = self._parents(study_name)
+        if parents:
+            return parents[0].info.run_id
+        mine = _retry(
+            self.client.create_run,
+            self.experiment_id,
+            run_name=study_name,
+            tags={ROLE: "study", "optuna.study_name": study_name},
+        )
+        winner = self._parents(study_name)[0].info.run_id
+        if winner != mine.info.run_id:
+            _retry(self.client.delete_run, mine.info.run_id)
+        return winner
+
+    def _describe_study(self, cfg, study_file: Path, data) -> None:
+        from mlflow.entities import Param
+
+        params = {
+            "study_file": study_file.name,
+            "task": cfg.task,
+            "model": cfg.model.path,
+            "search_space": json.dumps(cfg.search.model_dump(mode="json"), sort_keys=True),
+            "budget.n_trials": cfg.budget.n_trials,
+            "sampler": cfg.sampler.type,
+            "sampler.seed": cfg.sampler.seed,
+            "pruner": cfg.pruner.type,
+            "pruner.min_steps": cfg.pruner.min_steps,
+            "pruner.reduction_factor": cfg.pruner.reduction_factor,
+            "training.max_steps": cfg.training.max_steps,
+            "training.eval_every": cfg.training.eval_every,
+            "launch.num_processes": cfg.launch.num_processes,
+        }
+        _retry(
+            self.client.log_batch,
+            self.parent_id,
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        )
+        _retry(self.client.log_artifact, self.parent_id, str(study_file))
+        self._log_dataset(cfg, data)
+
+    def _log_dataset(self, cfg, data) -> None:
+        import mlflow.data
+        from datasets import load_from_disk
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for split in ("train", "validation"):
+            ds = load_from_disk(str(data.path / split))
+            dataset = mlflow.data.from_huggingface(
+                ds, path=cfg.data.source, name=f"{cfg.study_name}-{split}"
+            )
+            tags = [InputTag("mlflow.data.context", split)]
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        _retry(self.client.log_inputs, self.parent_id, inputs)
+
+    def _close_stale_runs(self, study) -> None:
+        """Trial runs left RUNNING by a killed orchestrator: close them with the trial's state."""
+        stale = _retry(
+            self.client.search_runs,
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{self.parent_id}' and attributes.status = 'RUNNING'",
+        )
+        for run in stale:
+            number = int(run.data.tags.get("optuna.trial_number", -1))
+            trials = study.get_trials(deepcopy=False)
+            if 0 <= number < len(trials) and trials[number].state != TrialState.RUNNING:
+                self.end_trial(trials[number], run.info.run_id)
+
+    # -- trials ------------------------------------------------------------------------------
+
+    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        existing = _retry(
+            self.client.search_runs,
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{self.parent_id}' and "
+            f"tags.`optuna.trial_number` = '{trial_number}'",
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+        else:
+            run = _retry(
+                self.client.create_run,
+                self.experiment_id,
+                run_name=f"trial-{trial_number}",
+                tags={
+                    "mlflow.parentRunId": self.parent_id,
+                    ROLE: "trial",
+                    "optuna.trial_number": str(trial_number),
+                    "optuna.study_name": self.study_name,
+                },
+            )
+            run_id = run.info.run_id
+            modules = config["modules"]
+            shown = modules if isinstance(modules, str) else ",".join(modules)
+            params = {
+                **{k: v for k, v in config.items() if k != "modules"},
+                "target_modules": f"{config['target_modules']} ({shown})",
+            }
+            _retry(
+                self.client.log_batch, run_id, params=[Param(k, str(v)) for k, v in params.items()]
+            )
+        self._runs[trial_number] = run_id
+        return run_id
+
+    def log_report(self, trial_number: int, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(record.get("time", time.time()) * 1000)
+        metrics = [
+            Metric(k, float(record[k]), now, int(record["step"]))
+            for k in STEP_METRICS
+            if k in record
+        ]
+        _retry(self.client.log_batch, self._runs[trial_number], metrics=metrics)
+
+    def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        run_id = run_id or self._runs.pop(trial.number, None)
+        if run_id is None:
+            return
+        a, now = trial.user_attrs, int(time.time() * 1000)
+        metrics = [Metric(k, float(a[k]), now, 0) for k in FINAL_METRICS if a.get(k) is not None]
+        tags = [RunTag("optuna.state", trial.state.name)]
+        for key in ("fail_reason", "duplicate_of", "note"):
+            if key in a:
+                tags.append(RunTag(key, str(a[key])[-5000:]))
+        _retry(self.client.log_batch, run_id, metrics=metrics, tags=tags)
+        adapter = Path(a.get("trial_dir", "")) / "adapter"
+        if self.log_adapters == "all" and trial.state == TrialState.COMPLETE and adapter.is_dir():
+            _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
+        _retry(self.client.set_terminated, run_id, STATUS.get(trial.state, "FAILED"))
+
+    def finish_study(self, study) -> None:
+        from mlflow.entities import Metric
+
+        counts = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL")}
+        for t in study.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(f"n_{k.lower()}", v, now, 0)
+            for k, v in counts.items()
+            if k in ("COMPLETE", "PRUNED", "FAIL")
+        ]
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        if complete:
+            best = min(complete, key=lambda t: t.value)
+            metrics.append(Metric("best_val_loss", best.value, now, counts["COMPLETE"]))
+            self._log_best_adapter(best)
+        _retry(self.client.log_batch, self.parent_id, metrics=metrics)
+        _retry(self.client.set_terminated, self.parent_id, "FINISHED")
+
+    def _log_best_adapter(self, best: FrozenTrial) -> None:
+        adapter = Path(best.user_attrs.get("trial_dir", "")) / "adapter"
+        run_id = best.user_attrs.get("mlflow_run_id")
+        if self.log_adapters != "best" or not adapter.is_dir() or not run_id:
+            return
+        if not _retry(self.client.list_artifacts, run_id, "adapter"):
+            _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
+        _retry(self.client.set_tag, self.parent_id, "best_trial", str(best.number))
+
+
+def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -> NullTracker:
+    """CLI option > study file > MLFLOW_TRACKING_URI > SQLite in the study directory."""
+    t = cfg.tracking
+    if disabled or not t.enabled:
+        return NullTracker()
+    return MlflowTracker(
+        tracking_uri(cfg, study_dir, uri_option),
+        t.experiment or cfg.study_name,
+        t.log_adapters,
+        study_dir / "mlartifacts",
+    )
+
+
+def tracking_uri(cfg, study_dir: Path, uri_option: str | None) -> str:
+    return (
+        uri_option
+        or cfg.tracking.uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or default_tracking_uri(study_dir)
+    )
