@@ -107,11 +107,27 @@ class MlflowTracker(NullTracker):
         self.experiment_id = ""
         self.parent_id = ""
         self._runs: dict[int, str] = {}
+        self.fixed_params: dict[str, Any] = {}
 
     # -- the study ---------------------------------------------------------------------------
 
     def start_study(self, study, cfg, study_file: Path, data) -> None:
         self.study_name = study.study_name
+        keys = (
+            "max_steps",
+            "eval_every",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "warmup_ratio",
+            "lr_scheduler",
+            "weight_decay",
+            "max_grad_norm",
+            "seed",
+            "mixed_precision",
+            "gradient_checkpointing",
+        )
+        self.fixed_params = {f"training.{k}": getattr(cfg.training, k) for k in keys}
+        self.fixed_params["data.max_length"] = cfg.data.max_length
         self.experiment_id = self._experiment()
         self.parent_id = self._parent(study.study_name)
         _retry(self.client.update_run, self.parent_id, status="RUNNING")
@@ -126,8 +142,10 @@ class MlflowTracker(NullTracker):
         if found is not None:
             return found.experiment_id
         location = None if self.uri.startswith("http") else self.artifact_dir.resolve().as_uri()
+        # a fine-tuning study: the UI opens its runs table, not the GenAI overview
+        tags = {"mlflow.experimentKind": "custom_model_development"}
         try:
-            return _retry(self.client.create_experiment, self.experiment_name, location)
+            return _retry(self.client.create_experiment, self.experiment_name, location, tags)
         except Exception:  # noqa: BLE001 - another orchestrator created it first
             found = self.client.get_experiment_by_name(self.experiment_name)
             if found is None:
@@ -243,6 +261,7 @@ class MlflowTracker(NullTracker):
             params = {
                 **{k: v for k, v in config.items() if k != "modules"},
                 "target_modules": f"{config['target_modules']} ({shown})",
+                **self.fixed_params,
             }
             _retry(
                 self.client.log_batch, run_id, params=[Param(k, str(v)) for k, v in params.items()]

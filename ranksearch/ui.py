@@ -29,7 +29,7 @@ def is_loopback(host: str) -> bool:
 
 
 def experiment_url(base: str, experiment_id: str) -> str:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
 
 
 def find_experiment(uri: str, name: str) -> str:
