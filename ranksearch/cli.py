@@ -132,6 +132,7 @@ def study_dir(cfg: StudyConfig, out: Path | None) -> Path:
 def quiet_libraries() -> None:
     """Library chatter (load reports, progress bars, deprecations) stays out of the view."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our own output
     logging.getLogger("optuna").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -71,10 +74,31 @@ def _creatable(path: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def sqlite_init_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite database while its schema is created or migrated.
+
+    Several orchestrators starting at once would otherwise race through the same migrations
+    ("duplicate column name"). Other databases serialize DDL themselves: no lock.
+    """
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(url.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=_engine_kwargs(url),
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        grace_period=GRACE_PERIOD,
-    )
+    with sqlite_init_lock(url):
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=_engine_kwargs(url),
+            heartbeat_interval=HEARTBEAT_INTERVAL,
+            grace_period=GRACE_PERIOD,
+        )

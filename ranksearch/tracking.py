@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.paths import redact_url
+from ranksearch.storage import sqlite_init_lock
 
 T = TypeVar("T")
 ROLE = "ranksearch.role"
@@ -47,8 +48,9 @@ def check_tracking(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         import urllib.request
 
+        request = _health_request(uri)
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+            with urllib.request.urlopen(request, timeout=5) as r:
                 if r.status == 200:
                     return
         except OSError as e:
@@ -67,6 +69,35 @@ def check_tracking(uri: str) -> None:
         check_storage(uri)
     except StorageError as e:
         raise TrackingError(str(e).replace("`--storage`", "`tracking.uri`")) from None
+
+
+def _health_request(uri: str):
+    """GET <server>/health, with the URL's user:password (if any) as basic auth, not in the URL."""
+    import base64
+    import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    url = urlunsplit(parts._replace(netloc=host)).rstrip("/") + "/health"
+    request = urllib.request.Request(url)
+    if parts.username:
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def _credentials_to_env(uri: str) -> str:
+    """Move `user:password@` out of an http URI into MLflow's own variables, so that nothing
+    MLflow prints or stores carries the password; return the URI without them."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not uri.startswith(("http://", "https://")) or parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = parts.username
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = parts.password or ""
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _retry(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -100,7 +131,9 @@ class MlflowTracker(NullTracker):
         from mlflow import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        with sqlite_init_lock(uri):  # the store's schema is created or migrated on first use
+            self.client = MlflowClient(tracking_uri=_credentials_to_env(uri))
+            self.client.search_experiments(max_results=1)
         self.experiment_name = experiment
         self.log_adapters = log_adapters
         self.artifact_dir = artifact_dir

@@ -1,0 +1,358 @@
+"""MLflow, read back with MlflowClient from the default SQLite store and a real `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from .conftest import run_cli, write_study
+from .test_cli import FIXED, _popen_run, _wait_for_report
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_health(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not come up")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and served artifacts."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_health(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _tiny(tmp_path: Path, tiny_bert, sentiment_csv, name: str = "tracked", **overrides) -> Path:
+    defaults = {
+        "budget": {"n_trials": 4},
+        "sampler": {"type": "tpe", "seed": 3, "n_startup_trials": 2},
+    }
+    return write_study(
+        tmp_path / f"{name}.yaml", tiny_bert, sentiment_csv, **{**defaults, **overrides}
+    )
+
+
+def _runs(client: MlflowClient, study: str) -> tuple:
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("ranksearch.role") == "study"]
+    trials = [r for r in runs if r.data.tags.get("ranksearch.role") == "trial"]
+    return exp, parents, trials
+
+
+def check_readback(client: MlflowClient, study: optuna.Study) -> None:
+    """What a user sees in the UI matches what Optuna recorded, trial by trial."""
+    exp, parents, runs = _runs(client, study.study_name)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["budget.n_trials"] == "4"
+    assert "rank" in parent.data.params["search_space"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == [
+        f"{study.study_name}.yaml"
+    ]
+    inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert '"num_rows": 240' in inputs[f"{study.study_name}-train"].dataset.profile
+    assert '"num_rows": 60' in inputs[f"{study.study_name}-validation"].dataset.profile
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
+    assert sorted(by_number) == [t.number for t in study.trials]  # one run per trial
+    for t in study.trials:
+        run = by_number[t.number]
+        assert run.info.run_name == f"trial-{t.number}"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == STATUS[t.state]
+        assert run.data.tags["optuna.state"] == t.state.name
+        config = t.user_attrs["config"]
+        assert run.data.params["rank"] == str(config["rank"])
+        assert run.data.params["lora_alpha"] == str(config["lora_alpha"])
+        assert run.data.params["target_modules"].startswith(config["target_modules"])
+        assert run.data.params["training.max_steps"] == "12"
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert {m.step: m.value for m in history} == pytest.approx(t.intermediate_values)
+        if t.state == TrialState.PRUNED and "duplicate_of" not in t.user_attrs:
+            assert run.data.metrics["pruned_at_step"] == t.user_attrs["pruned_at_step"]
+        if "duplicate_of" not in t.user_attrs and t.state != TrialState.FAIL:
+            assert run.data.metrics["trainable_params"] == t.user_attrs["trainable_params"]
+    best = min((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(best.value)
+    best_run = by_number[best.user_attrs.get("duplicate_of", best.number)]
+    files = [a.path for a in client.list_artifacts(best_run.info.run_id, "adapter")]
+    assert "adapter/adapter_config.json" in files
+
+
+@pytest.fixture(scope="module")
+def tracked_study(tmp_path_factory, tiny_bert, sentiment_csv):
+    """A study tracked in the default store: sqlite:///<out>/mlflow.db."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    study_file = _tiny(tmp, tiny_bert, sentiment_csv)
+    out = tmp / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+def _load(out: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'optuna.db'}")
+
+
+def test_default_sqlite_store(tracked_study):
+    study = _load(tracked_study, "tracked")
+    assert {t.state for t in study.trials} >= {TrialState.COMPLETE, TrialState.PRUNED}
+    check_readback(MlflowClient(f"sqlite:///{tracked_study / 'mlflow.db'}"), study)
+
+
+def test_mlflow_server_and_credentials_stay_out_of_logs(
+    tmp_path, tiny_bert, sentiment_csv, mlflow_server
+):
+    secret_uri = mlflow_server.replace("http://", "http://ranker:s3cr3t-pw@")
+    study_file = _tiny(tmp_path, tiny_bert, sentiment_csv)
+    out = tmp_path / "out"
+    r = run_cli(
+        "run",
+        "--study",
+        str(study_file),
+        "--out",
+        str(out),
+        "--tracking-uri",
+        secret_uri,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "s3cr3t-pw" not in r.stdout + r.stderr and "ranker:***@" in r.stdout
+    client = MlflowClient(mlflow_server)
+    check_readback(client, _load(out, "tracked"))
+    _, (parent,), runs = _runs(client, "tracked")
+    for run in [parent, *runs]:
+        assert "s3cr3t-pw" not in str(run.data.params) + str(run.data.tags)
+    assert not (out / "mlflow.db").exists()
+
+
+def test_failed_trials_are_failed_runs_with_their_reason(tmp_path, tiny_bert, sentiment_csv):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_bert, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    study_file = write_study(
+        tmp_path / "broken.yaml",
+        broken,
+        sentiment_csv,
+        budget={"n_trials": 3, "max_consecutive_failures": 2},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 1
+    _, (parent,), runs = _runs(MlflowClient(f"sqlite:///{out / 'mlflow.db'}"), "broken")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_fail"] == 2
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
+    assert all("safetensors" in r.data.tags["fail_reason"].lower() for r in runs)
+
+
+def test_sigkilled_orchestrator_leaves_no_running_run_after_restart(
+    tmp_path, tiny_bert, sentiment_csv
+):
+    study_file = write_study(
+        tmp_path / "killed.yaml",
+        tiny_bert,
+        sentiment_csv,
+        search=FIXED,
+        sampler={"type": "random", "seed": 0},
+        pruner={"type": "none"},
+        training={"max_steps": 60, "eval_every": 2, "batch_size": 8},
+        budget={"n_trials": 2},
+    )
+    out = tmp_path / "out"
+    proc = _popen_run(study_file, out)
+    _wait_for_report(out / "trials/0/reports.jsonl")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    _, _, runs = _runs(client, "killed")
+    assert [r.info.status for r in runs] == ["RUNNING"]  # what the kill left behind
+    with open(study_file) as f:
+        text = f.read()
+    study_file.write_text(text.replace("max_steps: 60", "max_steps: 4"))
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, parents, runs = _runs(client, "killed")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    numbers = [r.data.tags["optuna.trial_number"] for r in runs]
+    assert len(numbers) == len(set(numbers)) == len(_load(out, "killed").trials)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    killed = next(r for r in runs if r.data.tags["optuna.trial_number"] == "0")
+    assert killed.info.status == "FAILED" and "orchestrator died" in killed.data.tags["fail_reason"]
+
+
+def test_two_orchestrators_share_one_study_and_one_store(tmp_path, tiny_bert, sentiment_csv):
+    study_file = write_study(
+        tmp_path / "shared.yaml",
+        tiny_bert,
+        sentiment_csv,
+        pruner={"type": "none"},
+        budget={"n_trials": 4},
+        training={"max_steps": 4, "eval_every": 2, "batch_size": 8},
+    )
+    out = tmp_path / "out"
+    procs = [_popen_run(study_file, out) for _ in range(2)]  # both create the experiment
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, output in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, output
+        assert "locked" not in output
+    study = _load(out, "shared")
+    _, parents, runs = _runs(MlflowClient(f"sqlite:///{out / 'mlflow.db'}"), "shared")
+    assert len(parents) == 1
+    numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs)
+    assert numbers == [t.number for t in study.trials]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_unreachable_tracking_server_exits_2_before_anything(tmp_path, tiny_bert, sentiment_csv):
+    study_file = _tiny(tmp_path, tiny_bert, sentiment_csv)
+    out = tmp_path / "out"
+    r = run_cli(
+        "run",
+        "--study",
+        str(study_file),
+        "--out",
+        str(out),
+        "--tracking-uri",
+        f"http://127.0.0.1:{_free_port()}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "`tracking.uri`" in r.stderr and "not reachable" in r.stderr
+    assert not out.exists()
+
+
+def test_tracking_can_be_turned_off(tmp_path, tiny_bert, sentiment_csv):
+    study_file = _tiny(
+        tmp_path,
+        tiny_bert,
+        sentiment_csv,
+        search=FIXED,
+        budget={"n_trials": 1},
+        pruner={"type": "none"},
+        tracking="none",
+        training={"max_steps": 2, "eval_every": 2, "batch_size": 8},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (out / "mlflow.db").exists() and "MLflow:" not in r.stdout
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
+    """`ranksearch ui` serves the study; headless Chromium finds every trial run on the page."""
+    reason = None
+    if _chromium() is None:
+        reason = "Debian's chromium is not installed (apt-get install chromium)"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed (pip install -e '.[dev]')"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)  # CI installs both: this check must run there
+        pytest.skip(reason)
+    port = _free_port()
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ranksearch.cli",
+            "ui",
+            "--study",
+            str(tracked_study.parent / "tracked.yaml"),
+            "--out",
+            str(tracked_study),
+            "--port",
+            str(port),
+            "--no-browser",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = ui.stdout.readline()
+        assert f"http://127.0.0.1:{port}/#/experiments/" in line, line
+        url = line.split(": ", 1)[1].split()[0]
+        n_trials = len(_load(tracked_study, "tracked").trials)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=_chromium(),
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
+            page = browser.new_page(viewport={"width": 1500, "height": 900})
+            page.goto(url)
+            parent = page.get_by_role("link", name="tracked", exact=True).last
+            parent.wait_for(timeout=60_000)
+            # the parent run folds its trials: unfold them as a user would
+            page.locator("[role=row]", has=parent).locator("button, [role=button]").first.click()
+            names = [f"trial-{n}" for n in range(n_trials)]
+            page.get_by_text(names[-1], exact=True).wait_for(timeout=30_000)
+            found = [n for n in names if page.get_by_text(n, exact=True).count()]
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "mlflow-ui.png"
+            page.screenshot(path=str(shot))
+            browser.close()
+        print(f"MLflow UI screenshot: {shot}")
+        assert found == names
+        assert shot.stat().st_size > 10_000
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(timeout=20)
