@@ -13,6 +13,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.text import Text
@@ -23,6 +24,9 @@ from ranksearch.paths import BUILTIN_STUDIES, PathError, redact_url
 from ranksearch.storage import StorageError, default_storage_url
 from ranksearch.tracking import TrackingError, check_tracking, make_tracker, tracking_uri
 
+if TYPE_CHECKING:
+    import optuna
+
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 1
 
@@ -30,6 +34,8 @@ MAIN_EXAMPLES = """examples:
   ranksearch run --study cls-task                       # the offline default study
   ranksearch run --study my.yaml --set budget.n_trials=40
   ranksearch validate --study cls-task                  # check a study, run nothing
+  ranksearch report --study cls-task                    # best, recommended, by rank
+  ranksearch estimate --study cls-task                  # parameters and memory per config
   ranksearch ui --study cls-task                        # its runs in the MLflow UI
   ranksearch list                                       # the study files shipped
 """
@@ -42,6 +48,13 @@ Run it again to resume: finished trials are kept, only the missing ones run."""
 VALIDATE_EXAMPLES = """examples:
   ranksearch validate --study cls-task
   ranksearch validate --study my.yaml --set search.rank=[4,8] --schema-only"""
+REPORT_EXAMPLES = """examples:
+  ranksearch report --study cls-task
+  ranksearch report --study cls-task --sort val_loss
+  ranksearch report --study cls-task --format json > answer.json"""
+ESTIMATE_EXAMPLES = """examples:
+  ranksearch estimate --study cls-task
+  ranksearch estimate --study cls-task --rank 4 64 --targets qv all-linear --format json"""
 UI_EXAMPLES = """examples:
   ranksearch ui --study cls-task                 # http://127.0.0.1:5000, this study's experiment
   ranksearch ui --study cls-task --port 5001 --no-browser
@@ -121,6 +134,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     ui.add_argument("--no-browser", action="store_true", help="only print the URL")
+    rep = _sub(
+        sub, "report", "the trials, the best and the recommended configuration", REPORT_EXAMPLES
+    )
+    _study_args(rep)
+    rep.add_argument(
+        "--format",
+        choices=("table", "json", "markdown"),
+        default="table",
+        help="output format (default: table; json is stable, see README)",
+    )
+    rep.add_argument(
+        "--sort",
+        choices=("number", "val_loss", "rank", "trainable", "seconds"),
+        default="number",
+        help="order of the trial table (default: number)",
+    )
+    est = _sub(
+        sub, "estimate", "parameter counts and memory of every configuration", ESTIMATE_EXAMPLES
+    )
+    _study_args(est)
+    est.add_argument("--rank", type=int, nargs="+", help="ranks (default: the study's)")
+    est.add_argument("--targets", nargs="+", help="module sets (default: the study's)")
+    est.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="output format (default: table)",
+    )
     sub.add_parser("list", help="list the study files shipped with ranksearch")
     return parser
 
@@ -162,9 +203,29 @@ def _load_checked(args, schema_only: bool = False) -> tuple[StudyConfig, str, Pa
                 check_tracking(tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri))
             except TrackingError as e:
                 problems.append(("tracking.uri", str(e).removeprefix("`tracking.uri` ")))
+        if cfg.launch.max_memory_gb and not any(k == "model.path" for k, _ in problems):
+            problems += memory_problems(cfg)
     if problems:
         raise StudyError(problems, str(path))
     return cfg, storage_url, path
+
+
+def memory_problems(cfg: StudyConfig) -> list[tuple[str, str]]:
+    """Refuse a study whose largest configuration would not fit `launch.max_memory_gb`."""
+    from ranksearch.estimate import estimate_space
+
+    worst = max(estimate_space(cfg), key=lambda e: e.memory_estimate_mb)
+    if worst.memory_estimate_mb / 1024 <= cfg.launch.max_memory_gb:
+        return []
+    return [
+        (
+            "launch.max_memory_gb",
+            f"rank {worst.rank} on {worst.target_modules} needs about "
+            f"{worst.memory_estimate_mb / 1024:.1f} GB to train at batch "
+            f"{cfg.training.batch_size} x {cfg.data.max_length} tokens (ranksearch estimate); "
+            f"lower the largest rank, the batch size or max_length, or raise the limit",
+        )
+    ]
 
 
 def cmd_validate(args, console: Console) -> int:
@@ -248,6 +309,98 @@ def cmd_ui(args, console: Console) -> int:
     )
 
 
+def open_existing(args) -> tuple[StudyConfig, optuna.Study]:
+    """The study `run` wrote, found from the same --study/--out/--storage options."""
+    import optuna
+
+    from ranksearch.storage import open_storage
+
+    cfg, path, problems = parse_study(args.study, args.overrides)
+    url = args.storage or default_storage_url(study_dir(cfg, args.out))
+    if not args.storage and not (study_dir(cfg, args.out) / "optuna.db").is_file():
+        raise StudyError(
+            [
+                (
+                    "--out",
+                    f"no study in {study_dir(cfg, args.out)}; run it first "
+                    f"(ranksearch run --study {args.study}) or pass --out/--storage",
+                )
+            ],
+            str(path),
+        )
+    try:
+        return cfg, optuna.load_study(study_name=cfg.study_name, storage=open_storage(url))
+    except KeyError:
+        raise StudyError(
+            [("--storage", f"no study {cfg.study_name!r} in {redact_url(url)}")], str(path)
+        ) from None
+
+
+def cmd_report(args, console: Console) -> int:
+    import json
+
+    from ranksearch.report import build_report, rank_table, rows_table, summary_lines, to_markdown
+
+    cfg, study = open_existing(args)
+    report = build_report(study, cfg.report.tolerance, args.sort)
+    if args.format == "json":
+        print(json.dumps(report, indent=2, default=str))
+    elif args.format == "markdown":
+        print(to_markdown(report), end="")
+    else:
+        console.print(rows_table(report))
+        console.print(rank_table(report))
+        for line in summary_lines(report):
+            console.print(Text(line))
+    return 0
+
+
+def cmd_estimate(args, console: Console) -> int:
+    import json
+
+    from rich.table import Table
+
+    from ranksearch.estimate import estimate_space
+
+    cfg, path, problems = parse_study(args.study, args.overrides)
+    rows = estimate_space(cfg, args.rank, args.targets)
+    if args.format == "json":
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return 0
+    table = Table(
+        title=f"{cfg.study_name}: batch {cfg.training.batch_size} x {cfg.data.max_length} tokens",
+        title_justify="left",
+    )
+    for col in (
+        "rank",
+        "modules",
+        "dora",
+        "adapted",
+        "trainable",
+        "fraction",
+        "adapter MB",
+        "optimizer MB",
+        "memory MB (est.)",
+        "compression",
+    ):
+        table.add_column(col, justify="left" if col == "modules" else "right")
+    for r in rows:
+        table.add_row(
+            str(r.rank),
+            r.target_modules,
+            "yes" if r.use_dora else "no",
+            str(r.adapted_modules),
+            f"{r.trainable_params:,}",
+            f"{r.trainable_fraction:.3%}",
+            f"{r.adapter_mb:.2f}",
+            f"{r.optimizer_state_mb:.2f}",
+            f"{r.memory_estimate_mb:.0f}",
+            f"{r.compression:,.0f}x",
+        )
+    console.print(table)
+    return 0
+
+
 def cmd_list(args, console: Console) -> int:
     for path in sorted(BUILTIN_STUDIES.glob("*.yaml")):
         header = path.read_text().splitlines()[0].lstrip("# ")
@@ -261,7 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # logs and pipes: wide enough for the trial table
         console = Console(highlight=False, width=max(console.width, 160))
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    commands = {"run": cmd_run, "validate": cmd_validate, "ui": cmd_ui, "list": cmd_list}
+    commands = {
+        "run": cmd_run,
+        "validate": cmd_validate,
+        "report": cmd_report,
+        "estimate": cmd_estimate,
+        "ui": cmd_ui,
+        "list": cmd_list,
+    }
     try:
         quiet_libraries()
         return commands[args.command](args, console)

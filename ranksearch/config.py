@@ -148,6 +148,7 @@ class LaunchConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stop_grace_seconds: float = Field(5.0, ge=0)  # after SIGTERM, before SIGKILL
     trial_timeout_minutes: float | None = Field(None, gt=0)
+    max_memory_gb: float | None = Field(None, gt=0)  # refuse configurations estimated above it
 
 
 class TrackingConfig(_Strict):
@@ -155,6 +156,13 @@ class TrackingConfig(_Strict):
     uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<study dir>/mlflow.db
     experiment: str | None = None  # default: the study name
     log_adapters: Literal["best", "all", "none"] = "best"  # trained adapters kept in MLflow
+
+
+class ReportConfig(_Strict):
+    # "As good as the best": within `tolerance` of the best val loss. `1se` (the default) is
+    # one standard error of the best trial's val loss, measured on the validation split; a
+    # number is an absolute val-loss margin.
+    tolerance: Literal["1se"] | Annotated[float, Field(ge=0)] = "1se"
 
 
 class StudyConfig(_Strict):
@@ -171,6 +179,7 @@ class StudyConfig(_Strict):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     enqueue: list[dict[str, Scalar]] = Field(default_factory=list)
 
     @model_validator(mode="before")

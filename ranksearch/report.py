@@ -102,3 +102,192 @@ def best_summary(study: optuna.Study) -> str:
         f"  modules {r['target_modules']}  lr {r['learning_rate']:.2e}"
         + (f"  trainable {r['trainable_params']:,}" if r["trainable_params"] else "")
     )
+
+
+# -- `ranksearch report`: the whole answer ----------------------------------------------------
+
+SCHEMA = "ranksearch.report/1"
+SORT_KEYS = {
+    "number": "number",
+    "val_loss": "val_loss",
+    "rank": "rank",
+    "trainable": "trainable_params",
+    "seconds": "wall_seconds",
+}
+
+
+def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
+    from ranksearch.recommend import cost
+
+    if t is None:
+        return None
+    return {
+        "trial": t.number,
+        "val_loss": t.value,
+        "accuracy": t.user_attrs.get("accuracy"),
+        "val_loss_se": t.user_attrs.get("val_loss_se"),
+        "config": {k: v for k, v in t.user_attrs.get("config", {}).items() if k != "modules"},
+        "cost": cost(t),
+    }
+
+
+def _importances(study: optuna.Study) -> dict[str, float] | None:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if len(complete) < 4:
+        return None
+    try:
+        return {
+            k: round(v, 4)
+            for k, v in optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+            ).items()
+        }
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return None  # too few distinct values to say anything
+
+
+def build_report(
+    study: optuna.Study, tolerance: str | float = "1se", sort: str = "number"
+) -> dict[str, Any]:
+    """The JSON document `ranksearch report --format json` prints (see README: Report JSON)."""
+    from ranksearch.recommend import answer, baselines, rank_view
+
+    trials = study.get_trials(deepcopy=False)
+    ans = answer(trials, tolerance)
+    counts = {s.name.lower(): 0 for s in TrialState}
+    for t in trials:
+        counts[t.state.name.lower()] += 1
+    rows = [trial_row(t) for t in trials if t.state not in (TrialState.RUNNING, TrialState.WAITING)]
+    key = SORT_KEYS[sort]
+    rows.sort(key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0, r["number"]))
+    base = []
+    for t in baselines(trials):
+        entry = {
+            "trial": t.number,
+            "state": t.state.name,
+            "config": {k: v for k, v in t.user_attrs.get("config", {}).items() if k != "modules"},
+            "val_loss": t.value,
+            "accuracy": t.user_attrs.get("accuracy"),
+        }
+        if ans.best is not None and t.value is not None:
+            entry["best_gain_val_loss"] = t.value - ans.best.value
+        base.append(entry)
+    return {
+        "schema": SCHEMA,
+        "study": study.study_name,
+        "objective": "val_loss (minimize)",
+        "counts": counts,
+        "best": _brief(ans.best),
+        "recommended": _brief(ans.recommended),
+        "tolerance": {
+            "rule": ans.tolerance_rule,
+            "val_loss": ans.tolerance,
+            "candidates": ans.candidates,
+        },
+        "baselines": base,
+        "ranks": rank_view(trials),
+        "importances": _importances(study),
+        "trials": rows,
+    }
+
+
+def _cost_line(b: dict[str, Any]) -> str:
+    c = b["cost"]
+    parts = [
+        f"{_fmt(c['trainable_params'], 'int')} trainable",
+        f"{c['trainable_fraction']:.3%} of the model" if c["trainable_fraction"] else None,
+        f"adapter {c['adapter_mb']:.2f} MB" if c["adapter_mb"] else None,
+        f"peak {c['peak_memory_mb']:.0f} MB" if c["peak_memory_mb"] else None,
+        f"{c['seconds_per_step']:.3f} s/step" if c["seconds_per_step"] else None,
+    ]
+    return ", ".join(p for p in parts if p)
+
+
+def _config_line(b: dict[str, Any]) -> str:
+    c = b["config"]
+    return (
+        f"rank {c['rank']}, alpha {c['lora_alpha']}, dropout {c['lora_dropout']:g}, "
+        f"modules {c['target_modules']}, lr {c['learning_rate']:.2e}"
+    )
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    best, rec, tol = report["best"], report["recommended"], report["tolerance"]
+    if best is None:
+        return ["No trial completed: no best and no recommendation yet."]
+    lines = [
+        f"Best:        trial {best['trial']}  val_loss {best['val_loss']:.4f}  "
+        f"{_config_line(best)}",
+        f"             cost: {_cost_line(best)}",
+    ]
+    rule = {
+        "1se": "one standard error of the best",
+        "absolute": "the study's tolerance",
+        "relative": "1% of the best (no standard error recorded)",
+    }[tol["rule"]]
+    lines += [
+        f"Recommended: trial {rec['trial']}  val_loss {rec['val_loss']:.4f}  {_config_line(rec)}",
+        f"             cost: {_cost_line(rec)}",
+        f"             the fewest trainable parameters within {tol['val_loss']:.4f} "
+        f"({rule}) of the best; {len(tol['candidates'])} configuration(s) qualified",
+    ]
+    for b in report["baselines"]:
+        if b.get("best_gain_val_loss") is not None:
+            lines.append(
+                f"Baseline:    trial {b['trial']} ({_config_line(b)}): val_loss "
+                f"{b['val_loss']:.4f}, the best is {b['best_gain_val_loss']:.4f} lower"
+            )
+    if report["importances"]:
+        lines.append(
+            "Importance:  " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items())
+        )
+    return lines
+
+
+def rank_table(report: dict[str, Any]) -> Table:
+    table = Table(title="by rank", title_justify="left")
+    for col in (
+        "rank",
+        "trials",
+        "complete",
+        "best val loss",
+        "gain vs previous",
+        "best acc",
+        "mean sec",
+    ):
+        table.add_column(col, justify="right")
+    for r in report["ranks"]:
+        table.add_row(
+            str(r["rank"]),
+            str(r["trials"]),
+            str(r["complete"]),
+            _fmt(r["best_val_loss"], ".4f"),
+            _fmt(r["gain_vs_previous_rank"], "+.4f"),
+            _fmt(r["best_accuracy"], ".3f"),
+            _fmt(r["mean_seconds"], ".0f"),
+        )
+    return table
+
+
+def rows_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"study {report['study']}", title_justify="left")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in ("state", "modules", "note") else "right")
+    for r in report["trials"]:
+        table.add_row(*format_row(r))
+    return table
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    out = [f"# Study {report['study']}", "", *[f"    {x}" for x in summary_lines(report)], ""]
+    out += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(format_row(r)) + " |" for r in report["trials"]]
+    cols = ("rank", "trials", "complete", "best val loss", "gain vs previous", "best acc")
+    out += ["", "## By rank", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["ranks"]:
+        out.append(
+            f"| {r['rank']} | {r['trials']} | {r['complete']} | "
+            f"{_fmt(r['best_val_loss'], '.4f')} | {_fmt(r['gain_vs_previous_rank'], '+.4f')}"
+            f" | {_fmt(r['best_accuracy'], '.3f')} |"
+        )
+    return "\n".join(out) + "\n"

@@ -373,7 +373,15 @@ class Orchestrator:
     def _record_report(self, trial: optuna.Trial, rec: dict) -> None:
         trial.report(rec["val_loss"], rec["step"])
         trial.set_user_attr("last_step", rec["step"])
-        for name in ("val_loss", "accuracy", "f1", "perplexity", "train_loss"):
+        for name in (
+            "val_loss",
+            "val_loss_se",
+            "accuracy",
+            "f1",
+            "perplexity",
+            "train_loss",
+            "train_seconds",
+        ):
             if name in rec:
                 trial.set_user_attr(name, rec[name])
         best = trial.user_attrs.get("best_val_loss", math.inf)

@@ -152,10 +152,15 @@ def evaluate(model, eval_dl, accelerator: Accelerator, spec: dict) -> dict[str, 
             parts.append(accelerator.gather_for_metrics(batch_loss(model, batch, causal)))
     model.train()
     loss_sum, count, preds, labels = (torch.cat(p) for p in zip(*parts, strict=True))
+    per_example = loss_sum / count.clamp(min=1)
     metrics = {
         "val_loss": (loss_sum.sum() / count.sum().clamp(min=1)).item(),
-        "eval_examples": len(loss_sum),
-    }  # gathered over ranks: the whole split
+        # standard error of the mean loss: how far apart two configurations must be to differ
+        "val_loss_se": (per_example.std() / math.sqrt(len(per_example))).item()
+        if len(per_example) > 1
+        else 0.0,
+        "eval_examples": len(loss_sum),  # gathered over ranks: the whole split
+    }
     if causal:
         metrics["perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
         return metrics
