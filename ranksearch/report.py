@@ -215,8 +215,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     best, rec, tol = report["best"], report["recommended"], report["tolerance"]
     if best is None:
         return ["No trial completed: no best and no recommendation yet."]
+    acc = f"  accuracy {best['accuracy']:.3f}" if best["accuracy"] is not None else ""
     lines = [
-        f"Best:        trial {best['trial']}  val_loss {best['val_loss']:.4f}  "
+        f"Best:        trial {best['trial']}  val_loss {best['val_loss']:.4f}{acc}  "
         f"{_config_line(best)}",
         f"             cost: {_cost_line(best)}",
     ]
