@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,11 +68,11 @@ def check_storage(url: str) -> None:
 
 
 def _creatable(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return True
+    """Whether `path` exists or could be created, judged without creating anything."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    return False
 
 
 @contextlib.contextmanager

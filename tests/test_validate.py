@@ -79,7 +79,9 @@ def test_unreachable_storage_is_reported_with_the_password_hidden(
     assert "hunter2" not in problems["--storage"] and "user:***@" in problems["--storage"]
 
 
-@pytest.mark.parametrize("url", ["not a url", "sqlite:////proc/forbidden/x.db"])
+@pytest.mark.parametrize("url", ["not a url", "sqlite:///{tmp}/a-file/optuna.db"])
 def test_bad_storage_urls(tmp_path, tiny_bert, sentiment_csv, url):
+    (tmp_path / "a-file").write_text("not a directory")
+    url = url.format(tmp=tmp_path)
     problems = dict(resource_problems(_study(tmp_path, tiny_bert, sentiment_csv), url))
     assert "--storage" in problems
