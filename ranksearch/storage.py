@@ -45,8 +45,10 @@ def check_storage(url: str) -> None:
         ) from None
     if parsed.get_backend_name() == "sqlite":
         parent = Path(parsed.database or ".").expanduser().resolve().parent
-        if not parent.exists() and not _creatable(parent):
-            raise StorageError(f"`--storage` {shown}: directory {parent} cannot be created")
+        if not _creatable(parent):
+            raise StorageError(
+                f"`--storage` {shown}: {parent} is not a directory that can be written or created"
+            )
         return
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
     try:
