@@ -55,6 +55,11 @@ REPORT_EXAMPLES = """examples:
 ESTIMATE_EXAMPLES = """examples:
   ranksearch estimate --study cls-task
   ranksearch estimate --study cls-task --rank 4 64 --targets qv all-linear --format json"""
+EXPORT_EXAMPLES = """examples:
+  ranksearch export --study cls-task --to adapters/cls            # the recommended trial
+  ranksearch export --study cls-task --trial best --to adapters/best
+  ranksearch export --study cls-task --trial 7 --to adapters/t7   # retrained if not kept
+--out names the study directory, as in every command that reads a study."""
 UI_EXAMPLES = """examples:
   ranksearch ui --study cls-task                 # http://127.0.0.1:5000, this study's experiment
   ranksearch ui --study cls-task --port 5001 --no-browser
@@ -161,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("table", "json"),
         default="table",
         help="output format (default: table)",
+    )
+    exp = _sub(sub, "export", "write a trial's PEFT adapter to a directory", EXPORT_EXAMPLES)
+    _study_args(exp)
+    exp.add_argument(
+        "--trial",
+        default="recommended",
+        help="best, recommended or a trial number (default: recommended)",
+    )
+    exp.add_argument(
+        "--to",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="destination directory (PeftModel.from_pretrained(base, DIR))",
     )
     sub.add_parser("list", help="list the study files shipped with ranksearch")
     return parser
@@ -401,6 +420,26 @@ def cmd_estimate(args, console: Console) -> int:
     return 0
 
 
+def cmd_export(args, console: Console) -> int:
+    from ranksearch.export import ExportError, export, pick_trial
+
+    cfg, study = open_existing(args)
+    try:
+        trial = pick_trial(study, args.trial, cfg.report.tolerance)
+        _, path, _ = parse_study(args.study, args.overrides)
+        manifest = export(study, trial, args.to, path, args.overrides)
+    except ExportError as e:
+        raise StudyError([("--trial", str(e))], args.study) from None
+    how = "retrained from its spec" if manifest["retrained"] else "copied"
+    console.print(
+        Text(
+            f"trial {trial.number} ({how}) -> {args.to}: "
+            f"PeftModel.from_pretrained(base, {str(args.to)!r})"
+        )
+    )
+    return 0
+
+
 def cmd_list(args, console: Console) -> int:
     for path in sorted(BUILTIN_STUDIES.glob("*.yaml")):
         header = path.read_text().splitlines()[0].lstrip("# ")
@@ -419,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "validate": cmd_validate,
         "report": cmd_report,
         "estimate": cmd_estimate,
+        "export": cmd_export,
         "ui": cmd_ui,
         "list": cmd_list,
     }

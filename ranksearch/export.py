@@ -1,0 +1,102 @@
+"""`ranksearch export`: a trial's PEFT adapter as a directory `PeftModel.from_pretrained` loads.
+
+The worker saves the adapter of every trial that trains to the end. When it is missing (a pruned
+trial, a deleted folder), the trial's own spec is trained again: same data, same seed, same
+configuration, so on CPU the same weights come back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from ranksearch.launch import WorkerProcess, accelerate_argv
+
+
+class ExportError(Exception):
+    """The trial cannot be exported; says which and why."""
+
+
+def pick_trial(study: optuna.Study, which: str, tolerance: str | float) -> FrozenTrial:
+    """`best`, `recommended` or a trial number; a replayed duplicate resolves to its original."""
+    from ranksearch.recommend import answer
+
+    trials = study.get_trials(deepcopy=False)
+    if which in ("best", "recommended"):
+        ans = answer(trials, tolerance)
+        trial = ans.best if which == "best" else ans.recommended
+        if trial is None:
+            raise ExportError(f"no trial completed in study {study.study_name!r}: no {which}")
+    else:
+        if not which.isdigit() or int(which) >= len(trials):
+            raise ExportError(
+                f"--trial {which}: expected best, recommended or a trial number "
+                f"0..{len(trials) - 1}"
+            )
+        trial = trials[int(which)]
+    origin = trial.user_attrs.get("duplicate_of")
+    return trials[origin] if origin is not None else trial
+
+
+def retrain(spec_path: Path, adapter_dir: Path, log: Path) -> dict[str, Any]:
+    """Train the trial's spec again into `adapter_dir`; return its last report."""
+    spec = json.loads(spec_path.read_text())
+    with tempfile.TemporaryDirectory(prefix="ranksearch-export-") as tmp:
+        spec.update(adapter_dir=str(adapter_dir), reports=str(Path(tmp) / "reports.jsonl"))
+        spec.pop("orchestrator_pid", None)
+        spec_copy = Path(tmp) / "spec.json"
+        spec_copy.write_text(json.dumps(spec))
+        plan = accelerate_argv(spec_copy, num_processes=1, device="cpu", mixed_precision="no")
+        worker = WorkerProcess(plan, log, Path(tmp) / "reports.jsonl").start()
+        while worker.poll() is None:
+            time.sleep(0.2)
+        reports = [r for r in worker.read_reports() if "val_loss" in r]
+        if worker.poll() != 0 or not reports:
+            raise ExportError(f"retraining failed; see {log}:\n{worker.log_tail()}")
+        return reports[-1]
+
+
+def export(
+    study: optuna.Study, trial: FrozenTrial, out: Path, study_file: Path, overrides: list[str]
+) -> dict[str, Any]:
+    """Write the adapter, its LoraConfig and the run settings into `out`; return the manifest."""
+    trial_dir = Path(trial.user_attrs.get("trial_dir", ""))
+    spec_path = trial_dir / "spec.json"
+    if not spec_path.is_file():
+        raise ExportError(f"trial {trial.number} has no spec at {spec_path}; was it trained here?")
+    out.mkdir(parents=True, exist_ok=True)
+    source = trial_dir / "adapter"
+    retrained = None
+    if not (source / "adapter_config.json").is_file():
+        retrained = retrain(spec_path, out, out / "retrain.log")
+    else:
+        shutil.copytree(source, out, dirs_exist_ok=True)
+    spec = json.loads(spec_path.read_text())
+    (out / "lora_config.json").write_text(json.dumps(spec["lora"], indent=2) + "\n")
+    shutil.copy(study_file, out / "study.yaml")
+    command = ["ranksearch", "run", "--study", "study.yaml"]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    manifest = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "state": trial.state.name,
+        "val_loss": trial.value,
+        "accuracy": trial.user_attrs.get("accuracy"),
+        "config": {k: v for k, v in trial.user_attrs.get("config", {}).items() if k != "modules"},
+        "base_model": spec["model"]["path"],
+        "task": spec["task"],
+        "training": spec["training"],
+        "command": " ".join(command),
+        "retrained": retrained is not None,
+        "retrained_val_loss": retrained["val_loss"] if retrained else None,
+    }
+    (out / "ranksearch.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
