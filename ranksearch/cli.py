@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default: table; json is stable, see README)",
     )
     rep.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="skip the PNG/HTML plots (default: write them to <out>/plots and to MLflow)",
+    )
+    rep.add_argument(
         "--sort",
         choices=("number", "val_loss", "rank", "trainable", "seconds"),
         default="number",
@@ -362,6 +367,8 @@ def cmd_report(args, console: Console) -> int:
 
     cfg, study = open_existing(args)
     report = build_report(study, cfg.report.tolerance, args.sort)
+    if not args.no_plots:
+        report["plots"] = [str(p) for p in write_plots(args, cfg, study)]
     if args.format == "json":
         print(json.dumps(report, indent=2, default=str))
     elif args.format == "markdown":
@@ -371,7 +378,26 @@ def cmd_report(args, console: Console) -> int:
         console.print(rank_table(report))
         for line in summary_lines(report):
             console.print(Text(line))
+        if report.get("plots"):
+            mlflow = getattr(args, "plots_in_mlflow", False)
+            where = " and on the study's MLflow parent run" if mlflow else ""
+            folder = Path(report["plots"][0]).parent
+            console.print(Text(f"Plots:       {len(report['plots'])} files in {folder}{where}"))
     return 0
+
+
+def write_plots(args, cfg: StudyConfig, study: optuna.Study) -> list[Path]:
+    """Plots into <out>/plots, and onto the study's MLflow parent run when it has one."""
+    from ranksearch.plots import make_plots
+    from ranksearch.tracking import log_plots
+
+    out = study_dir(cfg, args.out) / "plots"
+    files = make_plots(study, out)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if files and parent and cfg.tracking.enabled:
+        log_plots(tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri), parent, out)
+        args.plots_in_mlflow = True
+    return files
 
 
 def cmd_estimate(args, console: Console) -> int:

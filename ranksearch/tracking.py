@@ -361,6 +361,14 @@ class MlflowTracker(NullTracker):
         _retry(self.client.set_tag, self.parent_id, "best_trial", str(best.number))
 
 
+def log_plots(uri: str, parent_run_id: str, plots_dir: Path) -> None:
+    """Attach a study's plots to its parent run (what `ranksearch report` draws)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=_credentials_to_env(uri))
+    _retry(client.log_artifacts, parent_run_id, str(plots_dir), "plots")
+
+
 def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -> NullTracker:
     """CLI option > study file > MLFLOW_TRACKING_URI > SQLite in the study directory."""
     t = cfg.tracking

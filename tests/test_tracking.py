@@ -356,3 +356,25 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
     finally:
         ui.send_signal(signal.SIGINT)
         ui.wait(timeout=20)
+
+
+def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study):
+    study_file = tracked_study.parent / "tracked.yaml"
+    r = run_cli(
+        "report", "--study", str(study_file), "--out", str(tracked_study), cwd=tracked_study.parent
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "MLflow parent run" in r.stdout
+    plots = tracked_study / "plots"
+    for name in (
+        "val_loss_by_rank.png",
+        "pareto_params.png",
+        "curves.png",
+        "curves.html",
+        "parallel_coordinate.png",
+    ):
+        assert (plots / name).stat().st_size > 5_000, name
+    client = MlflowClient(f"sqlite:///{tracked_study / 'mlflow.db'}")
+    _, (parent,), _ = _runs(client, "tracked")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/val_loss_by_rank.png", "plots/curves.html"} <= logged
