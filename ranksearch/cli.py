@@ -55,6 +55,11 @@ REPORT_EXAMPLES = """examples:
 ESTIMATE_EXAMPLES = """examples:
   ranksearch estimate --study cls-task
   ranksearch estimate --study cls-task --rank 4 64 --targets qv all-linear --format json"""
+CONFIRM_EXAMPLES = """examples:
+  ranksearch confirm --study cls-task                 # top 3 + the recommendation, 3 seeds each
+  ranksearch confirm --study cls-task --top 5 --seeds 5
+Confirmation trainings are Optuna trials (user attr `confirmation`) and MLflow runs of the study;
+they do not count toward budget.n_trials, and an interrupted round resumes where it stopped."""
 EXPORT_EXAMPLES = """examples:
   ranksearch export --study cls-task --to adapters/cls            # the recommended trial
   ranksearch export --study cls-task --trial best --to adapters/best
@@ -172,6 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="table",
         help="output format (default: table)",
     )
+    con = _sub(
+        sub, "confirm", "train the top configurations again with more seeds", CONFIRM_EXAMPLES
+    )
+    _study_args(con)
+    con.add_argument(
+        "--top",
+        type=int,
+        default=None,
+        help="configurations to confirm (default: study file confirm.top, else 3)",
+    )
+    con.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="samples per configuration, the search trial included "
+        "(default: confirm.seeds, else 3)",
+    )
+    for flag, text in (
+        ("--quiet", "warnings only"),
+        ("--plain", "line output"),
+        ("--no-mlflow", "do not log to MLflow"),
+    ):
+        con.add_argument(flag, action="store_true", help=f"{text} (default: off)")
     exp = _sub(sub, "export", "write a trial's PEFT adapter to a directory", EXPORT_EXAMPLES)
     _study_args(exp)
     exp.add_argument(
@@ -259,12 +287,12 @@ def cmd_validate(args, console: Console) -> int:
     return 0
 
 
-def cmd_run(args, console: Console) -> int:
+def _orchestrator(args, console: Console):
+    """What `run` and `confirm` share: checked study, prepared data, tracker, view."""
     import torch
 
     from ranksearch.data import prepare
-    from ranksearch.report import best_summary, trials_table
-    from ranksearch.study import Interrupted, Orchestrator, StudyStopped
+    from ranksearch.study import Orchestrator
     from ranksearch.view import PlainView, make_view
 
     cfg, storage_url, study_file = _load_checked(args)
@@ -290,16 +318,23 @@ def cmd_run(args, console: Console) -> int:
             )
     data = prepare(cfg, out)
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    orchestrator = Orchestrator(
-        cfg, out, storage_url, data, view, device, bf16, tracker, study_file
+    return (
+        cfg,
+        Orchestrator(cfg, out, storage_url, data, view, device, bf16, tracker, study_file),
+        view,
     )
-    code = 0
+
+
+def _drive(work, view, console: Console) -> int:
+    """Run `work()`; map a stop or an interrupt to its exit code and message."""
+    from ranksearch.study import Interrupted, StudyStopped
+
     try:
-        orchestrator.run()
+        work()
     except StudyStopped as e:
         view.close()
         console.print(Text("study stopped: ", style="red") + Text(str(e)))
-        code = EXIT_STOPPED
+        return EXIT_STOPPED
     except Interrupted as e:
         view.close()
         console.print(
@@ -308,12 +343,56 @@ def cmd_run(args, console: Console) -> int:
                 "run the same command to resume"
             )
         )
-        code = 128 + signal.Signals[str(e)].value  # 130 for Ctrl-C, 143 for SIGTERM
+        return 128 + signal.Signals[str(e)].value  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         view.close()
+    return 0
+
+
+def _confirmation_jobs(cfg: StudyConfig, study, top: int, seeds: int) -> list:
+    from ranksearch.confirm import plan
+
+    return plan(
+        study.get_trials(deepcopy=False), top, seeds, cfg.training.seed, cfg.report.tolerance
+    )
+
+
+def cmd_run(args, console: Console) -> int:
+    from ranksearch.report import best_summary, trials_table
+
+    cfg, orchestrator, view = _orchestrator(args, console)
+    code = _drive(orchestrator.run, view, console)
+    if code == 0 and cfg.confirm is not None:
+        jobs = _confirmation_jobs(cfg, orchestrator.study, cfg.confirm.top, cfg.confirm.seeds)
+        if jobs and not args.quiet:
+            console.print(
+                Text(
+                    f"confirmation round: {len(jobs)} more trainings "
+                    f"(top {cfg.confirm.top}, {cfg.confirm.seeds} seeds each)"
+                )
+            )
+        code = _drive(lambda: orchestrator.confirm(jobs), view, console) if jobs else 0
     if not args.quiet:
         console.print(trials_table(orchestrator.study, title=f"study {cfg.study_name}"))
         console.print(Text(best_summary(orchestrator.study)))
+    return code
+
+
+def cmd_confirm(args, console: Console) -> int:
+    from ranksearch.report import build_report, summary_lines
+
+    cfg, orchestrator, view = _orchestrator(args, console)
+    top = args.top or (cfg.confirm.top if cfg.confirm else 3)
+    seeds = args.seeds or (cfg.confirm.seeds if cfg.confirm else 3)
+    jobs = _confirmation_jobs(cfg, orchestrator.study, top, seeds)
+    if not args.quiet:
+        console.print(
+            Text(f"confirmation round: {len(jobs)} trainings to go (top {top}, {seeds} seeds each)")
+        )
+    code = _drive(lambda: orchestrator.confirm(jobs), view, console)
+    report = build_report(orchestrator.study, cfg.report.tolerance, confirm_top=top)
+    for line in summary_lines(report):
+        console.print(Text(line))
     return code
 
 
@@ -366,7 +445,8 @@ def cmd_report(args, console: Console) -> int:
     from ranksearch.report import build_report, rank_table, rows_table, summary_lines, to_markdown
 
     cfg, study = open_existing(args)
-    report = build_report(study, cfg.report.tolerance, args.sort)
+    top = cfg.confirm.top if cfg.confirm else 3
+    report = build_report(study, cfg.report.tolerance, args.sort, confirm_top=top)
     if not args.no_plots:
         report["plots"] = [str(p) for p in write_plots(args, cfg, study)]
     if args.format == "json":
@@ -485,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": cmd_report,
         "estimate": cmd_estimate,
         "export": cmd_export,
+        "confirm": cmd_confirm,
         "ui": cmd_ui,
         "list": cmd_list,
     }

@@ -165,6 +165,13 @@ class ReportConfig(_Strict):
     tolerance: Literal["1se"] | Annotated[float, Field(ge=0)] = "1se"
 
 
+class ConfirmConfig(_Strict):
+    # After the search, `run` trains the top configurations (and the recommendation) again with
+    # more seeds at the full budget; `ranksearch confirm` does the same on demand.
+    top: int = Field(3, gt=0)  # best distinct configurations to confirm
+    seeds: int = Field(3, ge=2)  # samples per configuration, the search trial included
+
+
 class StudyConfig(_Strict):
     """A whole study file."""
 
@@ -180,6 +187,7 @@ class StudyConfig(_Strict):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    confirm: ConfirmConfig | None = None  # set it to confirm automatically after the search
     enqueue: list[dict[str, Scalar]] = Field(default_factory=list)
 
     @model_validator(mode="before")

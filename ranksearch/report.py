@@ -147,7 +147,10 @@ def _importances(study: optuna.Study) -> dict[str, float] | None:
 
 
 def build_report(
-    study: optuna.Study, tolerance: str | float = "1se", sort: str = "number"
+    study: optuna.Study,
+    tolerance: str | float = "1se",
+    sort: str = "number",
+    confirm_top: int = 3,
 ) -> dict[str, Any]:
     """The JSON document `ranksearch report --format json` prints (see README: Report JSON)."""
     from ranksearch.recommend import answer, baselines, rank_view
@@ -155,8 +158,9 @@ def build_report(
     trials = study.get_trials(deepcopy=False)
     ans = answer(trials, tolerance)
     counts = {s.name.lower(): 0 for s in TrialState}
+    counts["confirmation"] = 0  # confirmation trainings, outside the search's counts
     for t in trials:
-        counts[t.state.name.lower()] += 1
+        counts["confirmation" if t.user_attrs.get("confirmation") else t.state.name.lower()] += 1
     rows = [trial_row(t) for t in trials if t.state not in (TrialState.RUNNING, TrialState.WAITING)]
     key = SORT_KEYS[sort]
     rows.sort(key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0, r["number"]))
@@ -188,7 +192,17 @@ def build_report(
         "ranks": rank_view(trials),
         "importances": _importances(study),
         "trials": rows,
+        "confirmation": _confirmation(trials, confirm_top, tolerance),
     }
+
+
+def _confirmation(trials, top: int, tolerance: str | float) -> dict[str, Any] | None:
+    """The confirmation round's analysis, once one ran (see confirm.py)."""
+    from ranksearch.confirm import analyse
+
+    if not any(t.user_attrs.get("confirmation") for t in trials):
+        return None
+    return analyse(trials, top, tolerance)
 
 
 def _cost_line(b: dict[str, Any]) -> str:
@@ -238,6 +252,27 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 f"Baseline:    trial {b['trial']} ({_config_line(b)}): val_loss "
                 f"{b['val_loss']:.4f}, the best is {b['best_gain_val_loss']:.4f} lower"
             )
+    confirmation = report.get("confirmation")
+    if confirmation and confirmation["recommended"] is not None:
+        rows = {r["trial"]: r for r in confirmation["candidates"]}
+        for r in confirmation["candidates"]:
+            std = f" +- {r['std_val_loss']:.4f}" if r["std_val_loss"] is not None else ""
+            p = (
+                f", p(worse than best) {r['p_worse_than_best']:.3f}"
+                if r["p_worse_than_best"] is not None
+                else ""
+            )
+            lines.append(
+                f"Confirmed:   trial {r['trial']} ({_config_line(r)}): val_loss "
+                f"{r['mean_val_loss']:.4f}{std} over {r['n']} seeds{p}"
+            )
+        rec = rows[confirmation["recommended"]]
+        lines.append(
+            f"Confirmed recommendation: trial {rec['trial']} "
+            f"({rec['trainable_params']:,} trainable), the smallest not significantly "
+            f"worse than trial {confirmation['best_mean_trial']} (Welch's one-sided "
+            f"t-test, alpha {confirmation['alpha']})"
+        )
     if report["importances"]:
         lines.append(
             "Importance:  " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items())

@@ -102,9 +102,11 @@ def open_study(cfg: StudyConfig, storage_url: str) -> optuna.Study:
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials per state, confirmation runs left out (they are not part of the search budget)."""
     counts = {s.name.lower(): 0 for s in TrialState}
     for t in study.get_trials(deepcopy=False):
-        counts[t.state.name.lower()] += 1
+        if not t.user_attrs.get("confirmation"):
+            counts[t.state.name.lower()] += 1
     return counts
 
 
@@ -141,6 +143,7 @@ class Orchestrator:
             cfg.training.mixed_precision, device, bf16_supported
         )
         self.study = open_study(cfg, storage_url)
+        self.replay_duplicates = True  # a configuration the study finished is not retrained
         self.budget = cfg.budget.n_trials
         size = space_size(cfg)
         if cfg.sampler.type in ("grid", "bruteforce") and size is not None and size < self.budget:
@@ -153,6 +156,38 @@ class Orchestrator:
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> optuna.Study:
+        """Trials until `budget.n_trials` finished (complete + pruned) in the whole study."""
+        return self._loop(lambda: self.study.ask() if self._remaining() > 0 else None)
+
+    def confirm(self, jobs: list[dict[str, Any]]) -> optuna.Study:
+        """Train each job's configuration again with its seed, at the full budget, unpruned.
+
+        A second handle on the same study asks for them: a random sampler takes the enqueued
+        parameters as they are (the study's own sampler may reject enqueued trials) and
+        NopPruner lets every confirmation run to max_steps. Results are never replayed.
+        """
+        self.study = optuna.load_study(
+            study_name=self.study.study_name,
+            storage=self.study._storage,
+            sampler=optuna.samplers.RandomSampler(),
+            pruner=optuna.pruners.NopPruner(),
+        )
+        self.replay_duplicates = False
+        queue = list(jobs)
+
+        def next_trial() -> optuna.Trial | None:
+            if not queue:
+                return None
+            job = queue.pop(0)
+            self.study.enqueue_trial(
+                job["params"],
+                user_attrs={"confirmation": True, "confirm_of": job["origin"], "seed": job["seed"]},
+            )
+            return self.study.ask()
+
+        return self._loop(next_trial)
+
+    def _loop(self, next_trial) -> optuna.Study:
         self._fail_orphans()
         failures: list[str] = []
         self.tracker.start_study(self.study, self.cfg, self.study_file, self.data)
@@ -161,8 +196,7 @@ class Orchestrator:
             sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
         }
         try:
-            while self._remaining() > 0:
-                trial = self.study.ask()
+            while (trial := next_trial()) is not None:
                 try:
                     outcome = self._run_trial(trial)
                 finally:  # also when interrupted: its MLflow run is closed with its state
@@ -212,7 +246,7 @@ class Orchestrator:
         run_id = self.tracker.start_trial(trial.number, config)
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
-        twin = self._find_twin(key, trial.number)
+        twin = self._find_twin(key, trial.number) if self.replay_duplicates else None
         if twin is not None:
             return self._replay(trial, twin)
         self.view.trial_started(trial.number, config)
@@ -222,7 +256,11 @@ class Orchestrator:
 
     def _find_twin(self, key: str, number: int) -> FrozenTrial | None:
         for t in self.study.get_trials(deepcopy=False, states=FINISHED):
-            if t.number != number and t.user_attrs.get("config_key") == key:
+            if (
+                t.number != number
+                and t.user_attrs.get("config_key") == key
+                and not t.user_attrs.get("confirmation")
+            ):
                 return t
         return None
 
@@ -265,7 +303,11 @@ class Orchestrator:
                 "pad_token_id": self.data.pad_token_id,
             },
             "lora": space.lora_kwargs(config, cfg.task),
-            "training": {**cfg.training.model_dump(), "learning_rate": config["learning_rate"]},
+            "training": {
+                **cfg.training.model_dump(),
+                "learning_rate": config["learning_rate"],
+                "seed": trial.user_attrs.get("seed", cfg.training.seed),  # confirmation seeds
+            },
             "reports": str(trial_dir / "reports.jsonl"),
             "orchestrator_pid": os.getpid(),  # the worker exits if this process is gone
             "adapter_dir": str(trial_dir / "adapter"),

@@ -322,7 +322,7 @@ class MlflowTracker(NullTracker):
         a, now = trial.user_attrs, int(time.time() * 1000)
         metrics = [Metric(k, float(a[k]), now, 0) for k in FINAL_METRICS if a.get(k) is not None]
         tags = [RunTag("optuna.state", trial.state.name)]
-        for key in ("fail_reason", "duplicate_of", "note"):
+        for key in ("fail_reason", "duplicate_of", "note", "confirmation", "confirm_of", "seed"):
             if key in a:
                 tags.append(RunTag(key, str(a[key])[-5000:]))
         _retry(self.client.log_batch, run_id, metrics=metrics, tags=tags)
