@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--rank", type=int, nargs="+", help="ranks (default: the study's)")
     est.add_argument("--targets", nargs="+", help="module sets (default: the study's)")
     est.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run one real training step of the largest configuration and measure its "
+        "peak memory (CUDA peak on GPU, RSS delta on CPU; default: off)",
+    )
+    est.add_argument(
         "--format",
         choices=("table", "json"),
         default="table",
@@ -489,8 +495,17 @@ def cmd_estimate(args, console: Console) -> int:
 
     cfg, path, problems = parse_study(args.study, args.overrides)
     rows = estimate_space(cfg, args.rank, args.targets)
+    measured = None
+    if args.measure:
+        from ranksearch.estimate import measure
+
+        measured = measure(cfg, max(rows, key=lambda r: r.memory_estimate_mb))
     if args.format == "json":
-        print(json.dumps([r.to_json() for r in rows], indent=2))
+        print(
+            json.dumps(
+                {"configurations": [r.to_json() for r in rows], "measured": measured}, indent=2
+            )
+        )
         return 0
     table = Table(
         title=f"{cfg.study_name}: batch {cfg.training.batch_size} x {cfg.data.max_length} tokens",
@@ -523,6 +538,14 @@ def cmd_estimate(args, console: Console) -> int:
             f"{r.compression:,.0f}x",
         )
     console.print(table)
+    if measured:
+        console.print(
+            Text(
+                f"measured: rank {measured['rank']} {measured['target_modules']}, one step on "
+                f"{measured['device']}: {measured['measured_mb']:.0f} MB ({measured['method']}) vs "
+                f"{measured['estimate_mb']:.0f} MB estimated"
+            )
+        )
     return 0
 
 

@@ -9,6 +9,8 @@ PEFT's own `get_nb_trainable_parameters()`.
 from __future__ import annotations
 
 import itertools
+import os
+import resource
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -168,3 +170,60 @@ def estimate_space(
     doras = [bool(d) for d in _choices(dims["use_dora"])]
     model = build_skeleton(cfg)
     return [estimate(model, cfg, r, s, d) for r, s, d in itertools.product(ranks, sets, doras)]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(cfg: StudyConfig, worst: Estimate) -> dict[str, Any]:
+    """One real optimizer step of `worst` at the study's batch x max_length; its peak memory.
+
+    CUDA: the allocator's peak. CPU: peak RSS minus the RSS before the model was loaded (so
+    the Python runtime and libraries, which a trial also carries, are not counted).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ranksearch.space import lora_kwargs
+
+    cuda = torch.cuda.is_available() and cfg.launch.device != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    before = _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    location = model_location(cfg.model.path)
+    if cfg.task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(location)
+    else:
+        labels = max(2, len(set((cfg.data.labels or {}).values())))
+        model = AutoModelForSequenceClassification.from_pretrained(location, num_labels=labels)
+    config = {
+        "rank": worst.rank,
+        "lora_alpha": worst.rank,
+        "lora_dropout": 0.0,
+        "modules": module_sets(cfg.search)[worst.target_modules],
+        "use_rslora": False,
+        "use_dora": worst.use_dora,
+        "init_lora_weights": True,
+    }
+    model = get_peft_model(model, LoraConfig(**lora_kwargs(config, cfg.task))).to(device)
+    batch, seq = cfg.training.batch_size, cfg.data.max_length
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    labels = ids if cfg.task == "causal-lm" else torch.zeros(batch, dtype=torch.long, device=device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model(input_ids=ids, labels=labels).loss.backward()
+    optimizer.step()
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return {
+        "rank": worst.rank,
+        "target_modules": worst.target_modules,
+        "device": device.type,
+        "estimate_mb": worst.memory_estimate_mb,
+        "measured_mb": peak,
+        "method": "cuda peak" if cuda else "RSS delta",
+    }

@@ -118,3 +118,24 @@ def test_estimate_space_covers_every_rank_and_set(tmp_path, tiny_bert, sentiment
     # linear in the rank: doubling r doubles the LoRA parameters
     assert qv[1].lora_params == 2 * qv[0].lora_params and qv[2].lora_params == 4 * qv[0].lora_params
     assert all(r.memory_estimate_mb > r.adapter_mb > 0 for r in rows)
+
+
+def test_estimate_command_measures_one_real_step(tmp_path, tiny_bert, sentiment_csv):
+    import json
+
+    from .conftest import run_cli, write_study
+
+    study_file = write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv)
+    r = run_cli(
+        "estimate", "--study", str(study_file), "--measure", "--format", "json", cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert len(doc["configurations"]) == 6
+    m = doc["measured"]
+    assert (m["rank"], m["target_modules"], m["device"]) == (8, "all-linear", "cpu")
+    assert m["measured_mb"] > 0 and m["estimate_mb"] > 0
+    r = run_cli(
+        "estimate", "--study", str(study_file), "--rank", "4", "--targets", "qv", cwd=tmp_path
+    )
+    assert r.returncode == 0 and "│    4 │ qv" in r.stdout
