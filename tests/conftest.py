@@ -144,3 +144,10 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
         text=True,
         timeout=timeout,
     )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the files tests keep for people to look at (the MLflow UI screenshot)."""
+    folder = Path(__file__).resolve().parent.parent / "test-artifacts"
+    for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        terminalreporter.write_line(f"test artifact: {path}")

@@ -139,3 +139,19 @@ def test_estimate_command_measures_one_real_step(tmp_path, tiny_bert, sentiment_
         "estimate", "--study", str(study_file), "--rank", "4", "--targets", "qv", cwd=tmp_path
     )
     assert r.returncode == 0 and "│    4 │ qv" in r.stdout
+
+
+def test_a_study_that_would_not_fit_is_refused_before_it_starts(tmp_path, tiny_bert, sentiment_csv):
+    from .conftest import run_cli, write_study
+
+    study_file = write_study(
+        tmp_path / "s.yaml",
+        tiny_bert,
+        sentiment_csv,
+        launch={"device": "cpu", "max_memory_gb": 0.001},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "`launch.max_memory_gb`: rank 8 on all-linear needs about" in r.stderr
+    assert not out.exists()
