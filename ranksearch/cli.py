@@ -396,7 +396,7 @@ def cmd_confirm(args, console: Console) -> int:
             Text(f"confirmation round: {len(jobs)} trainings to go (top {top}, {seeds} seeds each)")
         )
     code = _drive(lambda: orchestrator.confirm(jobs), view, console)
-    report = build_report(orchestrator.study, cfg.report.tolerance, confirm_top=top)
+    report = build_report(orchestrator.study, cfg.report.tolerance)
     for line in summary_lines(report):
         console.print(Text(line))
     return code
@@ -451,8 +451,7 @@ def cmd_report(args, console: Console) -> int:
     from ranksearch.report import build_report, rank_table, rows_table, summary_lines, to_markdown
 
     cfg, study = open_existing(args)
-    top = cfg.confirm.top if cfg.confirm else 3
-    report = build_report(study, cfg.report.tolerance, args.sort, confirm_top=top)
+    report = build_report(study, cfg.report.tolerance, args.sort)
     if not args.no_plots:
         report["plots"] = [str(p) for p in write_plots(args, cfg, study)]
     if args.format == "json":

@@ -71,10 +71,18 @@ def _worse_p_value(values: list[float], best: list[float]) -> float | None:
     return float(result.pvalue)
 
 
-def analyse(trials: Sequence[FrozenTrial], top: int, tolerance: str | float) -> dict[str, Any]:
-    """Mean +- std per candidate, the test against the best mean, the confirmed recommendation."""
+def confirmed(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The configurations a confirmation round trained again (their search trials)."""
+    numbers = sorted(
+        {t.user_attrs["confirm_of"] for t in trials if t.user_attrs.get("confirmation")}
+    )
+    return [trials[n] for n in numbers]
+
+
+def analyse(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
+    """Mean +- std per confirmed configuration, the test against the best mean, the answer."""
     rows = []
-    for origin in candidates(trials, top, tolerance):
+    for origin in confirmed(trials):
         values = [t.value for t in samples(trials, origin).values()]
         rows.append(
             {

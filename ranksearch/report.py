@@ -150,7 +150,6 @@ def build_report(
     study: optuna.Study,
     tolerance: str | float = "1se",
     sort: str = "number",
-    confirm_top: int = 3,
 ) -> dict[str, Any]:
     """The JSON document `ranksearch report --format json` prints (see README: Report JSON)."""
     from ranksearch.recommend import answer, baselines, rank_view
@@ -192,17 +191,17 @@ def build_report(
         "ranks": rank_view(trials),
         "importances": _importances(study),
         "trials": rows,
-        "confirmation": _confirmation(trials, confirm_top, tolerance),
+        "confirmation": _confirmation(trials),
     }
 
 
-def _confirmation(trials, top: int, tolerance: str | float) -> dict[str, Any] | None:
+def _confirmation(trials) -> dict[str, Any] | None:
     """The confirmation round's analysis, once one ran (see confirm.py)."""
     from ranksearch.confirm import analyse
 
     if not any(t.user_attrs.get("confirmation") for t in trials):
         return None
-    return analyse(trials, top, tolerance)
+    return analyse(trials)
 
 
 def _cost_line(b: dict[str, Any]) -> str:

@@ -334,16 +334,21 @@ class MlflowTracker(NullTracker):
     def finish_study(self, study) -> None:
         from mlflow.entities import Metric
 
-        counts = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL")}
+        counts = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "CONFIRMATION")}
         for t in study.get_trials(deepcopy=False):
-            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+            state = "CONFIRMATION" if t.user_attrs.get("confirmation") else t.state.name
+            counts[state] = counts.get(state, 0) + 1
         now = int(time.time() * 1000)
         metrics = [
             Metric(f"n_{k.lower()}", v, now, 0)
             for k, v in counts.items()
-            if k in ("COMPLETE", "PRUNED", "FAIL")
+            if k in ("COMPLETE", "PRUNED", "FAIL", "CONFIRMATION")
         ]
-        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        complete = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.state == TrialState.COMPLETE and not t.user_attrs.get("confirmation")
+        ]
         if complete:
             best = min(complete, key=lambda t: t.value)
             metrics.append(Metric("best_val_loss", best.value, now, counts["COMPLETE"]))
