@@ -55,6 +55,9 @@ REPORT_EXAMPLES = """examples:
 ESTIMATE_EXAMPLES = """examples:
   ranksearch estimate --study cls-task
   ranksearch estimate --study cls-task --rank 4 64 --targets qv all-linear --format json"""
+STATUS_EXAMPLES = """examples:
+  ranksearch status --study cls-task
+  ranksearch status --study cls-task --storage postgresql://u:pw@db/optuna --format json"""
 CONFIRM_EXAMPLES = """examples:
   ranksearch confirm --study cls-task                 # top 3 + the recommendation, 3 seeds each
   ranksearch confirm --study cls-task --top 5 --seeds 5
@@ -206,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("--no-mlflow", "do not log to MLflow"),
     ):
         con.add_argument(flag, action="store_true", help=f"{text} (default: off)")
+    sta = _sub(
+        sub, "status", "a study's progress: trials by state and by worker host", STATUS_EXAMPLES
+    )
+    _study_args(sta)
+    sta.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="output format (default: table)",
+    )
     exp = _sub(sub, "export", "write a trial's PEFT adapter to a directory", EXPORT_EXAMPLES)
     _study_args(exp)
     exp.add_argument(
@@ -548,6 +561,42 @@ def cmd_estimate(args, console: Console) -> int:
     return 0
 
 
+def cmd_status(args, console: Console) -> int:
+    import json
+
+    from rich.table import Table
+
+    from ranksearch.report import study_status
+
+    cfg, study = open_existing(args)
+    status = study_status(study, cfg.budget.n_trials)
+    if args.format == "json":
+        print(json.dumps(status, indent=2))
+        return 0
+    c = status["counts"]
+    console.print(
+        Text(
+            f"study {status['study']}: {c['complete']} complete, {c['pruned']} "
+            f"pruned, {c['fail']} failed, {c['running']} running, "
+            f"{status['to_go']} to go of {status['n_trials']}"
+        )
+    )
+    table = Table(title="by worker host", title_justify="left")
+    for col in ("host", "complete", "pruned", "failed", "running"):
+        table.add_column(col, justify="left" if col == "host" else "right")
+    for host, n in status["hosts"].items():
+        table.add_row(host, str(n["complete"]), str(n["pruned"]), str(n["fail"]), str(n["running"]))
+    console.print(table)
+    for r in status["running"]:
+        console.print(
+            Text(
+                f"running: trial {r['trial']} on {r['host']} (pid {r['pid']}), "
+                f"step {r['last_step']}, started {r['started']}"
+            )
+        )
+    return 0
+
+
 def cmd_export(args, console: Console) -> int:
     from ranksearch.export import ExportError, export, pick_trial
 
@@ -588,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         "estimate": cmd_estimate,
         "export": cmd_export,
         "confirm": cmd_confirm,
+        "status": cmd_status,
         "ui": cmd_ui,
         "list": cmd_list,
     }

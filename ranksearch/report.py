@@ -326,3 +326,40 @@ def to_markdown(report: dict[str, Any]) -> str:
             f" | {_fmt(r['best_accuracy'], '.3f')} |"
         )
     return "\n".join(out) + "\n"
+
+
+def study_status(study: optuna.Study, n_trials: int) -> dict[str, Any]:
+    """Progress for anyone watching: counts, per worker host, and what runs now."""
+    counts = {s.name.lower(): 0 for s in TrialState}
+    hosts: dict[str, dict[str, int]] = {}
+    running = []
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("confirmation"):
+            continue
+        state = t.state.name.lower()
+        counts[state] += 1
+        host = t.user_attrs.get("host", "?")
+        hosts.setdefault(host, {s: 0 for s in ("complete", "pruned", "fail", "running")})
+        if state in hosts[host]:
+            hosts[host][state] += 1
+        if t.state == TrialState.RUNNING:
+            running.append(
+                {
+                    "trial": t.number,
+                    "host": host,
+                    "pid": t.user_attrs.get("orchestrator_pid"),
+                    "last_step": t.user_attrs.get("last_step", 0),
+                    "started": t.datetime_start.isoformat(timespec="seconds")
+                    if t.datetime_start
+                    else None,
+                }
+            )
+    finished = counts["complete"] + counts["pruned"]
+    return {
+        "study": study.study_name,
+        "n_trials": n_trials,
+        "counts": counts,
+        "to_go": max(0, n_trials - finished - counts["running"]),
+        "hosts": hosts,
+        "running": running,
+    }

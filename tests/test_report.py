@@ -165,3 +165,36 @@ def test_report_command_finds_the_study_like_run(built_study):
     assert r.stdout.startswith("# Study built") and "| 64 |" in r.stdout
     r = run_cli("report", "--study", str(study_file), "--out", str(tmp_path / "none"), cwd=tmp_path)
     assert r.returncode == 2 and "run it first" in r.stderr
+
+
+def test_status_shows_progress_by_host_and_what_runs(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="built", storage=url)
+    for t in (
+        _trial(0, 8, 0.33, host="node-0"),
+        _trial(1, 64, 0.30, host="node-1"),
+        _trial(2, 16, 0.305, host="node-1"),
+        _trial(3, 4, None, state=TrialState.PRUNED, host="node-0"),
+    ):
+        study.add_trial(t)
+    running = study.ask()  # a trial another machine is training now
+    running.set_user_attr("host", "node-1")
+    running.set_user_attr("orchestrator_pid", 4242)
+    running.set_user_attr("last_step", 40)
+    study_file = tmp_path / "built.yaml"
+    study_file.write_text(
+        yaml.safe_dump({"model": "unused", "data": {"source": "unused"}, "budget": {"n_trials": 6}})
+    )
+    r = run_cli(
+        "status", "--study", str(study_file), "--storage", url, "--format", "json", cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert status["counts"]["complete"] == 3 and status["counts"]["running"] == 1
+    assert status["to_go"] == 1  # 6 - 4 finished - 1 running
+    assert status["hosts"]["node-0"] == {"complete": 1, "pruned": 1, "fail": 0, "running": 0}
+    assert status["hosts"]["node-1"] == {"complete": 2, "pruned": 0, "fail": 0, "running": 1}
+    assert status["running"][0]["pid"] == 4242 and status["running"][0]["last_step"] == 40
+    r = run_cli("status", "--study", str(study_file), "--storage", url, cwd=tmp_path)
+    assert "3 complete, 1 pruned, 0 failed, 1 running, 1 to go of 6" in r.stdout
+    assert "running: trial 4 on node-1 (pid 4242), step 40" in r.stdout
