@@ -30,6 +30,16 @@ class Answer:
     candidates: list[int]  # trial numbers within the margin
 
 
+def count_states(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """Trials per state (lower-case names); confirmation trainings under `confirmation` only,
+    since they are outside the search and its budget."""
+    counts = {s.name.lower(): 0 for s in TrialState}
+    counts["confirmation"] = 0
+    for t in trials:
+        counts["confirmation" if t.user_attrs.get("confirmation") else t.state.name.lower()] += 1
+    return counts
+
+
 def distinct_complete(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """Completed trials that were actually trained (replayed duplicates point to these)."""
     return [

@@ -152,14 +152,11 @@ def build_report(
     sort: str = "number",
 ) -> dict[str, Any]:
     """The JSON document `ranksearch report --format json` prints (see README: Report JSON)."""
-    from ranksearch.recommend import answer, baselines, rank_view
+    from ranksearch.recommend import answer, baselines, count_states, rank_view
 
     trials = study.get_trials(deepcopy=False)
     ans = answer(trials, tolerance)
-    counts = {s.name.lower(): 0 for s in TrialState}
-    counts["confirmation"] = 0  # confirmation trainings, outside the search's counts
-    for t in trials:
-        counts["confirmation" if t.user_attrs.get("confirmation") else t.state.name.lower()] += 1
+    counts = count_states(trials)
     rows = [trial_row(t) for t in trials if t.state not in (TrialState.RUNNING, TrialState.WAITING)]
     key = SORT_KEYS[sort]
     rows.sort(key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0, r["number"]))
@@ -330,14 +327,16 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def study_status(study: optuna.Study, n_trials: int) -> dict[str, Any]:
     """Progress for anyone watching: counts, per worker host, and what runs now."""
-    counts = {s.name.lower(): 0 for s in TrialState}
+    from ranksearch.recommend import count_states
+
+    trials = study.get_trials(deepcopy=False)
+    counts = count_states(trials)
     hosts: dict[str, dict[str, int]] = {}
     running = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         if t.user_attrs.get("confirmation"):
             continue
         state = t.state.name.lower()
-        counts[state] += 1
         host = t.user_attrs.get("host", "?")
         hosts.setdefault(host, {s: 0 for s in ("complete", "pruned", "fail", "running")})
         if state in hosts[host]:

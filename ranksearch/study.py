@@ -25,6 +25,7 @@ from ranksearch import space
 from ranksearch.config import StudyConfig
 from ranksearch.data import PreparedData, model_location
 from ranksearch.launch import WorkerProcess, accelerate_argv, resolve_mixed_precision
+from ranksearch.recommend import count_states
 from ranksearch.storage import open_storage
 from ranksearch.tracking import NullTracker
 
@@ -103,11 +104,7 @@ def open_study(cfg: StudyConfig, storage_url: str) -> optuna.Study:
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
     """Trials per state, confirmation runs left out (they are not part of the search budget)."""
-    counts = {s.name.lower(): 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        if not t.user_attrs.get("confirmation"):
-            counts[t.state.name.lower()] += 1
-    return counts
+    return count_states(study.get_trials(deepcopy=False))
 
 
 @dataclass

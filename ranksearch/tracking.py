@@ -334,24 +334,19 @@ class MlflowTracker(NullTracker):
     def finish_study(self, study) -> None:
         from mlflow.entities import Metric
 
-        counts = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "CONFIRMATION")}
-        for t in study.get_trials(deepcopy=False):
-            state = "CONFIRMATION" if t.user_attrs.get("confirmation") else t.state.name
-            counts[state] = counts.get(state, 0) + 1
+        from ranksearch.recommend import count_states, distinct_complete
+
+        counts = count_states(study.get_trials(deepcopy=False))
         now = int(time.time() * 1000)
         metrics = [
-            Metric(f"n_{k.lower()}", v, now, 0)
+            Metric(f"n_{k}", v, now, 0)
             for k, v in counts.items()
-            if k in ("COMPLETE", "PRUNED", "FAIL", "CONFIRMATION")
+            if k in ("complete", "pruned", "fail", "confirmation")
         ]
-        complete = [
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE and not t.user_attrs.get("confirmation")
-        ]
+        complete = distinct_complete(study.get_trials(deepcopy=False))
         if complete:
             best = min(complete, key=lambda t: t.value)
-            metrics.append(Metric("best_val_loss", best.value, now, counts["COMPLETE"]))
+            metrics.append(Metric("best_val_loss", best.value, now, counts["complete"]))
             self._log_best_adapter(best)
         _retry(self.client.log_batch, self.parent_id, metrics=metrics)
         _retry(self.client.set_terminated, self.parent_id, "FINISHED")

@@ -7,7 +7,7 @@ every target module exists as a Linear layer takes a second even for large model
 from __future__ import annotations
 
 from ranksearch.config import StudyConfig
-from ranksearch.data import DataError, label_frame, model_location, read_frame
+from ranksearch.data import DataError, label_frame, read_frame
 from ranksearch.paths import PathError
 from ranksearch.space import module_sets
 from ranksearch.storage import StorageError, check_storage
@@ -17,17 +17,9 @@ Problem = tuple[str, str]
 
 def linear_modules(cfg: StudyConfig) -> dict[str, str]:
     """Module name -> class name for every module of the model (built on `meta`)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from ranksearch.estimate import build_skeleton
 
-    location = model_location(cfg.model.path)
-    config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.model.trust_remote_code)
-    auto = AutoModelForCausalLM if cfg.task == "causal-lm" else AutoModelForSequenceClassification
-    if cfg.task != "causal-lm":
-        config.num_labels = max(2, len(set((cfg.data.labels or {}).values())))
-    with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    return {name: type(m).__name__ for name, m in model.named_modules() if name}
+    return {name: type(m).__name__ for name, m in build_skeleton(cfg).named_modules() if name}
 
 
 def _is_linear(class_name: str) -> bool:

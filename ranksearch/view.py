@@ -16,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ranksearch.recommend import count_states
 from ranksearch.report import best_trial, trial_row
 
 
@@ -41,10 +42,8 @@ def finished_line(t: FrozenTrial) -> str:
 
 
 def _counts(study: optuna.Study, budget: int) -> dict[str, int]:
-    c = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL")}
-    for t in study.get_trials(deepcopy=False):
-        if t.state.name in c:
-            c[t.state.name] += 1
+    n = count_states(study.get_trials(deepcopy=False))
+    c = {"COMPLETE": n["complete"], "PRUNED": n["pruned"], "FAIL": n["fail"]}
     c["to go"] = max(0, budget - c["COMPLETE"] - c["PRUNED"])
     return c
 
