@@ -311,6 +311,7 @@ def _orchestrator(args, console: Console):
     import torch
 
     from ranksearch.data import prepare
+    from ranksearch.packing import plan_slots, visible_gpus
     from ranksearch.study import Orchestrator
     from ranksearch.view import PlainView, make_view
 
@@ -319,13 +320,27 @@ def _orchestrator(args, console: Console):
     device = cfg.launch.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpus = visible_gpus(os.environ, torch.cuda.device_count()) if device == "cuda" else []
+    try:
+        slots = plan_slots(
+            device=device,
+            gpus=gpus,
+            gpus_per_trial=cfg.launch.gpus_per_trial,
+            parallel_trials=cfg.launch.parallel_trials,
+            num_processes=cfg.launch.num_processes,
+            cpu_count=os.cpu_count() or 1,
+        )
+    except ValueError as e:
+        key, _, message = str(e).partition(": ")
+        raise StudyError([(key, message)], str(study_file)) from None
     view = PlainView(console) if args.plain else make_view(args.quiet, console)
     tracker = make_tracker(cfg, out, args.tracking_uri, args.no_mlflow)
     if not args.quiet:
         console.print(
             Text(
                 f"study {cfg.study_name}: {out} (storage {redact_url(storage_url)}, "
-                f"device {device})"
+                f"device {device}, {slots.parallel} trial{'s' if slots.parallel > 1 else ''} "
+                "at a time)"
             )
         )
         if tracker.uri:
@@ -337,11 +352,10 @@ def _orchestrator(args, console: Console):
             )
     data = prepare(cfg, out)
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    return (
-        cfg,
-        Orchestrator(cfg, out, storage_url, data, view, device, bf16, tracker, study_file),
-        view,
+    orchestrator = Orchestrator(
+        cfg, out, storage_url, data, view, device, bf16, tracker, study_file, slots, gpus
     )
+    return cfg, orchestrator, view
 
 
 def _drive(work, view, console: Console) -> int:

@@ -140,15 +140,21 @@ class SamplerConfig(_Strict):
 class BudgetConfig(_Strict):
     n_trials: int = Field(20, gt=0)  # finished (complete + pruned) trials in the whole study
     max_consecutive_failures: int = Field(3, gt=0)
+    # A trial whose worker was lost (orchestrator killed, machine gone: found by its heartbeat
+    # or its dead pid) is failed and its configuration queued again, at most this many times.
+    retry_failed: int = Field(1, ge=0)
 
 
 class LaunchConfig(_Strict):
     num_processes: int = Field(1, gt=0)  # accelerate ranks per trial
-    gpus_per_trial: int = Field(1, gt=0)
+    gpus_per_trial: int = Field(1, gt=0)  # on GPU, each trial runs one rank per GPU
+    parallel_trials: int | None = Field(None, gt=0)  # default: visible GPUs // gpus_per_trial
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stop_grace_seconds: float = Field(5.0, ge=0)  # after SIGTERM, before SIGKILL
     trial_timeout_minutes: float | None = Field(None, gt=0)
     max_memory_gb: float | None = Field(None, gt=0)  # refuse configurations estimated above it
+    heartbeat_seconds: float = Field(10.0, gt=0)  # a running trial's heartbeat in the storage
+    stale_after_seconds: float = Field(60.0, gt=0)  # no heartbeat this long: its worker is lost
 
 
 class TrackingConfig(_Strict):
@@ -237,6 +243,14 @@ def _check_cross_fields(cfg: StudyConfig) -> list[tuple[str, str]]:
         range(len(set(cfg.data.labels.values())))
     ):
         problems.append(("data.labels", "class ids must be 0..K-1 without gaps"))
+    if cfg.launch.stale_after_seconds <= 2 * cfg.launch.heartbeat_seconds:
+        problems.append(
+            (
+                "launch.stale_after_seconds",
+                f"{cfg.launch.stale_after_seconds:g} must exceed twice heartbeat_seconds "
+                f"({cfg.launch.heartbeat_seconds:g}), or live trials would be failed as lost",
+            )
+        )
     if cfg.launch.device == "cpu" and cfg.model.quantization == "4bit":
         problems.append(("model.quantization", "4bit needs CUDA; use `none` on CPU"))
     from ranksearch.space import space_problems  # avoids an import cycle

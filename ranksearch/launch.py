@@ -43,7 +43,7 @@ def accelerate_argv(
     num_processes: int,
     device: str,
     mixed_precision: str,
-    gpu_ids: list[int] | None = None,
+    gpu_ids: list[str] | list[int] | None = None,
     main_process_port: int = 0,
     cpu_threads: int | None = None,
     python: str = sys.executable,
@@ -64,10 +64,13 @@ def accelerate_argv(
             argv.append("--cpu")
         if cpu_threads:
             argv += ["--num_cpu_threads_per_process", str(cpu_threads)]
+            env["OMP_NUM_THREADS"] = str(cpu_threads)  # this trial's share of the cores
     elif gpu_ids:
         if len(gpu_ids) != num_processes:
             raise ValueError(f"{len(gpu_ids)} GPU ids for {num_processes} processes; give one each")
-        argv += ["--gpu_ids", ",".join(str(g) for g in gpu_ids)]
+        ids = ",".join(str(g) for g in gpu_ids)
+        argv += ["--gpu_ids", ids]
+        env["CUDA_VISIBLE_DEVICES"] = ids  # what accelerate sets too; stated for the log
     argv += [
         "--num_processes", str(num_processes),
         "--num_machines", "1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,11 +98,48 @@ def sqlite_init_lock(url: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(
+    url: str, heartbeat_interval: float = HEARTBEAT_INTERVAL, grace_period: float = GRACE_PERIOD
+) -> optuna.storages.RDBStorage:
     with sqlite_init_lock(url):
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=_engine_kwargs(url),
-            heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=GRACE_PERIOD,
+            heartbeat_interval=max(1, round(heartbeat_interval)),
+            grace_period=max(1, round(grace_period)),
         )
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+    """Hold the study's lock: every process on the study serializes "count trials, then ask".
+
+    This is what makes `budget.n_trials` a cap on the whole study: two workers cannot both see
+    one trial left and both start it. PostgreSQL: a session advisory lock (released by the
+    server if the holder dies); MySQL: GET_LOCK; SQLite (one machine): a file lock.
+    """
+    import sqlalchemy
+
+    engine = getattr(storage, "_backend", storage).engine  # Optuna wraps it in a cache
+    backend = engine.url.get_backend_name()
+    name = f"ranksearch:{study_name}"
+    if backend == "sqlite":
+        with sqlite_init_lock(f"sqlite:///{engine.url.database}"):
+            yield
+        return
+    if backend not in ("postgresql", "mysql"):
+        yield
+        return
+    key = zlib.crc32(name.encode())
+    take, give = {
+        "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
+        "mysql": ("SELECT GET_LOCK(:n, -1)", "SELECT RELEASE_LOCK(:n)"),
+    }[backend]
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(take), {"k": key, "n": name[:64]})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text(give), {"k": key, "n": name[:64]})
+            conn.commit()

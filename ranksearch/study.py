@@ -8,31 +8,34 @@ the study stops after `budget.max_consecutive_failures` failures in a row.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import socket
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch import space
 from ranksearch.config import StudyConfig
 from ranksearch.data import PreparedData, model_location
 from ranksearch.launch import WorkerProcess, accelerate_argv, resolve_mixed_precision
+from ranksearch.packing import GpuPool, Slots, free_port
 from ranksearch.recommend import count_states
-from ranksearch.storage import open_storage
+from ranksearch.sampling import create_pruner, create_sampler, space_size
+from ranksearch.storage import open_storage, study_lock
+from ranksearch.supervise import Outcome, TrialRun
 from ranksearch.tracking import NullTracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 0.2
-HEARTBEAT_SECONDS = 10
-EXIT_GRACE_SECONDS = 20  # after a worker's final report, before it is stopped
+WAIT_SECONDS = 2.0  # between looks at a study whose last trials run elsewhere
+WAIT = object()  # next_trial(): nothing to start now, but the study is not done
+# trial attributes that belong to one run of a configuration, not to its result
+RUN_ATTRS = ("config", "config_key", "host", "orchestrator_pid", "trial_dir", "mlflow_run_id")
 
 
 class StudyStopped(Exception):
@@ -43,54 +46,11 @@ class Interrupted(BaseException):
     """Ctrl-C or SIGTERM: stop the running trial, record it, and leave."""
 
 
-def create_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
-    s = cfg.sampler
-    if s.type == "grid":
-        return optuna.samplers.GridSampler(space.grid(cfg.search), seed=s.seed)
-    if s.type == "bruteforce":
-        return optuna.samplers.BruteForceSampler(seed=s.seed)
-    if s.type == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    with warnings.catch_warnings():  # multivariate TPE is marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # multivariate: rank, alpha and learning rate interact; model them jointly
-        return optuna.samplers.TPESampler(
-            seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True
-        )
-
-
-def create_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    """Pruners whose resource is optimizer steps, taken from the study file (never `auto`)."""
-    p, t = cfg.pruner, cfg.training
-    if p.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_steps, max_resource=t.max_steps, reduction_factor=p.reduction_factor
-        )
-    if p.type == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_steps, reduction_factor=p.reduction_factor
-        )
-    if p.type == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=3, n_warmup_steps=p.min_steps, interval_steps=t.eval_every
-        )
-    return optuna.pruners.NopPruner()
-
-
-def space_size(cfg: StudyConfig) -> int | None:
-    """Number of distinct configurations, or None when a dimension is continuous."""
-    sizes = [len(d) if isinstance(d, list) else 1 for d in space.dimensions(cfg.search).values()]
-    if any(
-        isinstance(d, space.Range) and space.is_searched(d)
-        for d in space.dimensions(cfg.search).values()
-    ):
-        return None
-    return math.prod(sizes)
-
-
 def open_study(cfg: StudyConfig, storage_url: str) -> optuna.Study:
     study = optuna.create_study(
-        storage=open_storage(storage_url),
+        storage=open_storage(
+            storage_url, cfg.launch.heartbeat_seconds, cfg.launch.stale_after_seconds
+        ),
         study_name=cfg.study_name,
         direction="minimize",
         sampler=create_sampler(cfg),
@@ -107,15 +67,8 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
     return count_states(study.get_trials(deepcopy=False))
 
 
-@dataclass
-class Outcome:
-    state: TrialState
-    value: float | None = None
-    reason: str = ""
-
-
 class Orchestrator:
-    """Runs trials of one study until its budget is spent, in this process."""
+    """Runs trials of one study until its budget is spent, `slots.parallel` at a time."""
 
     def __init__(
         self,
@@ -128,6 +81,8 @@ class Orchestrator:
         bf16_supported: bool = False,
         tracker: NullTracker | None = None,
         study_file: Path | None = None,
+        slots: Slots | None = None,
+        gpus: list[str] = (),
     ):
         self.cfg = cfg
         self.tracker = tracker or NullTracker()  # NullTracker: MLflow off
@@ -139,6 +94,11 @@ class Orchestrator:
         self.mixed_precision = resolve_mixed_precision(
             cfg.training.mixed_precision, device, bf16_supported
         )
+        ranks = cfg.launch.num_processes
+        self.slots = slots or Slots(1, 0, max(1, (os.cpu_count() or 1) // ranks))
+        self.gpu_pool = GpuPool(list(gpus), self.slots.gpus_per_trial)
+        self._ports: set[int] = set()  # main process ports of this process's running trials
+        self._failures: list[str] = []  # reasons of the failures in a row, newest last
         self.study = open_study(cfg, storage_url)
         self.replay_duplicates = True  # a configuration the study finished is not retrained
         self.budget = cfg.budget.n_trials
@@ -150,11 +110,27 @@ class Orchestrator:
             )
             self.budget = size
 
-    # -- the loop ------------------------------------------------------------------------
+    # -- what to run next ----------------------------------------------------------------
 
     def run(self) -> optuna.Study:
         """Trials until `budget.n_trials` finished (complete + pruned) in the whole study."""
-        return self._loop(lambda: self.study.ask() if self._remaining() > 0 else None)
+        return self._loop(self._next_search_trial)
+
+    def _next_search_trial(self):
+        """A new trial, WAIT while the last ones run elsewhere, or None once the study is done.
+
+        Under the study lock, so that N processes on one study start exactly the trials the
+        budget has left: trials running anywhere count, failed ones do not.
+        """
+        with study_lock(self.study._storage, self.study.study_name):
+            self._fail_lost()
+            c = trial_counts(self.study)
+            finished = c["complete"] + c["pruned"]
+            if finished >= self.budget:
+                return None
+            if finished + c["running"] >= self.budget:
+                return WAIT
+            return self.study.ask()
 
     def confirm(self, jobs: list[dict[str, Any]]) -> optuna.Study:
         """Train each job's configuration again with its seed, at the full budget, unpruned.
@@ -184,59 +160,128 @@ class Orchestrator:
 
         return self._loop(next_trial)
 
+    # -- the loop ------------------------------------------------------------------------
+
     def _loop(self, next_trial) -> optuna.Study:
-        self._fail_orphans()
-        failures: list[str] = []
+        self._fail_lost()
         self.tracker.start_study(self.study, self.cfg, self.study_file, self.data)
         self.view.study_started(self.study, self.budget)
         previous = {
             sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
         }
+        self._failures = []
+        active: list[TrialRun] = []
         try:
-            while (trial := next_trial()) is not None:
-                try:
-                    outcome = self._run_trial(trial)
-                finally:  # also when interrupted: its MLflow run is closed with its state
-                    frozen = self.study._storage.get_trial(trial._trial_id)
-                    self.tracker.end_trial(frozen)
-                self.view.trial_finished(self.study, frozen)
-                failures = failures + [outcome.reason] if outcome.state == TrialState.FAIL else []
-                if len(failures) >= self.cfg.budget.max_consecutive_failures:
-                    raise StudyStopped(
-                        f"{len(failures)} trials failed in a row; last reason:\n{failures[-1]}\n"
-                        "Fix the cause (see the trial's worker.log), then rerun to resume."
+            done, idle_until = False, 0.0
+            while True:
+                while not done and len(active) < self.slots.parallel:
+                    if time.monotonic() < idle_until:
+                        break
+                    trial = next_trial()
+                    if trial is None:
+                        done = True
+                    elif trial is WAIT:
+                        idle_until = time.monotonic() + WAIT_SECONDS
+                    else:
+                        started = self._start(trial)
+                        if isinstance(started, TrialRun):
+                            active.append(started)
+                        else:
+                            self._ended(trial, started)
+                if done and not active:
+                    break
+                for run in list(active):
+                    outcome = run.poll()
+                    if outcome is not None:
+                        active.remove(run)
+                        self._release(run, outcome)
+                        self._ended(run.trial, outcome)
+                time.sleep(POLL_SECONDS)
+        except BaseException as e:
+            # Interrupted, or the study stopped: stop what still runs, record it, queue it again
+            reason = "interrupted" if isinstance(e, Interrupted) else "study stopped"
+            for run in active:
+                run.stop()
+                self._release(run, Outcome(TrialState.FAIL, reason=reason))
+                self.tracker.end_trial(self.study._storage.get_trial(run.trial._trial_id))
+                # queued again so that the next `ranksearch run` trains it first (a grid
+                # revisits unfinished points by itself, and GridSampler rejects enqueued trials)
+                if self.cfg.sampler.type != "grid" and not run.trial.user_attrs.get("confirmation"):
+                    self.study.enqueue_trial(
+                        run.trial.params, user_attrs={"retry_of": run.trial.number}
                     )
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.tracker.finish_study(self.study)
         return self.study
 
-    def _remaining(self) -> int:
-        """Trials still to start; other processes' running trials count, so N workers stop at N."""
-        optuna.storages.fail_stale_trials(self.study)
-        c = trial_counts(self.study)
-        return self.budget - c["complete"] - c["pruned"] - c["running"]
+    def _ended(self, trial: optuna.Trial, outcome: Outcome) -> None:
+        frozen = self.study._storage.get_trial(trial._trial_id)
+        self.tracker.end_trial(frozen)
+        self.view.trial_finished(self.study, frozen)
+        failed = outcome.state == TrialState.FAIL
+        self._failures = self._failures + [outcome.reason] if failed else []
+        if len(self._failures) >= self.cfg.budget.max_consecutive_failures:
+            raise StudyStopped(
+                f"{len(self._failures)} trials failed in a row; last reason:\n"
+                f"{self._failures[-1]}\n"
+                "Fix the cause (see the trial's worker.log), then rerun to resume."
+            )
 
-    def _fail_orphans(self) -> None:
-        """RUNNING trials of a dead orchestrator on this host (killed, crashed): mark them FAIL."""
-        host = socket.gethostname()
+    # -- trials whose worker was lost ------------------------------------------------------
+
+    def _fail_lost(self) -> None:
+        """RUNNING trials whose orchestrator is gone: a dead pid on this host, or no heartbeat
+        for `launch.stale_after_seconds` (any host). Each is failed once (whichever process
+        gets there first), its MLflow run closed, and its configuration queued again."""
+        storage = self.study._storage
+        host, lost = worker_host(), {}
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = t.user_attrs.get("orchestrator_pid")
             if t.user_attrs.get("host") == host and pid and not _pid_alive(pid):
-                self.study._storage.set_trial_user_attr(
-                    t._trial_id, "fail_reason", "orchestrator died while it ran (killed or crashed)"
-                )
-                self._tell(t.number, None, TrialState.FAIL)
-                self.view.message(f"trial {t.number}: left RUNNING by a dead orchestrator -> FAIL")
+                lost[t._trial_id] = "orchestrator died while it ran (killed or crashed)"
+        for trial_id in storage._get_stale_trial_ids(self.study._study_id):
+            lost.setdefault(
+                trial_id,
+                f"no heartbeat for {self.cfg.launch.stale_after_seconds:g} s: "
+                "its orchestrator or machine was lost",
+            )
+        for trial_id, reason in lost.items():
+            try:
+                storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+                if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                    continue
+            except UpdateFinishedTrialError:  # another process failed it first
+                continue
+            frozen = storage.get_trial(trial_id)
+            self.tracker.end_trial(frozen, frozen.user_attrs.get("mlflow_run_id"))
+            self.view.message(f"trial {frozen.number}: {reason} -> FAIL")
+            self._retry(frozen)
 
-    def _run_trial(self, trial: optuna.Trial) -> Outcome:
+    def _retry(self, lost: FrozenTrial) -> None:
+        retries = lost.user_attrs.get("retries", 0)
+        if (
+            retries < self.cfg.budget.retry_failed
+            and self.cfg.sampler.type != "grid"  # a grid revisits unfinished points itself
+            and not lost.user_attrs.get("confirmation")
+        ):
+            self.study.enqueue_trial(
+                lost.params, user_attrs={"retry_of": lost.number, "retries": retries + 1}
+            )
+            self.view.message(f"trial {lost.number}: configuration queued again")
+
+    # -- starting a trial ------------------------------------------------------------------
+
+    def _start(self, trial: optuna.Trial) -> TrialRun | Outcome:
+        """Launch the trial's worker, or answer it at once from a finished twin."""
         config = space.suggest(trial, self.cfg.search)
         key = space.config_key(config)
         for name, value in (
             ("config", config),
             ("config_key", key),
-            ("host", socket.gethostname()),
+            ("host", worker_host()),
             ("orchestrator_pid", os.getpid()),
         ):
             trial.set_user_attr(name, value)
@@ -247,9 +292,7 @@ class Orchestrator:
         if twin is not None:
             return self._replay(trial, twin)
         self.view.trial_started(trial.number, config)
-        return self._train(trial, config)
-
-    # -- a configuration already evaluated is answered from the stored result ---------------
+        return self._launch(trial, config)
 
     def _find_twin(self, key: str, number: int) -> FrozenTrial | None:
         for t in self.study.get_trials(deepcopy=False, states=FINISHED):
@@ -262,26 +305,19 @@ class Orchestrator:
         return None
 
     def _replay(self, trial: optuna.Trial, twin: FrozenTrial) -> Outcome:
+        """A configuration the study already finished is answered from the stored result."""
         for step, value in sorted(twin.intermediate_values.items()):
             trial.report(value, step)
             self.tracker.log_report(trial.number, {"step": step, "val_loss": value})
         origin = twin.user_attrs.get("duplicate_of", twin.number)
         for name, value in twin.user_attrs.items():
-            if name not in (
-                "config",
-                "config_key",
-                "host",
-                "orchestrator_pid",
-                "trial_dir",
-                "mlflow_run_id",
-            ):
+            if name not in (*RUN_ATTRS, "retry_of", "retries"):
                 trial.set_user_attr(name, value)
         trial.set_user_attr("duplicate_of", origin)
         trial.set_user_attr("wall_seconds", 0.0)
+        outcome = Outcome(twin.state, twin.value)
         self._tell(trial, twin.value if twin.state == TrialState.COMPLETE else None, twin.state)
-        return Outcome(twin.state, twin.value)
-
-    # -- a real fine-tune --------------------------------------------------------------------
+        return outcome
 
     def _spec(self, trial: optuna.Trial, config: dict[str, Any], trial_dir: Path) -> dict:
         cfg = self.cfg
@@ -310,7 +346,7 @@ class Orchestrator:
             "adapter_dir": str(trial_dir / "adapter"),
         }
 
-    def _train(self, trial: optuna.Trial, config: dict[str, Any]) -> Outcome:
+    def _launch(self, trial: optuna.Trial, config: dict[str, Any]) -> TrialRun:
         trial_dir = self.study_dir / "trials" / str(trial.number)
         if trial_dir.exists():  # a retried number in a fresh storage: start clean
             for f in ("reports.jsonl", "worker.log"):
@@ -319,121 +355,39 @@ class Orchestrator:
         spec_path = trial_dir / "spec.json"
         spec_path.write_text(json.dumps(self._spec(trial, config, trial_dir), indent=2))
         trial.set_user_attr("trial_dir", str(trial_dir))
+        gpus = self.gpu_pool.take() if self.device != "cpu" else []
+        if gpus is None:  # the loop starts no more trials than the pool holds
+            raise RuntimeError("no free GPU set for a new trial")
+        ranks = len(gpus) if gpus else self.cfg.launch.num_processes
+        port = free_port(self._ports) if ranks > 1 else 0
+        self._ports.add(port)
         plan = accelerate_argv(
             spec_path,
-            num_processes=self.cfg.launch.num_processes,
+            num_processes=ranks,
             device=self.device,
             mixed_precision=self.mixed_precision,
-            cpu_threads=max(1, (os.cpu_count() or 1) // self.cfg.launch.num_processes),
+            gpu_ids=gpus or None,
+            main_process_port=port,
+            cpu_threads=self.slots.threads,
         )
+        if gpus:
+            trial.set_user_attr("gpus", ",".join(gpus))
         worker = WorkerProcess(plan, trial_dir / "worker.log", trial_dir / "reports.jsonl")
-        started = time.time()
-        try:
-            outcome = self._supervise(trial, worker.start())
-        except Interrupted:
-            worker.stop(self.cfg.launch.stop_grace_seconds)
-            self._finish(trial, started, Outcome(TrialState.FAIL, reason="interrupted"))
-            # queued again so that the next `ranksearch run` trains it first (a grid revisits
-            # unfinished points by itself, and Optuna's GridSampler rejects enqueued trials)
-            if self.cfg.sampler.type != "grid":
-                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            raise
-        worker.reap()
-        if outcome.state == TrialState.FAIL and not outcome.reason:
-            outcome.reason = worker.log_tail()
-        self._finish(trial, started, outcome)
-        return outcome
-
-    def _supervise(self, trial: optuna.Trial, worker: WorkerProcess) -> Outcome:
-        timeout = self.cfg.launch.trial_timeout_minutes
-        deadline = time.monotonic() + timeout * 60 if timeout else math.inf
-        beat = 0.0
-        ended = math.inf  # when the final report arrived
-        last: dict[str, Any] = {}
-        while True:
-            rc = worker.poll()  # read the exit code first: no report can follow it
-            for rec in worker.read_reports():
-                if rec.get("event"):
-                    self._record_event(trial, rec)
-                    ended = time.monotonic() if rec["event"] == "end" else ended
-                    continue
-                last = rec
-                self._record_report(trial, rec)
-                if not math.isfinite(rec["val_loss"]):
-                    worker.stop(self.cfg.launch.stop_grace_seconds)
-                    return Outcome(
-                        TrialState.FAIL,
-                        reason=f"val_loss is {rec['val_loss']} at step {rec['step']}",
-                    )
-                if trial.should_prune():
-                    worker.stop(self.cfg.launch.stop_grace_seconds)
-                    trial.set_user_attr("pruned_at_step", rec["step"])
-                    return Outcome(TrialState.PRUNED, rec["val_loss"])
-            if rc is not None:
-                break
-            if time.monotonic() - ended > EXIT_GRACE_SECONDS:
-                # The result is in; a rank stuck in its distributed shutdown must not hold the
-                # study. Stop the group and keep the result.
-                worker.stop(self.cfg.launch.stop_grace_seconds)
-                trial.set_user_attr("note", "worker stopped after its final report (hung at exit)")
-                rc = 0
-                break
-            if time.monotonic() > deadline:
-                worker.stop(self.cfg.launch.stop_grace_seconds)
-                return Outcome(TrialState.FAIL, reason=f"timed out after {timeout} minutes")
-            if time.monotonic() - beat > HEARTBEAT_SECONDS:
-                self.study._storage.record_heartbeat(trial._trial_id)
-                beat = time.monotonic()
-            time.sleep(POLL_SECONDS)
-        if rc == 0 and last.get("step") == self.cfg.training.max_steps:
-            return Outcome(TrialState.COMPLETE, last["val_loss"])
-        if rc == 0:
-            return Outcome(
-                TrialState.FAIL,
-                reason=f"worker exited at step {last.get('step', 0)} "
-                f"of {self.cfg.training.max_steps} without an error",
-            )
-        return Outcome(TrialState.FAIL)
-
-    def _record_event(self, trial: optuna.Trial, rec: dict) -> None:
-        keep = (
-            "trainable_params",
-            "total_params",
-            "peak_memory_mb",
-            "train_seconds",
-            "eval_seconds",
+        return TrialRun(
+            trial, config, worker.start(), self.cfg, self.tracker, self.view, gpus, port
         )
-        for name in keep:
-            if name in rec:
-                trial.set_user_attr(name, rec[name])
-        if "trainable_params" in rec:
-            trial.set_user_attr("trainable_fraction", rec["trainable_params"] / rec["total_params"])
 
-    def _record_report(self, trial: optuna.Trial, rec: dict) -> None:
-        trial.report(rec["val_loss"], rec["step"])
-        trial.set_user_attr("last_step", rec["step"])
-        for name in (
-            "val_loss",
-            "val_loss_se",
-            "accuracy",
-            "f1",
-            "perplexity",
-            "train_loss",
-            "train_seconds",
-        ):
-            if name in rec:
-                trial.set_user_attr(name, rec[name])
-        best = trial.user_attrs.get("best_val_loss", math.inf)
-        trial.set_user_attr("best_val_loss", min(best, rec["val_loss"]))
-        self.tracker.log_report(trial.number, rec)
-        self.view.trial_report(trial.number, rec)
-
-    def _finish(self, trial: optuna.Trial, started: float, outcome: Outcome) -> None:
-        trial.set_user_attr("wall_seconds", round(time.time() - started, 2))
+    def _release(self, run: TrialRun, outcome: Outcome) -> None:
+        """Record how the trial ended and give its GPUs and port back."""
+        trial = run.trial
+        trial.set_user_attr("wall_seconds", round(time.time() - run.started, 2))
         if outcome.reason:
             trial.set_user_attr("fail_reason", outcome.reason[-2000:])
         value = outcome.value if outcome.state == TrialState.COMPLETE else None
         self._tell(trial, value, outcome.state)
+        if run.gpus:
+            self.gpu_pool.give_back(run.gpus)
+        self._ports.discard(run.port)
 
     def _tell(self, trial: optuna.Trial | int, value: float | None, state: TrialState) -> None:
         try:
@@ -444,6 +398,13 @@ class Orchestrator:
             # `finally`), and this loop already caps the budget at the size of the space.
             if "Study.stop" not in str(e):
                 raise
+
+
+def worker_host() -> str:
+    """The name this process records on its trials: `RANKSEARCH_HOST`, else the hostname.
+
+    Set it where hostnames are not unique or not telling (containers, pods)."""
+    return os.environ.get("RANKSEARCH_HOST") or socket.gethostname()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -226,12 +226,19 @@ class MlflowTracker(NullTracker):
             "training.max_steps": cfg.training.max_steps,
             "training.eval_every": cfg.training.eval_every,
             "launch.num_processes": cfg.launch.num_processes,
+            "launch.gpus_per_trial": cfg.launch.gpus_per_trial,
+            "launch.parallel_trials": cfg.launch.parallel_trials or "auto",
         }
-        _retry(
-            self.client.log_batch,
-            self.parent_id,
-            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-        )
+        try:
+            _retry(
+                self.client.log_batch,
+                self.parent_id,
+                params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            )
+        except Exception:  # noqa: BLE001 - the store's duplicate-key error, whatever its type
+            if "budget.n_trials" in self.client.get_run(self.parent_id).data.params:
+                return  # another orchestrator described the study at the same moment
+            raise
         _retry(self.client.log_artifact, self.parent_id, str(study_file))
         self._log_dataset(cfg, data)
 

@@ -94,14 +94,14 @@ class PlainView(QuietView):
 
 
 class LiveView(QuietView):
-    """A live panel (counts, running trial, best so far); finished trials scroll above it."""
+    """A live panel (counts, running trials, best so far); finished trials scroll above it."""
 
     def __init__(self, console: Console | None = None):
         super().__init__(console or Console())
         self._live = Live(console=self.console, refresh_per_second=4, transient=True)
         self._study: optuna.Study | None = None
         self._budget = 0
-        self._running: dict[str, Any] | None = None
+        self._running: dict[int, dict[str, Any]] = {}  # trial number -> its progress
 
     def message(self, text: str) -> None:
         self._live.console.print(Text(text))
@@ -112,8 +112,7 @@ class LiveView(QuietView):
         self._refresh()
 
     def trial_started(self, number: int, config: dict[str, Any]) -> None:
-        self._running = {
-            "number": number,
+        self._running[number] = {
             "config": config,
             "step": 0,
             "val_loss": None,
@@ -122,14 +121,14 @@ class LiveView(QuietView):
         self._refresh()
 
     def trial_report(self, number: int, record: dict[str, Any]) -> None:
-        if self._running:
-            self._running.update(step=record["step"], val_loss=record["val_loss"])
+        if number in self._running:
+            self._running[number].update(step=record["step"], val_loss=record["val_loss"])
         self._refresh()
 
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         style = {TrialState.COMPLETE: "green", TrialState.PRUNED: "yellow"}.get(trial.state, "red")
         self._live.console.print(Text(finished_line(trial), style=style))
-        self._running = None
+        self._running.pop(trial.number, None)
         self._refresh()
 
     def close(self) -> None:
@@ -147,12 +146,11 @@ class LiveView(QuietView):
             f"{c['to go']} to go",
         )
         lines: list[Any] = [head]
-        if self._running:
-            r = self._running
+        for number, r in sorted(self._running.items()):
             loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
             lines.append(
                 Text(
-                    f"running trial {r['number']}: {describe(r['config'])}  "
+                    f"running trial {number}: {describe(r['config'])}  "
                     f"step {r['step']}  val_loss {loss}  "
                     f"{time.time() - r['since']:.0f}s"
                 )

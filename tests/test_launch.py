@@ -30,7 +30,7 @@ def test_single_process_cpu():
     opts = _opts(plan.argv)
     assert opts["--num_processes"] == "1" and opts["--main_process_port"] == "0"
     assert opts["--num_cpu_threads_per_process"] == "2"
-    assert plan.env == {}
+    assert plan.env == {"OMP_NUM_THREADS": "2"}  # its share of the cores
 
 
 def test_two_cpu_ranks_use_the_multi_gpu_path_over_gloo():
@@ -52,6 +52,7 @@ def test_gpu_ids_and_precision():
     opts = _opts(plan.argv)
     assert opts["--gpu_ids"] == "2,3" and opts["--mixed_precision"] == "bf16"
     assert opts["--main_process_port"] == "29511"
+    assert plan.env["CUDA_VISIBLE_DEVICES"] == "2,3"
     with pytest.raises(ValueError, match="one each"):
         accelerate_argv(
             Path("s"), num_processes=2, device="cuda", mixed_precision="no", gpu_ids=[0]

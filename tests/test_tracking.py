@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -17,62 +14,19 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from .conftest import run_cli, write_study
+from .conftest import free_port, mlflow_server_at, run_cli, write_study
 from .test_cli import FIXED, _popen_run, _wait_for_report
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_health(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not come up")
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and served artifacts."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_health(url)
+    with mlflow_server_at(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def _tiny(tmp_path: Path, tiny_bert, sentiment_csv, name: str = "tracked", **overrides) -> Path:
@@ -267,7 +221,7 @@ def test_unreachable_tracking_server_exits_2_before_anything(tmp_path, tiny_bert
         "--out",
         str(out),
         "--tracking-uri",
-        f"http://127.0.0.1:{_free_port()}",
+        f"http://127.0.0.1:{free_port()}",
         cwd=tmp_path,
     )
     assert r.returncode == 2 and "`tracking.uri`" in r.stderr and "not reachable" in r.stderr
@@ -308,7 +262,7 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
         if os.environ.get("CI") == "true":
             pytest.fail(reason)  # CI installs both: this check must run there
         pytest.skip(reason)
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen(
         [
             sys.executable,
