@@ -93,7 +93,9 @@ def _study_args(p: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="study directory (default: runs/<study_name>)"
     )
     g.add_argument(
-        "--storage", default=None, help="Optuna storage URL (default: sqlite:///<out>/optuna.db)"
+        "--storage",
+        default=os.environ.get("RANKSEARCH_STORAGE") or None,
+        help="Optuna storage URL (default: $RANKSEARCH_STORAGE, else sqlite:///<out>/optuna.db)",
     )
     g.add_argument(
         "--tracking-uri",

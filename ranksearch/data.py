@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,7 +230,11 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> PreparedData:
     counts.update(train=len(frame), validation=len(val_frame))
 
     tok = load_tokenizer(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    # Built beside its final place and renamed into it: orchestrators sharing a study directory
+    # (one machine, or a shared volume) never read a half-written split.
+    final, out = out, out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     for name, part in (("train", frame), ("validation", val_frame)):
         enc = tok(
             part[d.text_column].astype(str).tolist(), truncation=True, max_length=d.max_length
@@ -253,5 +259,11 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> PreparedData:
         "pad_token_id": tok.pad_token_id,
         "source": d.source,
     }
-    meta_path.write_text(json.dumps(meta, indent=2))
-    return PreparedData(out, meta["num_labels"], label_names, tok.pad_token_id, counts)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        out.rename(final)
+    except OSError:  # another orchestrator prepared the same data first: use theirs
+        shutil.rmtree(out, ignore_errors=True)
+        if not meta_path.is_file():
+            raise
+    return PreparedData(final, meta["num_labels"], label_names, tok.pad_token_id, counts)

@@ -79,29 +79,53 @@ def _creatable(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def sqlite_init_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive lock beside a SQLite database while its schema is created or migrated.
+def init_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock while a database's schema is created or migrated.
 
-    Several orchestrators starting at once would otherwise race through the same migrations
-    ("duplicate column name"). Other databases serialize DDL themselves: no lock.
+    Several orchestrators starting at once on a fresh database would otherwise race through the
+    same DDL ("duplicate column name" on SQLite, "studydirection already exists" on
+    PostgreSQL). SQLite: a file lock beside the database; PostgreSQL: an advisory lock.
     """
-    if not url.startswith("sqlite:///"):
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    elif url.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        with _advisory_lock(engine, "ranksearch:schema"):
+            yield
+        engine.dispose()
+    else:
         yield
-        return
-    db = Path(url.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+
+
+@contextlib.contextmanager
+def _advisory_lock(engine, name: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock (the server releases it if the holder dies)."""
+    import sqlalchemy
+
+    key = zlib.crc32(name.encode())
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.commit()
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
 
 
 def open_storage(
     url: str, heartbeat_interval: float = HEARTBEAT_INTERVAL, grace_period: float = GRACE_PERIOD
 ) -> optuna.storages.RDBStorage:
-    with sqlite_init_lock(url):
+    with init_lock(url):
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=_engine_kwargs(url),
@@ -116,30 +140,15 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
 
     This is what makes `budget.n_trials` a cap on the whole study: two workers cannot both see
     one trial left and both start it. PostgreSQL: a session advisory lock (released by the
-    server if the holder dies); MySQL: GET_LOCK; SQLite (one machine): a file lock.
+    server if the holder dies); SQLite (one machine): a file lock.
     """
-    import sqlalchemy
-
     engine = getattr(storage, "_backend", storage).engine  # Optuna wraps it in a cache
     backend = engine.url.get_backend_name()
-    name = f"ranksearch:{study_name}"
     if backend == "sqlite":
-        with sqlite_init_lock(f"sqlite:///{engine.url.database}"):
+        with init_lock(f"sqlite:///{engine.url.database}"):
             yield
-        return
-    if backend not in ("postgresql", "mysql"):
+    elif backend == "postgresql":
+        with _advisory_lock(engine, f"ranksearch:study:{study_name}"):
+            yield
+    else:  # other databases: counts and asks are not serialized (a trial or two over n_trials)
         yield
-        return
-    key = zlib.crc32(name.encode())
-    take, give = {
-        "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
-        "mysql": ("SELECT GET_LOCK(:n, -1)", "SELECT RELEASE_LOCK(:n)"),
-    }[backend]
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(take), {"k": key, "n": name[:64]})
-        conn.commit()
-        try:
-            yield
-        finally:
-            conn.execute(sqlalchemy.text(give), {"k": key, "n": name[:64]})
-            conn.commit()

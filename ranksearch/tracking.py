@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.paths import redact_url
-from ranksearch.storage import sqlite_init_lock
+from ranksearch.storage import init_lock
 
 T = TypeVar("T")
 ROLE = "ranksearch.role"
@@ -131,7 +131,7 @@ class MlflowTracker(NullTracker):
         from mlflow import MlflowClient
 
         self.uri = uri
-        with sqlite_init_lock(uri):  # the store's schema is created or migrated on first use
+        with init_lock(uri):  # the store's schema is created or migrated on first use
             self.client = MlflowClient(tracking_uri=_credentials_to_env(uri))
             self.client.search_experiments(max_results=1)
         self.experiment_name = experiment
