@@ -316,6 +316,7 @@ def main() -> None:
     if a.phase in ("compare", "all"):
         compare(a.out, a.repeats, a.trials, a.compute)
     if a.phase in ("trainer", "all"):
+        sys.path.insert(0, str(Path(__file__).parent))
         from trainer_search import run_trainer_search
 
         run_trainer_search(a.out, a.data, trials=2 if a.quick else a.trials, quick=a.quick)
