@@ -99,6 +99,8 @@ class Orchestrator:
         self.gpu_pool = GpuPool(list(gpus), self.slots.gpus_per_trial)
         self._ports: set[int] = set()  # main process ports of this process's running trials
         self._failures: list[str] = []  # reasons of the failures in a row, newest last
+        self._waiting = False  # told the user we wait for trials running elsewhere
+        self._active: list[TrialRun] = []  # this process's running trials
         self.study = open_study(cfg, storage_url)
         self.replay_duplicates = True  # a configuration the study finished is not retrained
         self.budget = cfg.budget.n_trials
@@ -129,7 +131,15 @@ class Orchestrator:
             if finished >= self.budget:
                 return None
             if finished + c["running"] >= self.budget:
+                elsewhere = c["running"] - len(self._active)
+                if elsewhere > 0 and not self._waiting:
+                    self.view.message(
+                        f"budget reached with {elsewhere} trial(s) running on other workers: "
+                        "waiting for them (a failure there reopens the budget)"
+                    )
+                    self._waiting = True
                 return WAIT
+            self._waiting = False
             return self.study.ask()
 
     def confirm(self, jobs: list[dict[str, Any]]) -> optuna.Study:
@@ -170,7 +180,7 @@ class Orchestrator:
             sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
         }
         self._failures = []
-        active: list[TrialRun] = []
+        self._active = active = []
         try:
             done, idle_until = False, 0.0
             while True:
