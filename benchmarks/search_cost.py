@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,7 @@ def run_grid(data: Path, out: Path, quick: bool) -> None:
     wall = time.time() - started
     table = grid_table(out / "grid", data, quick)
     table["wall_seconds"] = round(wall, 1)
+    table["quick"] = quick
     (out / "table.json").write_text(json.dumps(table, indent=1))
     print(f"grid: {len(table['configs'])} configurations in {wall / 60:.1f} min -> table.json")
 
@@ -183,7 +185,7 @@ def replay(table: dict, sampler: str, pruner: str, seed: int, n_trials: int, max
     from ranksearch.sampling import create_pruner, create_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    raw = study(Path("."), quick=len(table["configs"]) < 36)
+    raw = study(Path("."), quick=table.get("quick", False))
     raw.update(
         sampler={"type": sampler, "seed": seed, "n_startup_trials": 4},
         pruner={"type": pruner, "min_steps": raw["training"]["eval_every"], "reduction_factor": 3},
@@ -192,10 +194,15 @@ def replay(table: dict, sampler: str, pruner: str, seed: int, n_trials: int, max
     s = optuna.create_study(sampler=create_sampler(cfg), pruner=create_pruner(cfg))
     full = cfg.training.max_steps
     cost, trace, seen = 0.0, [], {}
-    while len(s.trials) < n_trials and cost < max_cost and len(seen) < len(table["configs"]):
+    n_space = math.prod(len(v) for v in space.grid(cfg.search).values())
+    while len(s.trials) < n_trials and cost < max_cost and len(seen) < n_space:
         trial = s.ask()
         key = space.config_key(space.suggest(trial, cfg.search))
-        row = table["configs"][key]
+        row = table["configs"].get(key)
+        if row is None:  # a configuration the grid did not finish: nothing to replay
+            s.tell(trial, state=optuna.trial.TrialState.FAIL)
+            seen[key] = None
+            continue
         if key in seen:  # ranksearch answers a finished configuration from the stored result
             state, value = seen[key]
             for step, v in row["curve"].items():
