@@ -174,7 +174,10 @@ class Orchestrator:
 
     def _loop(self, next_trial) -> optuna.Study:
         self._fail_lost()
-        self.tracker.start_study(self.study, self.cfg, self.study_file, self.data)
+        # under the study lock: the first process creates and describes the parent run, the
+        # others find it described (no duplicate params or dataset inputs in the store)
+        with study_lock(self.study._storage, self.study.study_name):
+            self.tracker.start_study(self.study, self.cfg, self.study_file, self.data)
         self.view.study_started(self.study, self.budget)
         previous = {
             sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)

@@ -240,7 +240,11 @@ class MlflowTracker(NullTracker):
                 return  # another orchestrator described the study at the same moment
             raise
         _retry(self.client.log_artifact, self.parent_id, str(study_file))
-        self._log_dataset(cfg, data)
+        try:
+            self._log_dataset(cfg, data)
+        except Exception:  # noqa: BLE001 - another orchestrator logged the same inputs first
+            if not self.client.get_run(self.parent_id).inputs.dataset_inputs:
+                raise
 
     def _log_dataset(self, cfg, data) -> None:
         import mlflow.data
