@@ -13,10 +13,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _run import run_study
 
 
 def run(out: Path, parallel: int, quick: bool) -> tuple[float, float]:
@@ -38,15 +38,10 @@ def run(out: Path, parallel: int, quick: bool) -> tuple[float, float]:
         "tracking": "none",
         "enqueue": "[]",
     }
-    sets = [x for k, v in overrides.items() for x in ("--set", f"{k}={v}")]
     study_dir = out / f"parallel-{parallel}"
     shutil.rmtree(study_dir, ignore_errors=True)
     started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "ranksearch.cli", "run", "--study", "cls-task",
-         "--out", str(study_dir), "--quiet", *sets],
-        check=True,
-    )  # fmt: skip
+    run_study("cls-task", study_dir, overrides)
     wall = time.perf_counter() - started
     import optuna
 

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from _run import run_study
+
 LORA = {"rank": 8, "alpha": 16, "modules": ["query", "value"], "lr": 1e-3}
 
 
@@ -58,12 +60,7 @@ def ranksearch_trial(out: Path, steps: int) -> dict:
         "tracking": "none",
         "enqueue": "[]",
     }
-    args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
-    subprocess.run(
-        [sys.executable, "-m", "ranksearch.cli", "run", "--study", "cls-task",
-         "--out", str(study_dir), "--quiet", *args],
-        check=True,
-    )  # fmt: skip
+    run_study("cls-task", study_dir, sets)
     storage = f"sqlite:///{study_dir / 'optuna.db'}"
     (t,) = optuna.load_study(study_name="trial-cost", storage=storage).trials
     a = t.user_attrs

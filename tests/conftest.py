@@ -9,7 +9,6 @@ import contextlib
 import csv
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from ranksearch.packing import free_port
 
 POSITIVE = ["good", "great", "fine", "happy", "love", "nice"]
 NEGATIVE = ["bad", "awful", "sad", "hate", "poor", "ugly"]
@@ -182,12 +183,6 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_health(url: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -202,7 +197,7 @@ def wait_health(url: str, timeout: float = 90) -> None:
 @contextlib.contextmanager
 def mlflow_server_at(backend_uri: str, artifacts: Path) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with served artifacts; yields its URL."""
-    port = free_port()
+    port = free_port()  # ranksearch.packing's, which trials use too
     proc = subprocess.Popen(
         [
             sys.executable,
