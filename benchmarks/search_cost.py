@@ -11,10 +11,12 @@ Three phases, each resumable (results go under --out):
            seeds, at equal trial counts and at equal compute.
   trainer  transformers' Trainer.hyperparameter_search(backend="optuna") on the same space
            through model_init, as users do today, run for real; its pick is scored on the grid.
+  plot     cost vs quality for every method (PNG; matplotlib).
 
     python benchmarks/search_cost.py grid --data ../shared/data/sst2 --out bench/search-cost
     python benchmarks/search_cost.py compare --out bench/search-cost
-    python benchmarks/search_cost.py trainer --out bench/search-cost --trials 8
+    python benchmarks/search_cost.py trainer --out bench/search-cost --trials 12
+    python benchmarks/search_cost.py plot --out bench/search-cost --png benchmarks/search_cost.png
     python benchmarks/search_cost.py all --data ../shared/data/sst2 --out /tmp/sc --quick  # CI
 
 Search cost = optimizer steps spent / steps of one full-budget trial.
@@ -226,16 +228,19 @@ def replay(table: dict, sampler: str, pruner: str, seed: int, n_trials: int, max
 
 def summarize(table: dict, trace, spent: float) -> dict:
     """When the search first held a configuration within the seed noise of the grid's best,
-    and what it picked at the end (the best complete trial)."""
+    what it picked at the end (the best complete trial), and its anytime curve: the best
+    full-budget val_loss held after each completed trial, against the cost spent so far."""
     configs, best = table["configs"], table["configs"][table["best"]]["val_loss"]
     target = best + table["best_seeds"]["std"]
-    reached, pick = None, None
+    reached, pick, anytime = None, None, []
     for cost, key in trace:
         if pick is None or configs[key]["val_loss"] < configs[pick]["val_loss"]:
             pick = key
+            anytime.append([round(cost, 4), configs[key]["val_loss"]])
         if reached is None and configs[key]["val_loss"] <= target:
             reached = cost
     return {
+        "anytime": anytime,
         "cost": spent,
         "reached_at": reached,
         "pick": pick,
@@ -284,6 +289,7 @@ def aggregate(runs: list[dict]) -> dict:
         "val_loss_mean": statistics.mean(r["val_loss"] for r in picks) if picks else None,
         "test_accuracy_mean": statistics.mean(r["test_accuracy"] for r in picks) if picks else None,
         "repeats": len(runs),
+        "anytime": [r["anytime"] for r in runs],
     }
 
 
@@ -307,11 +313,76 @@ def print_table(table: dict, results: dict) -> None:
               f"{f(r['test_accuracy_mean'], '.3f')} |")  # fmt: skip
 
 
+# -- the cost-vs-quality plot ----------------------------------------------------------------
+
+
+def best_at(anytime: list, cost: float) -> float | None:
+    """The best val_loss a search held once it had spent `cost` (None: nothing finished yet)."""
+    held = [v for c, v in anytime if c <= cost + 1e-9]
+    return held[-1] if held else None
+
+
+def plot(out: Path, png: Path) -> None:
+    """Cost vs quality for every method: left, the median best val_loss held after a given
+    search cost (band: quartiles over sampler seeds), with the grid and Trainer's search as
+    points; right, the share of seeds that had reached the target by that cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = json.loads((out / "table.json").read_text())
+    results = json.loads((out / "compare.json").read_text())
+    trainer = json.loads(t.read_text()) if (t := out / "trainer.json").exists() else None
+    best = table["configs"][table["best"]]["val_loss"]
+    target = best + table["best_seeds"]["std"]
+    n_grid = len(table["configs"])
+    costs = [i / 10 for i in range(0, 10 * n_grid + 1)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (name, _), color in zip(METHODS.items(), ("C0", "C1", "C2"), strict=True):
+        curves = results[f"{name} | equal trials"]["anytime"]
+        med, lo, hi, share = [], [], [], []
+        for c in costs:
+            held = sorted(v for a in curves if (v := best_at(a, c)) is not None)
+            full = len(held) == len(curves)  # a quantile only once every seed holds a value
+            med.append(statistics.median(held) if full else math.nan)
+            lo.append(held[len(held) // 4] if full else math.nan)
+            hi.append(held[(3 * len(held)) // 4] if full else math.nan)
+            share.append(sum(v <= target for v in held) / len(curves))
+        left.plot(costs, med, color=color, label=name)
+        left.fill_between(costs, lo, hi, color=color, alpha=0.15, linewidth=0)
+        right.plot(costs, share, color=color, label=name)
+    left.scatter([n_grid], [best], color="k", marker="s", zorder=3, label="grid (exhaustive)")
+    right.scatter([n_grid], [1.0], color="k", marker="s", zorder=3, label="grid (exhaustive)")
+    if trainer and trainer.get("val_loss") is not None:
+        label = f"Trainer.hyperparameter_search ({trainer['trials']} trials)"
+        left.scatter([trainer["cost"]], [trainer["val_loss"]], color="C3", marker="D", zorder=3,
+                     label=label)  # fmt: skip
+        right.scatter([trainer["cost"]], [float(trainer["val_loss"] <= target)], color="C3",
+                      marker="D", zorder=3, label=label)  # fmt: skip
+    left.axhline(target, color="grey", linestyle="--", linewidth=1, label="target: best + 1 std")
+    xlabel = "search cost (full-budget trials of optimizer steps)"
+    left.set(xlabel=xlabel, ylabel="best full-budget val_loss held (median, quartiles)")
+    right.set(xlabel=xlabel, ylabel="share of seeds within the target", ylim=(-0.02, 1.02))
+    for ax in (left, right):
+        ax.set(xscale="log", xlim=(0.5, n_grid * 1.2))
+    left.legend(fontsize=7)
+    right.legend(fontsize=7, loc="lower right")
+    n_seeds = len(results[f"{next(iter(METHODS))} | equal trials"]["anytime"])
+    fig.suptitle(f"Search cost vs quality: {n_grid}-configuration LoRA space, SST-2, "
+                 f"{n_seeds} sampler seeds per method", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"plot -> {png}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("phase", choices=["grid", "compare", "trainer", "all"])
+    p.add_argument("phase", choices=["grid", "compare", "trainer", "plot", "all"])
     p.add_argument("--data", type=Path, default=Path("../shared/data/sst2"))
     p.add_argument("--out", type=Path, default=Path("bench/search-cost"))
+    p.add_argument("--png", type=Path, help="where the plot goes (default: OUT/search_cost.png)")
     p.add_argument("--quick", action="store_true", help="a smoke run of every phase (CI)")
     p.add_argument("--repeats", type=int, default=50, help="sampler seeds per method (compare)")
     p.add_argument("--trials", type=int, default=12, help="trials per search (equal trials)")
@@ -328,6 +399,8 @@ def main() -> None:
         from trainer_search import run_trainer_search
 
         run_trainer_search(a.out, a.data, trials=2 if a.quick else a.trials, quick=a.quick)
+    if a.phase in ("plot", "all"):
+        plot(a.out, a.png or a.out / "search_cost.png")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ def test_search_cost_quick(tmp_path):
     compare = json.loads((out / "compare.json").read_text())
     assert "ranksearch TPE + Hyperband | equal trials" in compare
     assert json.loads((out / "trainer.json").read_text())["pick"] in table["configs"]
+    anytime = compare["TPE, no pruning | equal trials"]["anytime"]
+    assert len(anytime) == 2 and all(curve for curve in anytime)  # one curve per sampler seed
+    assert (out / "search_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_trial_cost_quick(tmp_path):

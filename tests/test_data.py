@@ -31,6 +31,17 @@ def test_prepare_maps_labels_drops_unmapped_and_splits(study, tmp_path):
     assert sum(val["labels"]) == 40
 
 
+def test_the_worker_reads_prepared_splits_as_datasets_does(study, tmp_path):
+    """Trials read the splits with pyarrow alone (no `datasets` import): the same rows, in order."""
+    from ranksearch.worker import TokenizedSplit, read_split
+
+    data = prepare(study, tmp_path / "run")
+    for split in ("train", "validation"):
+        lean, full = read_split(data.path / split), load_from_disk(str(data.path / split))
+        assert isinstance(lean, TokenizedSplit) and len(lean) == len(full) > 0
+        assert [lean[i] for i in range(len(lean))] == list(full)
+
+
 def test_prepare_runs_once_per_study(study, tmp_path):
     first = prepare(study, tmp_path / "run")
     stamp = (first.path / "train").stat().st_mtime_ns
