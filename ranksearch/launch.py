@@ -22,6 +22,7 @@ from pathlib import Path
 class LaunchPlan:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # added to the orchestrator's environment
+    launcher: str = ""  # the `accelerate launch` line this plan stands for, when started directly
 
     def command_line(self) -> str:
         env = " ".join(f"{k}={v}" for k, v in self.env.items())
@@ -82,6 +83,27 @@ def accelerate_argv(
     return LaunchPlan(argv, env)
 
 
+def single_process_plan(plan: LaunchPlan) -> LaunchPlan:
+    """A one-process trial, started as `accelerate launch` starts one: accelerate's own argument
+    validation and simple launcher compute the command and environment, here, in the
+    orchestrator. What is saved is the launcher's own Python start-up and torch import, about
+    2.5 s per trial. Multi-process trials keep the real launcher (it starts and watches the
+    ranks). Should accelerate's launcher internals change, the plan is returned unchanged."""
+    try:
+        from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+        from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+        args = launch_command_parser().parse_args(plan.argv[4:])
+        if args.multi_gpu or (args.num_processes or 1) > 1:
+            return plan
+        args = _validate_launch_command(args)[0]
+        argv, env = prepare_simple_launcher_cmd_env(args)
+    except Exception:  # noqa: BLE001 - a private API of accelerate; the launcher still works
+        return plan
+    added = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    return LaunchPlan([plan.argv[0], *argv[1:]], {**added, **plan.env}, plan.command_line())
+
+
 class WorkerProcess:
     """A running trial: its process group, its log file and its report channel."""
 
@@ -100,6 +122,8 @@ class WorkerProcess:
             "TOKENIZERS_PARALLELISM": "false",
         }
         with open(self.log_path, "ab") as log:
+            if self.plan.launcher:  # started directly, as accelerate's simple launcher does
+                log.write(f"# accelerate launch, single process: {self.plan.launcher}\n".encode())
             log.write(f"$ {self.plan.command_line()}\n".encode())
             log.flush()
             self._proc = subprocess.Popen(

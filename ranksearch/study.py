@@ -22,7 +22,12 @@ from optuna.trial import FrozenTrial, TrialState
 from ranksearch import space
 from ranksearch.config import StudyConfig
 from ranksearch.data import PreparedData, model_location
-from ranksearch.launch import WorkerProcess, accelerate_argv, resolve_mixed_precision
+from ranksearch.launch import (
+    WorkerProcess,
+    accelerate_argv,
+    resolve_mixed_precision,
+    single_process_plan,
+)
 from ranksearch.packing import GpuPool, Slots, free_port
 from ranksearch.recommend import count_states
 from ranksearch.sampling import create_pruner, create_sampler, space_size
@@ -383,6 +388,7 @@ class Orchestrator:
             main_process_port=port,
             cpu_threads=self.slots.threads,
         )
+        plan = single_process_plan(plan) if ranks == 1 else plan
         if gpus:
             trial.set_user_attr("gpus", ",".join(gpus))
         worker = WorkerProcess(plan, trial_dir / "worker.log", trial_dir / "reports.jsonl")

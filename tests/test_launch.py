@@ -1,5 +1,6 @@
 """The accelerate command line (pure) and stopping a trial's whole process group."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from ranksearch.launch import LaunchPlan, WorkerProcess, accelerate_argv, resolve_mixed_precision
+from ranksearch.launch import (
+    LaunchPlan,
+    WorkerProcess,
+    accelerate_argv,
+    resolve_mixed_precision,
+    single_process_plan,
+)
 
 
 def _opts(argv: list[str]) -> dict[str, str]:
@@ -31,6 +38,45 @@ def test_single_process_cpu():
     assert opts["--num_processes"] == "1" and opts["--main_process_port"] == "0"
     assert opts["--num_cpu_threads_per_process"] == "2"
     assert plan.env == {"OMP_NUM_THREADS": "2"}  # its share of the cores
+
+
+DUMP_ENV = """import json, os, sys
+keys = ("ACCELERATE_", "OMP_", "KMP_", "CUDA_VISIBLE", "MASTER_", "LOCAL_RANK", "WORLD_SIZE")
+print(json.dumps({k: v for k, v in os.environ.items() if k.startswith(keys)}, sort_keys=True))
+"""
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"cpu_threads": 1}, {}, {"device": "cuda", "mixed_precision": "bf16", "gpu_ids": ["3"]}],
+    ids=["cpu-1-thread", "cpu-default-threads", "one-gpu"],
+)
+def test_a_single_process_trial_starts_directly_with_the_launchers_environment(tmp_path, kw):
+    """Started without the launcher's own Python, a one-process trial sees exactly the
+    environment a real `accelerate launch` gives it."""
+    script = tmp_path / "dump_env.py"
+    script.write_text(DUMP_ENV)
+    kw = {"device": "cpu", "mixed_precision": "no", **kw}
+    plan = accelerate_argv(script, num_processes=1, **kw)
+    plan = LaunchPlan([*plan.argv[:-3], str(script)], plan.env)  # a script instead of -m worker
+    direct = single_process_plan(plan)
+    assert "accelerate.commands.accelerate_cli" not in direct.argv
+    assert direct.argv == [sys.executable, str(script)] and direct.launcher == plan.command_line()
+
+    def env_seen(p: LaunchPlan) -> dict:
+        out = subprocess.run(p.argv, env={**os.environ, **p.env}, capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+        return json.loads(out.strip().splitlines()[-1])
+
+    seen = env_seen(direct)
+    assert seen == env_seen(plan)
+    assert seen["ACCELERATE_USE_CPU"] == str(kw["device"] == "cpu")
+    assert seen["ACCELERATE_MIXED_PRECISION"] == kw["mixed_precision"]
+
+
+def test_a_multi_process_trial_keeps_the_launcher():
+    plan = accelerate_argv(Path("s.json"), num_processes=2, device="cpu", mixed_precision="no")
+    assert single_process_plan(plan) is plan
 
 
 def test_two_cpu_ranks_use_the_multi_gpu_path_over_gloo():
