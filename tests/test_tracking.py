@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -309,7 +310,9 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
         assert shot.stat().st_size > 10_000
     finally:
         ui.send_signal(signal.SIGINT)
-        ui.wait(timeout=20)
+        ui.wait(timeout=60)  # stops its mlflow server's whole process group first
+    with socket.socket() as probe:  # nothing of the server is left listening
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study):
