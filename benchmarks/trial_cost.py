@@ -5,6 +5,8 @@
    `python -c "import torch, transformers, peft"`.
 2. Training throughput (samples/s) of the ranksearch worker vs a plain `transformers.Trainer`
    run: same model, LoRA configuration, tokenized data, batch size, steps and learning rate.
+   Both ways of batching are measured on both sides: random batches, and batches of similar
+   lengths (ranksearch's default `training.group_by_length`, Trainer's `group_by_length=True`).
 3. Evaluation throughput of the worker's evaluation (split sorted by length, batches padded to
    their longest) vs a naive one (the same split in random order, padded to max_length).
 
@@ -37,11 +39,11 @@ def import_floor(repeats: int) -> float:
     return statistics.median(times)
 
 
-def ranksearch_trial(out: Path, steps: int) -> dict:
+def ranksearch_trial(out: Path, steps: int, grouped: bool = True) -> dict:
     """One trial of the default study's model and data; its timings from the trial record."""
     import optuna
 
-    study_dir = out / "trial"
+    study_dir = out / ("trial" if grouped else "trial-random-batches")
     shutil.rmtree(study_dir, ignore_errors=True)
     sets = {
         "study_name": "trial-cost",
@@ -59,6 +61,7 @@ def ranksearch_trial(out: Path, steps: int) -> dict:
         "launch.device": "cpu",
         "tracking": "none",
         "enqueue": "[]",
+        "training.group_by_length": str(grouped).lower(),
     }
     run_study("cls-task", study_dir, sets)
     storage = f"sqlite:///{study_dir / 'optuna.db'}"
@@ -98,7 +101,7 @@ def _lora_model(num_labels: int, pad_id: int):
     return get_peft_model(model, lora)
 
 
-def trainer_throughput(data_path: Path, steps: int, out: Path) -> float:
+def trainer_throughput(data_path: Path, steps: int, out: Path, grouped: bool = False) -> float:
     """Samples/s of a plain Trainer run on the same tokenized data and LoRA configuration."""
     import torch
     from datasets import load_from_disk
@@ -128,6 +131,7 @@ def trainer_throughput(data_path: Path, steps: int, out: Path) -> float:
         use_cpu=True,
         seed=0,
         dataloader_num_workers=0,
+        group_by_length=grouped,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train,
                       data_collator=DataCollatorWithPadding(tok))  # fmt: skip
@@ -190,15 +194,25 @@ def main() -> None:
     steps = 4 if a.quick else 60
     floor = import_floor(1 if a.quick else 3)
     trial = ranksearch_trial(a.out, steps)
+    plain = ranksearch_trial(a.out, steps, grouped=False)
     data = Path(trial["data_path"])
     ours = steps * trial["batch_size"] / trial["train_s"]
+    ours_plain = steps * plain["batch_size"] / plain["train_s"]
     theirs = trainer_throughput(data, steps, a.out)
+    theirs_grouped = trainer_throughput(data, steps, a.out, grouped=True)
     evals = eval_throughput(data, max_length=64)
     result = {
         "import_floor_s": floor,
         "trial": trial,
         "overhead_beyond_floor_s": trial["overhead_s"] - floor,
-        "train_samples_per_s": {"ranksearch": ours, "trainer": theirs, "ratio": ours / theirs},
+        "train_samples_per_s": {
+            "ranksearch": ours,  # the default: batches of similar lengths
+            "trainer": theirs,  # a plain Trainer: random batches
+            "ratio": ours / theirs,
+            "ranksearch_random_batches": ours_plain,
+            "trainer_group_by_length": theirs_grouped,
+            "ratio_same_batching": ours / theirs_grouped,
+        },
         "eval": evals,
     }
     (a.out / "trial_cost.json").write_text(json.dumps(result, indent=1))

@@ -159,6 +159,7 @@ class MlflowTracker(NullTracker):
             "seed",
             "mixed_precision",
             "gradient_checkpointing",
+            "group_by_length",
         )
         self.fixed_params = {f"training.{k}": getattr(cfg.training, k) for k in keys}
         self.fixed_params["data.max_length"] = cfg.data.max_length

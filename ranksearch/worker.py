@@ -81,6 +81,43 @@ class TokenizedSplit(torch.utils.data.Dataset):
         return {name: values[i] for name, values in self.columns.items()}
 
 
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """A random order in which each batch holds sequences of similar length.
+
+    Every epoch: a random permutation, cut into mega-batches of `mega` batches; each mega-batch
+    is sorted by length, cut into batches, and those batches are shuffled. Padding to the
+    longest in a batch then wastes almost nothing, while the data still mixes across the epoch.
+    Every rank draws the same order from the same seed; accelerate deals the batches out.
+    """
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, generator: torch.Generator, mega: int = 50
+    ):
+        self.lengths, self.batch_size, self.generator, self.mega = (
+            lengths,
+            batch_size,
+            generator,
+            mega,
+        )
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        size = self.batch_size * self.mega
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start : start + size], key=lambda i: -self.lengths[i])
+            batches = [
+                chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)
+            ]
+            full = [b for b in batches if len(b) == self.batch_size]
+            # a short batch (the epoch's last) stays last, where the loader's drop_last finds it
+            for k in torch.randperm(len(full), generator=self.generator).tolist():
+                yield from full[k]
+            yield from (i for b in batches if len(b) < self.batch_size for i in b)
+
+
 def read_split(path: Path) -> TokenizedSplit | Any:
     """A split written by `Dataset.save_to_disk` (data.prepare): its Arrow stream files, read
     with pyarrow. Any other layout goes through `datasets.load_from_disk`."""
@@ -107,13 +144,16 @@ def get_dataloaders(spec: dict, seed: int) -> tuple[DataLoader, DataLoader]:
     # The validation split is stored sorted by length, so evaluation batches are nearly unpadded.
     eval_ds = read_split(Path(data["path"]) / "validation")
     generator = torch.Generator().manual_seed(seed)
+    order: dict[str, Any] = {"shuffle": True, "generator": generator}
+    if train.get("group_by_length"):
+        lengths = [len(row["input_ids"]) for row in train_ds]
+        order = {"sampler": LengthGroupedSampler(lengths, train["batch_size"], generator)}
     train_dl = DataLoader(
         train_ds,
         batch_size=train["batch_size"],
-        shuffle=True,
         collate_fn=collate,
-        generator=generator,
         drop_last=len(train_ds) > train["batch_size"],
+        **order,
     )
     eval_bs = train.get("eval_batch_size") or 2 * train["batch_size"]
     eval_dl = DataLoader(eval_ds, batch_size=eval_bs, shuffle=False, collate_fn=collate)

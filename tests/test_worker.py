@@ -10,7 +10,7 @@ import pytest
 from ranksearch.config import load_study
 from ranksearch.data import prepare
 from ranksearch.space import lora_kwargs, resolve
-from ranksearch.worker import OrphanedError, training_function
+from ranksearch.worker import LengthGroupedSampler, OrphanedError, training_function
 
 from .conftest import write_study
 
@@ -88,3 +88,41 @@ def test_a_worker_whose_orchestrator_died_stops(make_spec):
     spec = {**make_spec("orphan"), "orchestrator_pid": dead.pid}
     with pytest.raises(OrphanedError, match="is gone"):
         training_function(spec)
+
+
+def _padded_tokens(order: list[int], lengths: list[int], batch: int) -> int:
+    batches = [order[s : s + batch] for s in range(0, len(order), batch)]
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouped_batches_cover_the_data_with_little_padding():
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    lengths = [rng.randint(4, 64) for _ in range(2000)]
+    sampler = LengthGroupedSampler(lengths, 16, torch.Generator().manual_seed(0))
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(2000)) and sorted(second) == list(range(2000))
+    assert first != second  # a new order every epoch
+    again = list(LengthGroupedSampler(lengths, 16, torch.Generator().manual_seed(0)))
+    assert again == first  # seeded: every rank and every rerun draws the same order
+    shuffled = list(range(2000))
+    rng.shuffle(shuffled)
+    real = sum(lengths)
+    assert _padded_tokens(first, lengths, 16) < 1.05 * real
+    assert _padded_tokens(shuffled, lengths, 16) > 1.3 * real
+    # batches are not served longest-first: the order of lengths across the epoch is mixed
+    maxima = [max(lengths[i] for i in first[s : s + 16]) for s in range(0, 800, 16)]
+    assert maxima != sorted(maxima, reverse=True)
+
+
+def test_grouped_and_plain_batching_both_train(make_spec):
+    grouped, plain = make_spec("grouped"), make_spec("plain", group_by_length=False)
+    training_function(grouped)
+    training_function(plain)
+    assert grouped["training"]["group_by_length"] is True  # the default
+    assert _curve(grouped) != _curve(plain)  # other batches, other curve
+    for curve in (_curve(grouped), _curve(plain)):
+        assert len(curve) == 3 and all(loss == loss for _, loss in curve)
