@@ -4,7 +4,7 @@ The same four trials (the default study's model and data, a 4-point grid over ra
 run one at a time, then two at a time, each in a fresh study directory.
 
     python benchmarks/parallel_trials.py --out bench/parallel            # about 5 minutes
-    python benchmarks/parallel_trials.py --out /tmp/parallel --quick     # CI smoke
+    python benchmarks/parallel_trials.py --out /tmp/p --study tiny.yaml --quick   # CI smoke
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from _run import run_study
 
 
-def run(out: Path, parallel: int, quick: bool) -> tuple[float, float]:
+def run(out: Path, study: str, parallel: int, quick: bool) -> tuple[float, float]:
     steps = 4 if quick else 60
     overrides = {
         "study_name": f"parallel-{parallel}",
@@ -41,7 +41,7 @@ def run(out: Path, parallel: int, quick: bool) -> tuple[float, float]:
     study_dir = out / f"parallel-{parallel}"
     shutil.rmtree(study_dir, ignore_errors=True)
     started = time.perf_counter()
-    run_study("cls-task", study_dir, overrides)
+    run_study(study, study_dir, overrides)
     wall = time.perf_counter() - started
     import optuna
 
@@ -56,10 +56,13 @@ def run(out: Path, parallel: int, quick: bool) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench/parallel"))
+    p.add_argument("--study", default="cls-task", help="a study name or file (default: cls-task)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    (serial, serial_trials), (parallel, parallel_trials) = (run(a.out, n, a.quick) for n in (1, 2))
+    (serial, serial_trials), (parallel, parallel_trials) = (
+        run(a.out, a.study, n, a.quick) for n in (1, 2)
+    )
     result = {
         "cpus": os.cpu_count(),
         "one_at_a_time": {"wall_s": round(serial, 1), "trials_s": round(serial_trials, 1)},

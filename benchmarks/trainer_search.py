@@ -26,11 +26,12 @@ def run_trainer_search(out: Path, data: Path, trials: int, quick: bool) -> dict:
 
     from ranksearch import space
     from ranksearch.config import StudyConfig
-    from ranksearch.data import model_location
+    from ranksearch.data import model_location, prepare
 
     cfg = StudyConfig.model_validate(yaml.safe_load((out / "grid.yaml").read_text()))
     table = json.loads((out / "table.json").read_text())
-    prepared = next((out / "grid" / "data").iterdir())  # the grid's tokenized splits
+    # the grid's tokenized splits (made again, identically, beside a stored table)
+    prepared = prepare(cfg, out / "grid").path
     meta = json.loads((prepared / "meta.json").read_text())
     path = model_location(cfg.model.path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -75,6 +76,8 @@ def run_trainer_search(out: Path, data: Path, trials: int, quick: bool) -> dict:
     )
     trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=val,
                       data_collator=DataCollatorWithPadding(tok))  # fmt: skip
+    db = out / "trainer-search.db"  # its study, kept to count what it spent
+    db.unlink(missing_ok=True)
     started = time.time()
     best = trainer.hyperparameter_search(
         direction="minimize",
@@ -83,15 +86,22 @@ def run_trainer_search(out: Path, data: Path, trials: int, quick: bool) -> dict:
         n_trials=trials,
         compute_objective=lambda metrics: metrics["eval_loss"],
         sampler=optuna.samplers.TPESampler(seed=0),
+        storage=f"sqlite:///{db}",  # passed on to optuna.create_study, like the sampler
+        study_name="trainer-search",
     )
     wall = time.time() - started
     # its pick (best.hyperparameters: every Optuna parameter of its best trial), on the grid
     fixed = optuna.trial.FixedTrial(best.hyperparameters)
     pick = space.config_key(space.suggest(fixed, cfg.search))
     row = table["configs"].get(pick, {})
+    study = optuna.load_study(study_name="trainer-search", storage=f"sqlite:///{db}")
+    cost, reached = spent(study, cfg, table)
     result = {
         "trials": trials,
-        "cost": float(trials),  # no pruning: every trial runs the full budget
+        "cost": cost,
+        "reached_at": reached,
+        "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
+        "repeated": trials - len({str(sorted(t.params.items())) for t in study.trials}),
         "wall_seconds": round(wall, 1),
         "seconds_per_trial": round(wall / trials, 1),
         "pick": pick,
@@ -102,3 +112,26 @@ def run_trainer_search(out: Path, data: Path, trials: int, quick: bool) -> dict:
     (out / "trainer.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return result
+
+
+def spent(study, cfg, table: dict) -> tuple[float, float | None]:
+    """What Trainer's search spent, in full trials: a finished trial costs 1 (a repeated
+    configuration is trained again), a pruned one its last reported step / max_steps (the study
+    Trainer creates has Optuna's default MedianPruner, fed its evaluations). And the cost at
+    which it first finished a configuration within the grid's target (None: never)."""
+    import optuna
+
+    from ranksearch import space
+
+    target = table["configs"][table["best"]]["val_loss"] + table["best_seeds"]["std"]
+    full, cost, reached = cfg.training.max_steps, 0.0, None
+    for t in sorted(study.trials, key=lambda t: t.number):
+        if t.state == optuna.trial.TrialState.PRUNED:
+            cost += max(t.intermediate_values, default=0) / full
+            continue
+        cost += 1.0
+        key = space.config_key(space.suggest(optuna.trial.FixedTrial(t.params), cfg.search))
+        row = table["configs"].get(key)
+        if reached is None and row and row["val_loss"] <= target:
+            reached = cost
+    return cost, reached

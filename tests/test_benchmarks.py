@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import make_rows
+from .conftest import make_rows, write_study
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -35,9 +35,10 @@ def _sst2_like(folder: Path) -> Path:
     return folder
 
 
-def test_search_cost_quick(tmp_path):
+def test_search_cost_quick(tmp_path, tiny_bert):
     out = tmp_path / "sc"
-    _run("search_cost.py", "all", "--data", str(_sst2_like(tmp_path / "sst2")), "--out", str(out),
+    data = _sst2_like(tmp_path / "sst2")
+    _run("search_cost.py", "all", "--data", str(data), "--out", str(out), "--model", str(tiny_bert),
          cwd=tmp_path)  # fmt: skip
     table = json.loads((out / "table.json").read_text())
     assert len(table["configs"]) == 2 and len(table["best_seeds"]["val_loss"]) == 3
@@ -49,14 +50,19 @@ def test_search_cost_quick(tmp_path):
     assert (out / "search_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_trial_cost_quick(tmp_path):
-    _run("trial_cost.py", "--out", str(tmp_path), cwd=tmp_path)
+def test_trial_cost_quick(tmp_path, tiny_bert, sentiment_csv):
+    study = write_study(tmp_path / "tiny.yaml", tiny_bert, sentiment_csv)
+    _run("trial_cost.py", "--out", str(tmp_path), "--study", str(study), cwd=tmp_path)
     result = json.loads((tmp_path / "trial_cost.json").read_text())
-    assert result["trial"]["train_s"] > 0 and result["train_samples_per_s"]["trainer"] > 0
+    speeds = result["train_samples_per_s"]
+    assert result["trial"]["train_s"] > 0 and result["eval"]["examples"] > 0
+    assert all(speeds[k] > 0 for k in ("ranksearch", "ranksearch_group_by_length", "trainer",
+                                       "trainer_group_by_length"))  # fmt: skip
 
 
-def test_parallel_trials_quick(tmp_path):
-    _run("parallel_trials.py", "--out", str(tmp_path), cwd=tmp_path)
+def test_parallel_trials_quick(tmp_path, tiny_bert, sentiment_csv):
+    study = write_study(tmp_path / "tiny.yaml", tiny_bert, sentiment_csv)
+    _run("parallel_trials.py", "--out", str(tmp_path), "--study", str(study), cwd=tmp_path)
     assert json.loads((tmp_path / "parallel.json").read_text())["speedup_trials"] > 0
 
 

@@ -119,10 +119,10 @@ def test_length_grouped_batches_cover_the_data_with_little_padding():
 
 
 def test_grouped_and_plain_batching_both_train(make_spec):
-    grouped, plain = make_spec("grouped"), make_spec("plain", group_by_length=False)
+    grouped, plain = make_spec("grouped", group_by_length=True), make_spec("plain")
     training_function(grouped)
     training_function(plain)
-    assert grouped["training"]["group_by_length"] is True  # the default
+    assert plain["training"]["group_by_length"] is False  # the default: random batches
     assert _curve(grouped) != _curve(plain)  # other batches, other curve
     for curve in (_curve(grouped), _curve(plain)):
         assert len(curve) == 3 and all(loss == loss for _, loss in curve)
