@@ -124,7 +124,7 @@ class TrainingConfig(_Strict):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on GPU
     gradient_checkpointing: bool = False
     # Training batches of similar lengths: each run of 50 batches of the shuffle sorted by length,
-    # its batches served in random order. About 1.6x faster on tweets, but it changes which
+    # its batches served in random order. About 1.5x faster on tweets, but it changes which
     # configurations win (BENCHMARKS.md, section 3): off unless speed matters more.
     group_by_length: bool = False
 
