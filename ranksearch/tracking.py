@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -256,9 +257,13 @@ class MlflowTracker(NullTracker):
         inputs = []
         for split in ("train", "validation"):
             ds = load_from_disk(str(data.path / split))
-            dataset = mlflow.data.from_huggingface(
-                ds, path=cfg.data.source, name=f"{cfg.study_name}-{split}"
-            )
+            with warnings.catch_warnings():
+                # its schema hint about integer columns (token ids, labels) is for model
+                # signatures; a user of this study cannot act on it
+                warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+                dataset = mlflow.data.from_huggingface(
+                    ds, path=cfg.data.source, name=f"{cfg.study_name}-{split}"
+                )
             tags = [InputTag("mlflow.data.context", split)]
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
         _retry(self.client.log_inputs, self.parent_id, inputs)
