@@ -3,7 +3,10 @@ by hand, recorded in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +47,11 @@ def test_search_cost_quick(tmp_path, tiny_bert):
     assert len(table["configs"]) == 2 and len(table["best_seeds"]["val_loss"]) == 3
     compare = json.loads((out / "compare.json").read_text())
     assert "ranksearch TPE + Hyperband | equal trials" in compare
-    assert json.loads((out / "trainer.json").read_text())["pick"] in table["configs"]
+    assert "TPE + Hyperband, first rung 40 % | equal compute" in compare  # a pruner variant
+    trainer = json.loads((out / "trainer.json").read_text())
+    assert trainer["pick"] in table["configs"]
+    # what Trainer's search spent, from its own study: pruned trials cost less than a full one
+    assert 0 < trainer["cost"] <= trainer["trials"] and trainer["pruned"] >= 0
     anytime = compare["TPE, no pruning | equal trials"]["anytime"]
     assert len(anytime) == 2 and all(curve for curve in anytime)  # one curve per sampler seed
     assert (out / "search_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -70,3 +77,44 @@ def test_orchestration_quick(tmp_path, pg_url):
     _run("orchestration.py", "--storage", pg_url, "--out", str(tmp_path), cwd=tmp_path)
     result = json.loads((tmp_path / "orchestration.json").read_text())
     assert result["trials"] == 12  # exactly the budget, across 2 processes
+
+
+def _search_cost():
+    """benchmarks/search_cost.py as a module (the benchmarks are scripts, not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import search_cost
+
+    return search_cost
+
+
+def _synthetic_grid(search_cost) -> dict:
+    """The full benchmark space (36 configurations) with crossing synthetic learning curves."""
+    import optuna
+
+    from ranksearch import space
+    from ranksearch.config import StudyConfig
+
+    search = StudyConfig.model_validate(search_cost.study(Path("."), quick=False)).search
+    rng, configs = random.Random(0), {}
+    for rank, modules, lr in itertools.product([4, 8, 16, 32], search_cost.MODULES,
+                                               [3e-4, 1e-3, 3e-3]):  # fmt: skip
+        params = {"rank": rank, "target_modules": modules, "learning_rate": lr}
+        key = space.config_key(space.suggest(optuna.trial.FixedTrial(params), search))
+        final, slow = rng.uniform(0.35, 0.7), rng.uniform(0.0, 0.4)
+        curve = {str(s): final + slow * math.exp(-s / 40) for s in range(20, 101, 20)}
+        configs[key] = {"curve": curve, "val_loss": curve["100"], "test_accuracy": 0.5}
+    best = min(configs, key=lambda k: configs[k]["val_loss"])
+    return {"configs": configs, "best": best, "best_seeds": {"std": 0.01}}
+
+
+def test_replayed_hyperband_searches_are_reproducible():
+    search_cost = _search_cost()
+    table = _synthetic_grid(search_cost)
+    method = search_cost.METHODS["ranksearch TPE + Hyperband"]
+    for seed in range(4):
+        first = search_cost.replay(table, method, seed, n_trials=12, max_cost=1e9)
+        # Hyperband puts trials in brackets by a hash of the study name: a fixed name per seed
+        assert search_cost.replay(table, method, seed, n_trials=12, max_cost=1e9) == first
+        trace, cost = first
+        assert trace and 1 <= cost <= 12  # complete trials cost 1, pruned ones less
