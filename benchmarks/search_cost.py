@@ -93,19 +93,27 @@ def write_study_file(data: Path, out: Path, quick: bool, model: str, grouped: bo
     return study_file
 
 
-def run_grid(data: Path, out: Path, quick: bool, model: str, grouped: bool) -> None:
+def run_grid(data: Path, out: Path, quick: bool, model: str, grouped: bool, top: int) -> None:
     study_file = write_study_file(data, out, quick, model, grouped)
     common = ("--study", str(study_file), "--out", str(out / "grid"), "--plain")
     started = time.time()
     ranksearch("run", *common)
-    ranksearch("confirm", *common, "--top", "1", "--seeds", "3")  # the best, with 2 more seeds
+    # the best `top` configurations with 2 more seeds: the seed noise, and the picks' means
+    ranksearch("confirm", *common, "--top", str(top), "--seeds", "3")
     wall = time.time() - started
     table = grid_table(out / "grid", data, quick, model)
     table["wall_seconds"] = round(wall, 1)
     table["quick"] = quick
     table["batching"] = "grouped" if grouped else "random"
-    (out / "table.json").write_text(json.dumps(table, indent=1))
+    write_table(out, table)
     print(f"grid: {len(table['configs'])} configurations in {wall / 60:.1f} min -> table.json")
+
+
+def write_table(out: Path, table: dict) -> None:
+    old = json.loads(t.read_text()) if (t := out / "table.json").exists() else {}
+    for key in ("wall_seconds", "quick", "batching"):  # kept when the table is rebuilt
+        table.setdefault(key, old.get(key))
+    t.write_text(json.dumps(table, indent=1))
 
 
 def grid_table(study_dir: Path, data: Path, quick: bool, model: str) -> dict:
@@ -133,6 +141,9 @@ def grid_table(study_dir: Path, data: Path, quick: bool, model: str) -> dict:
             "curve": {str(k): v for k, v in sorted(t.intermediate_values.items())},
             **row,
         }
+    for key, row in configs.items():  # every seed run of a configuration, seed 0 first
+        runs = [row] + [r for r in seeds if r["key"] == key]
+        row["seeds"] = {m: [r[m] for r in runs] for m in ("val_loss", "test_accuracy")}
     best = min(configs, key=lambda k: configs[k]["val_loss"])
     runs = [configs[best]] + [r for r in seeds if r["key"] == best]
     losses = [r["val_loss"] for r in runs]
@@ -252,6 +263,8 @@ def summarize(table: dict, trace, spent: float) -> dict:
             anytime.append([round(cost, 4), configs[key]["val_loss"]])
         if reached is None and configs[key]["val_loss"] <= target:
             reached = cost
+    seeds = configs[pick].get("seeds", {}) if pick else {}
+    retrained = len(seeds.get("val_loss", [])) > 1  # the pick was trained with more seeds
     return {
         "anytime": anytime,
         "cost": spent,
@@ -259,6 +272,9 @@ def summarize(table: dict, trace, spent: float) -> dict:
         "pick": pick,
         "val_loss": configs[pick]["val_loss"] if pick else None,
         "test_accuracy": configs[pick]["test_accuracy"] if pick else None,
+        # the pick's mean over its seeds (None unless `grid --top` covered it)
+        "val_loss_seeds": statistics.mean(seeds["val_loss"]) if retrained else None,
+        "test_accuracy_seeds": statistics.mean(seeds["test_accuracy"]) if retrained else None,
     }
 
 
@@ -292,6 +308,9 @@ def compare(out: Path, repeats: int, trials: int, compute: float) -> dict:
         "reached_fraction": 1.0,
         "val_loss_mean": table["configs"][table["best"]]["val_loss"],
         "test_accuracy_mean": table["configs"][table["best"]]["test_accuracy"],
+        "picks_retrained": 1.0,
+        "val_loss_seeds_mean": statistics.mean(table["best_seeds"]["val_loss"]),
+        "test_accuracy_seeds_mean": statistics.mean(table["best_seeds"]["test_accuracy"]),
     }
     (out / "compare.json").write_text(json.dumps(results, indent=1))
     print_table(table, results)
@@ -308,8 +327,21 @@ def aggregate(runs: list[dict]) -> dict:
         "reached_at_median": statistics.median(reached) if reached else None,
         "val_loss_mean": statistics.mean(r["val_loss"] for r in picks) if picks else None,
         "test_accuracy_mean": statistics.mean(r["test_accuracy"] for r in picks) if picks else None,
+        **_seed_means(picks),
         "repeats": len(runs),
         "anytime": [r["anytime"] for r in runs],
+    }
+
+
+def _seed_means(picks: list[dict]) -> dict:
+    """The picks' val_loss and dev accuracy averaged over their seeds, where they have them."""
+    covered = [r for r in picks if r.get("val_loss_seeds") is not None]
+    if not covered:
+        return {"picks_retrained": 0.0}
+    return {
+        "picks_retrained": len(covered) / len(picks),
+        "val_loss_seeds_mean": statistics.mean(r["val_loss_seeds"] for r in covered),
+        "test_accuracy_seeds_mean": statistics.mean(r["test_accuracy_seeds"] for r in covered),
     }
 
 
@@ -319,8 +351,9 @@ def print_table(table: dict, results: dict) -> None:
     print(f"grid best {table['best']}: val_loss {best['val_loss']:.4f}, seed std {noise:.4f}, "
           f"dev accuracy {best['test_accuracy']:.3f}")  # fmt: skip
     print("| method | budget | mean cost | reached target | cost to reach (mean / median) | "
-          "picked val_loss | picked dev acc |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "picked val_loss | picked dev acc | "
+          "picked, 3 seeds: val_loss / dev acc (retrained) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         method, _, budget = name.partition(" | ")
 
@@ -330,7 +363,9 @@ def print_table(table: dict, results: dict) -> None:
         print(f"| {method} | {budget or '36 trials'} | {f(r['cost'])} | "
               f"{r['reached_fraction']:.0%} | {f(r.get('reached_at_mean'))} / "
               f"{f(r.get('reached_at_median'))} | {f(r['val_loss_mean'], '.4f')} | "
-              f"{f(r['test_accuracy_mean'], '.3f')} |")  # fmt: skip
+              f"{f(r['test_accuracy_mean'], '.3f')} | {f(r.get('val_loss_seeds_mean'), '.4f')} / "
+              f"{f(r.get('test_accuracy_seeds_mean'), '.3f')} "
+              f"({r.get('picks_retrained', 0):.0%}) |")  # fmt: skip
 
 
 # -- the cost-vs-quality plot ----------------------------------------------------------------
@@ -399,7 +434,7 @@ def plot(out: Path, png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("phase", choices=["grid", "compare", "trainer", "plot", "all"])
+    p.add_argument("phase", choices=["grid", "table", "compare", "trainer", "plot", "all"])
     p.add_argument("--data", type=Path, default=Path("../shared/data/sst2"))
     p.add_argument("--out", type=Path, default=Path("bench/search-cost"))
     p.add_argument("--png", type=Path, help="where the plot goes (default: OUT/search_cost.png)")
@@ -408,13 +443,17 @@ def main() -> None:
                    help="training batches: random (the default) or of similar lengths")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke run of every phase (CI)")
     p.add_argument("--repeats", type=int, default=50, help="sampler seeds per method (compare)")
+    p.add_argument("--top", type=int, default=12,
+                   help="grid: configurations retrained with 3 seeds (default: 12)")  # fmt: skip
     p.add_argument("--trials", type=int, default=12, help="trials per search (equal trials)")
     p.add_argument("--compute", type=float, default=6.0, help="full trials (equal compute)")
     a = p.parse_args()
     if a.quick:
         a.repeats, a.trials, a.compute = 2, 2, 2.0
     if a.phase in ("grid", "all"):
-        run_grid(a.data, a.out, a.quick, a.model, a.batching == "grouped")
+        run_grid(a.data, a.out, a.quick, a.model, a.batching == "grouped", 1 if a.quick else a.top)
+    if a.phase == "table":  # after more seeds were trained by hand (`ranksearch confirm`)
+        write_table(a.out, grid_table(a.out / "grid", a.data, a.quick, a.model))
     if a.phase in ("compare", "all"):
         compare(a.out, a.repeats, a.trials, a.compute)
     if a.phase in ("trainer", "all"):

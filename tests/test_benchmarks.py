@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import make_rows, write_study
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -45,9 +47,13 @@ def test_search_cost_quick(tmp_path, tiny_bert):
          cwd=tmp_path)  # fmt: skip
     table = json.loads((out / "table.json").read_text())
     assert len(table["configs"]) == 2 and len(table["best_seeds"]["val_loss"]) == 3
+    best = table["configs"][table["best"]]
+    assert best["seeds"]["val_loss"] == table["best_seeds"]["val_loss"]  # seed 0 first, then 2
     compare = json.loads((out / "compare.json").read_text())
     assert "ranksearch TPE + Hyperband | equal trials" in compare
     assert "TPE + Hyperband, first rung 40 % | equal compute" in compare  # a pruner variant
+    grid_row = compare["grid (exhaustive)"]
+    assert grid_row["val_loss_seeds_mean"] == pytest.approx(sum(best["seeds"]["val_loss"]) / 3)
     trainer = json.loads((out / "trainer.json").read_text())
     assert trainer["pick"] in table["configs"]
     # what Trainer's search spent, from its own study: pruned trials cost less than a full one
