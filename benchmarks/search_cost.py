@@ -1,14 +1,16 @@
 """Search cost: what each method spends to find a configuration as good as the grid's best.
 
-Three phases, each resumable (results go under --out):
+Phases, each resumable (results go under --out):
 
   grid     the exhaustive grid at the full budget with ranksearch (36 configurations: rank x
-           target modules x learning rate), its best configuration again with 2 more seeds (the
-           seed noise), and every trained adapter scored on SST-2 dev (the final test).
+           target modules x learning rate), its best --top configurations again with 2 more
+           seeds (the seed noise, and the mean of what a search picks), and every trained
+           adapter scored on SST-2 dev (the final test).
+  table    table.json rebuilt from the grid's study, after more seeds were trained by hand.
   compare  ranksearch's methods replayed on the grid's learning curves (a tabular benchmark:
            every method sees the same training runs, so differences are the search's alone):
-           TPE + Hyperband, TPE without pruning, random without pruning, each over many sampler
-           seeds, at equal trial counts and at equal compute.
+           TPE + Hyperband, TPE without pruning, random without pruning, and other pruner
+           settings, each over many sampler seeds, at equal trial counts and at equal compute.
   trainer  transformers' Trainer.hyperparameter_search(backend="optuna") on the same space
            through model_init, as users do today, run for real; its pick is scored on the grid.
   plot     cost vs quality for every method (PNG; matplotlib).
