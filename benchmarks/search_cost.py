@@ -127,7 +127,8 @@ def grid_table(study_dir: Path, data: Path, quick: bool, model: str) -> dict:
     configs, seeds = {}, []
     for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         key = t.user_attrs["config_key"]
-        acc = dev_accuracy(model, Path(t.user_attrs["trial_dir"]) / "adapter", dev)
+        adapter = study_dir / "trials" / str(t.number) / "adapter"  # wherever the grid now lies
+        acc = dev_accuracy(model, adapter, dev)
         row = {
             "val_loss": t.value,
             "val_loss_se": t.user_attrs.get("val_loss_se"),

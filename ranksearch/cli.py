@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def study_dir(cfg: StudyConfig, out: Path | None) -> Path:
-    return out if out is not None else Path("runs") / cfg.study_name
+    """`--out`, else runs/<study>; absolute, because trials record their paths in the storage
+    and `report`, `export` and other processes read them from wherever they run."""
+    return (out if out is not None else Path("runs") / cfg.study_name).absolute()
 
 
 def quiet_libraries() -> None:

@@ -31,7 +31,8 @@ def finished(tmp_path_factory, tiny_bert, sentiment_csv):
         training={"max_steps": 6, "eval_every": 3, "batch_size": 8},
     )
     out = tmp / "out"
-    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp)
+    # a relative --out: the paths trials record must still resolve from any directory
+    r = run_cli("run", "--study", str(study_file), "--out", "out", cwd=tmp)
     assert r.returncode == 0, r.stdout + r.stderr
     study = optuna.load_study(study_name="exp", storage=f"sqlite:///{out / 'optuna.db'}")
     return tmp, study_file, out, study
