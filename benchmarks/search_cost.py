@@ -119,7 +119,7 @@ def write_table(out: Path, table: dict) -> None:
 
 
 def grid_table(study_dir: Path, data: Path, quick: bool, model: str) -> dict:
-    """Every grid trial's curve and dev accuracy, and the seed runs of the best configuration."""
+    """Every grid trial's curve and dev accuracy, and each configuration's seed runs."""
     import optuna
 
     s = optuna.load_study(study_name="search-cost-grid", storage=f"sqlite:///{study_dir}/optuna.db")
@@ -148,15 +148,14 @@ def grid_table(study_dir: Path, data: Path, quick: bool, model: str) -> dict:
         runs = [row] + [r for r in seeds if r["key"] == key]
         row["seeds"] = {m: [r[m] for r in runs] for m in ("val_loss", "test_accuracy")}
     best = min(configs, key=lambda k: configs[k]["val_loss"])
-    runs = [configs[best]] + [r for r in seeds if r["key"] == best]
-    losses = [r["val_loss"] for r in runs]
+    losses = configs[best]["seeds"]["val_loss"]
     return {
         "max_steps": study(data, quick)["training"]["max_steps"],
         "configs": configs,
         "best": best,
         "best_seeds": {
             "val_loss": losses,
-            "test_accuracy": [r["test_accuracy"] for r in runs],
+            "test_accuracy": configs[best]["seeds"]["test_accuracy"],
             "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
         },
     }
@@ -253,12 +252,16 @@ def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float
     return trace, cost
 
 
+def target_val_loss(table: dict) -> float:
+    """The target: within one seed std of the grid's best full-budget val_loss."""
+    return table["configs"][table["best"]]["val_loss"] + table["best_seeds"]["std"]
+
+
 def summarize(table: dict, trace, spent: float) -> dict:
     """When the search first held a configuration within the seed noise of the grid's best,
     what it picked at the end (the best complete trial), and its anytime curve: the best
     full-budget val_loss held after each completed trial, against the cost spent so far."""
-    configs, best = table["configs"], table["configs"][table["best"]]["val_loss"]
-    target = best + table["best_seeds"]["std"]
+    configs, target = table["configs"], target_val_loss(table)
     reached, pick, anytime = None, None, []
     for cost, key in trace:
         if pick is None or configs[key]["val_loss"] < configs[pick]["val_loss"]:
@@ -392,8 +395,7 @@ def plot(out: Path, png: Path) -> None:
     table = json.loads((out / "table.json").read_text())
     results = json.loads((out / "compare.json").read_text())
     trainer = json.loads(t.read_text()) if (t := out / "trainer.json").exists() else None
-    best = table["configs"][table["best"]]["val_loss"]
-    target = best + table["best_seeds"]["std"]
+    best, target = table["configs"][table["best"]]["val_loss"], target_val_loss(table)
     n_grid = len(table["configs"])
     costs = [i / 10 for i in range(0, 10 * n_grid + 1)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))

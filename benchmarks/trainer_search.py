@@ -120,10 +120,11 @@ def spent(study, cfg, table: dict) -> tuple[float, float | None]:
     Trainer creates has Optuna's default MedianPruner, fed its evaluations). And the cost at
     which it first finished a configuration within the grid's target (None: never)."""
     import optuna
+    from search_cost import target_val_loss  # benchmarks/ is on the path: search_cost runs us
 
     from ranksearch import space
 
-    target = table["configs"][table["best"]]["val_loss"] + table["best_seeds"]["std"]
+    target = target_val_loss(table)
     full, cost, reached = cfg.training.max_steps, 0.0, None
     for t in sorted(study.trials, key=lambda t: t.number):
         if t.state == optuna.trial.TrialState.PRUNED:

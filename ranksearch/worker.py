@@ -93,12 +93,10 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     def __init__(
         self, lengths: list[int], batch_size: int, generator: torch.Generator, mega: int = 50
     ):
-        self.lengths, self.batch_size, self.generator, self.mega = (
-            lengths,
-            batch_size,
-            generator,
-            mega,
-        )
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.generator = generator
+        self.mega = mega
 
     def __len__(self) -> int:
         return len(self.lengths)

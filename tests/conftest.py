@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from ranksearch.packing import free_port
+from ranksearch.ui import stop_server
 
 POSITIVE = ["good", "great", "fine", "happy", "love", "nice"]
 NEGATIVE = ["bad", "awful", "sad", "hate", "poor", "ugly"]
@@ -217,14 +218,14 @@ def mlflow_server_at(backend_uri: str, artifacts: Path) -> Iterator[str]:
         ],  # fmt: skip
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, stopped whole: no worker left behind
     )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_health(url)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_server(proc, grace=20)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
