@@ -258,14 +258,15 @@ class MlflowTracker(NullTracker):
         for split in ("train", "validation"):
             ds = load_from_disk(str(data.path / split))
             with warnings.catch_warnings():
-                # its schema hint about integer columns (token ids, labels) is for model
-                # signatures; a user of this study cannot act on it
+                # its schema hint about integer columns (token ids, labels), printed when the
+                # entity infers the schema, is for model signatures: nothing a user can act on
                 warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
                 dataset = mlflow.data.from_huggingface(
                     ds, path=cfg.data.source, name=f"{cfg.study_name}-{split}"
                 )
+                entity = dataset._to_mlflow_entity()
             tags = [InputTag("mlflow.data.context", split)]
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+            inputs.append(DatasetInput(entity, tags))
         _retry(self.client.log_inputs, self.parent_id, inputs)
 
     def _close_stale_runs(self, study) -> None:
