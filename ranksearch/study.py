@@ -184,9 +184,13 @@ class Orchestrator:
         with study_lock(self.study._storage, self.study.study_name):
             self.tracker.start_study(self.study, self.cfg, self.study_file, self.data)
         self.view.study_started(self.study, self.budget)
-        previous = {
-            sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        received: list[str] = []  # signals seen, also when their raise was swallowed
+
+        def interrupt(signum, frame) -> None:
+            received.append(signal.Signals(signum).name)
+            raise Interrupted(received[-1])
+
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         self._failures = []
         self._active = active = []
         try:
@@ -214,6 +218,8 @@ class Orchestrator:
                         active.remove(run)
                         self._release(run, outcome)
                         self._ended(run.trial, outcome)
+                if received:  # its raise landed where Python ignores it (a GC callback)
+                    raise Interrupted(received[-1])
                 time.sleep(POLL_SECONDS)
         except BaseException as e:
             # Interrupted, or the study stopped: stop what still runs, record it, queue it again
@@ -434,7 +440,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
