@@ -64,6 +64,13 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False  # never run code shipped with a model unless asked
 
 
+class MessageTemplate(_Strict):
+    """One turn of a conversation built from a row: `{role: user, content: "Tweet: {text}"}`."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str  # a template over the row's columns: `{column}`; `{{` for a literal brace
+
+
 class DataConfig(_Strict):
     source: str  # hub dataset id, a local csv/tsv/json/jsonl/parquet file, or package://...
     validation: str | None = None  # a validation file, or a split name for hub datasets
@@ -71,8 +78,18 @@ class DataConfig(_Strict):
     split: str = "train"  # hub split used for training
     encoding: str = "utf-8"  # text encoding of csv/tsv files (e.g. latin-1)
     quoting: Literal["minimal", "none"] = "minimal"  # csv quoting; `none` for raw TSV like SST-2
+    # causal-lm only. `text`: loss on every token of `text_column`. `prompt-completion`: loss on
+    # the completion (EOS appended). `messages`: rendered with the tokenizer's chat template, loss
+    # on the assistant turns.
+    format: Literal["text", "prompt-completion", "messages"] = "text"
+    prompt: str | None = None  # a column, or a template over columns: "Tweet: {text}\nSentiment:"
+    completion: str | None = None  # a column, or a template: " {sentiment}"
+    # a column holding [{role, content}, ...] (chat JSONL), or the turns as templates over columns
+    messages: str | Annotated[list[MessageTemplate], Field(min_length=1)] | None = None
     text_column: str = "text"
-    label_column: str = "label"  # ignored for causal-lm
+    # Classification: the class column. Causal-lm: with `labels`, only these values are kept and
+    # the validation split is stratified by them.
+    label_column: str = "label"
     labels: dict[str, int] | None = None  # raw label -> class id; unmapped rows are dropped
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # held out when no validation source
     max_length: int = Field(128, gt=0)  # tokens; longer texts are truncated
@@ -127,6 +144,11 @@ class TrainingConfig(_Strict):
     # its batches served in random order. About 1.5x faster on tweets, but it changes which
     # configurations win (BENCHMARKS.md, section 3): off unless speed matters more.
     group_by_length: bool = False
+    # causal-lm: each training batch's examples share rows (position ids restart per example, so
+    # attention stays inside each one) instead of being padded; the same examples per step and
+    # the same loss. Rows hold at most `packing_length` tokens (default: the whole batch in one).
+    packing: bool = False
+    packing_length: int | None = Field(None, gt=0)
 
 
 class PrunerConfig(_Strict):
@@ -239,8 +261,7 @@ def _check_cross_fields(cfg: StudyConfig) -> list[tuple[str, str]]:
                 "the first rung; set it to a multiple of eval_every",
             )
         )
-    if cfg.task == "causal-lm" and cfg.data.labels:
-        problems.append(("data.labels", "causal-lm trains on text only; remove `labels`"))
+    problems += _format_problems(cfg)
     if cfg.data.labels is not None and len(set(cfg.data.labels.values())) < 2:
         problems.append(("data.labels", "map at least two classes, e.g. {neg: 0, pos: 1}"))
     if cfg.data.labels and sorted(set(cfg.data.labels.values())) != list(
@@ -261,6 +282,68 @@ def _check_cross_fields(cfg: StudyConfig) -> list[tuple[str, str]]:
 
     problems += space_problems(cfg)
     return problems
+
+
+def _format_problems(cfg: StudyConfig) -> list[tuple[str, str]]:
+    """`data.format` and the keys each format needs (causal-lm only)."""
+    d, problems = cfg.data, []
+    if cfg.task != "causal-lm":
+        if d.format != "text":
+            problems.append(("data.format", "prompt-completion and messages need task: causal-lm"))
+        if cfg.training.packing:
+            problems.append(("training.packing", "packing is for task: causal-lm; remove it"))
+        return problems
+    if d.labels and d.format == "text":
+        problems.append(("data.labels", "causal-lm `text` trains on text only; remove `labels`"))
+    needs = {"prompt-completion": ("prompt", "completion"), "messages": ("messages",)}
+    for key in needs.get(d.format, ()):
+        if getattr(d, key) is None:
+            problems.append(
+                (f"data.{key}", f"format {d.format} needs `{key}`: a column or a template")
+            )
+    for key in ("prompt", "completion", "messages"):
+        if getattr(d, key) is not None and key not in needs.get(d.format, ()):
+            problems.append(
+                (f"data.{key}", f"not used with data.format {d.format}; remove it or the format")
+            )
+    if isinstance(d.messages, list) and not any(m.role == "assistant" for m in d.messages):
+        problems.append(("data.messages", "no assistant turn: add {role: assistant, content: ..}"))
+    for key in ("prompt", "completion"):
+        template = getattr(d, key)
+        if template is not None:
+            problems += [(f"data.{key}", e) for e in template_errors(template)]
+    if isinstance(d.messages, list):
+        for i, m in enumerate(d.messages):
+            errors = template_errors(m.content, column_shorthand=False)
+            problems += [(f"data.messages.{i}.content", e) for e in errors]
+    return problems
+
+
+def template_fields(template: str, column_shorthand: bool = True) -> list[str]:
+    """The columns a template names: "Tweet: {text}" -> ["text"]. With `column_shorthand`, a
+    bare name (`prompt`) is the column itself. Raises ValueError for a malformed template."""
+    import string
+
+    if column_shorthand and template.isidentifier():
+        return [template]
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def render_template(template: str, row: dict[str, Any], column_shorthand: bool = True) -> str:
+    """A template filled from one row (every value as text); a bare name is that column."""
+    if column_shorthand and template.isidentifier():
+        return str(row[template])
+    return template.format_map({k: str(v) for k, v in row.items()})
+
+
+def template_errors(template: str, column_shorthand: bool = True) -> list[str]:
+    try:
+        fields = template_fields(template, column_shorthand)
+    except ValueError as e:
+        return [f"not a valid template ({e}); write `{{column}}`, and `{{{{` for a brace"]
+    if any(not f.isidentifier() for f in fields):
+        return ["fields must be column names: `{text}`, not positions or expressions"]
+    return []
 
 
 def _format_pydantic(err: ValidationError) -> list[tuple[str, str]]:

@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,14 +49,21 @@ class PreparedData:
     label_names: list[str]
     pad_token_id: int
     counts: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "path": str(self.path)}
+    format: str = "text"  # causal-lm: text, prompt-completion or messages
 
 
 def model_location(path: str) -> str:
-    """A model source as `from_pretrained` takes it: a local directory or a hub id."""
+    """A model source as `from_pretrained` takes it: a local directory or a hub id.
+
+    A `.gguf` file becomes the Hugging Face folder it is converted into (once, cached).
+    """
     local = local_path(path)
+    if local is not None and local.suffix == ".gguf":
+        from ranksearch.gguf import converted_dir
+
+        if not local.is_file():
+            raise PathError(f"{path}: no such GGUF file")
+        return str(converted_dir(local))
     return str(local) if local is not None else path
 
 
@@ -123,8 +130,11 @@ def label_frame(
 ) -> tuple[pd.DataFrame, dict[str, int], dict[str, int]]:
     """Check columns, drop empty texts and unmapped labels, add integer `labels`.
 
-    Returns the frame, row counts, and the label mapping used (raw label -> class id).
+    Returns the frame, row counts, and the label mapping used (raw label -> class id). A
+    causal-lm frame with `data.labels` gets a `stratum` column instead (its split is stratified).
     """
+    if task == "causal-lm" and cfg.format != "text":
+        return _causal_frame(cfg, frame, where)
     columns = list(frame.columns)
     if cfg.text_column not in columns:
         raise DataError(
@@ -135,17 +145,8 @@ def label_frame(
     counts["dropped_empty"] = counts["rows"] - len(frame)
     if task == "causal-lm":
         return frame.reset_index(drop=True), counts, {}
-    if cfg.label_column not in columns:
-        raise DataError(
-            "data.label_column",
-            f"{where} has no column {cfg.label_column!r}; columns are {columns}",
-        )
-    raw = frame[cfg.label_column].astype(str)
-    mapping = cfg.labels or {v: i for i, v in enumerate(sorted(raw.unique()))}
-    ids = raw.map(mapping)
-    counts["dropped_unmapped"] = int(ids.isna().sum())
-    frame = frame.assign(labels=ids).dropna(subset=["labels"])
-    frame["labels"] = frame["labels"].astype(int)
+    frame, mapping = _map_labels(cfg, frame, where, counts)
+    frame["labels"] = frame.pop("_label").astype(int)
     present = sorted(frame["labels"].unique())
     if len(present) < 2:
         raise DataError(
@@ -154,6 +155,50 @@ def label_frame(
             f"{mapping}; a classifier needs at least two: check `data.labels` "
             f"against the values in {cfg.label_column!r}",
         )
+    return frame.reset_index(drop=True), counts, mapping
+
+
+def _map_labels(
+    cfg: DataConfig, frame: pd.DataFrame, where: str, counts: dict[str, int]
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Rows whose label `data.labels` maps, with the class id in `_label`."""
+    if cfg.label_column not in frame.columns:
+        raise DataError(
+            "data.label_column",
+            f"{where} has no column {cfg.label_column!r}; columns are {list(frame.columns)}",
+        )
+    raw = frame[cfg.label_column].astype(str)
+    mapping = cfg.labels or {v: i for i, v in enumerate(sorted(raw.unique()))}
+    ids = raw.map(mapping)
+    counts["dropped_unmapped"] = int(ids.isna().sum())
+    return frame.assign(_label=ids).dropna(subset=["_label"]), mapping
+
+
+def _causal_frame(
+    cfg: DataConfig, frame: pd.DataFrame, where: str
+) -> tuple[pd.DataFrame, dict[str, int], dict[str, int]]:
+    """prompt-completion / messages: the columns the templates name exist; empty rows dropped."""
+    from ranksearch.sft import columns_used
+
+    key = "data.messages" if cfg.format == "messages" else "data.prompt"
+    missing = [c for c in columns_used(cfg) if c not in frame.columns]
+    if missing:
+        raise DataError(
+            key,
+            f"{where} has no column {', '.join(map(repr, missing))}; columns are "
+            f"{list(frame.columns)}",
+        )
+    counts = {"rows": len(frame)}
+    if not isinstance(cfg.messages, str):  # template columns: a blank value makes no example
+        blank = np.zeros(len(frame), bool)
+        for column in columns_used(cfg):
+            blank |= (frame[column].astype(str).str.strip() == "").to_numpy()
+        frame = frame[~blank]
+    counts["dropped_empty"] = counts["rows"] - len(frame)
+    mapping: dict[str, int] = {}
+    if cfg.labels:
+        frame, mapping = _map_labels(cfg, frame, where, counts)
+        frame["stratum"] = frame.pop("_label").astype(int)
     return frame.reset_index(drop=True), counts, mapping
 
 
@@ -209,7 +254,12 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> PreparedData:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return PreparedData(
-            out, meta["num_labels"], meta["label_names"], meta["pad_token_id"], meta["counts"]
+            out,
+            meta["num_labels"],
+            meta["label_names"],
+            meta["pad_token_id"],
+            meta["counts"],
+            meta.get("format", "text"),
         )
 
     from datasets import Dataset
@@ -222,7 +272,8 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> PreparedData:
         )
         counts.update({f"validation_{k}": v for k, v in val_counts.items()})
     else:
-        strata = frame["labels"].to_numpy() if "labels" in frame else np.zeros(len(frame), int)
+        column = "labels" if "labels" in frame else "stratum" if "stratum" in frame else None
+        strata = frame[column].to_numpy() if column else np.zeros(len(frame), int)
         train_idx, val_idx = stratified_split(strata, d.validation_fraction, seed)
         frame, val_frame = frame.iloc[train_idx], frame.iloc[val_idx]
     frame = frame.iloc[_subsample(len(frame), d.max_train_samples, seed)]
@@ -236,12 +287,7 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> PreparedData:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for name, part in (("train", frame), ("validation", val_frame)):
-        enc = tok(
-            part[d.text_column].astype(str).tolist(), truncation=True, max_length=d.max_length
-        )
-        columns = {"input_ids": enc["input_ids"]}
-        if "labels" in part:
-            columns["labels"] = part["labels"].tolist()
+        columns = tokenize_split(cfg, part, tok, name, counts)
         ds = Dataset.from_dict(columns)
         if name == "validation":  # sorted by length: evaluation batches carry little padding
             ds = ds.select(np.argsort([len(x) for x in columns["input_ids"]], kind="stable"))
@@ -258,6 +304,7 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> PreparedData:
         "counts": counts,
         "pad_token_id": tok.pad_token_id,
         "source": d.source,
+        "format": d.format if cfg.task == "causal-lm" else "text",
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     try:
@@ -266,4 +313,30 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> PreparedData:
         shutil.rmtree(out, ignore_errors=True)
         if not meta_path.is_file():
             raise
-    return PreparedData(final, meta["num_labels"], label_names, tok.pad_token_id, counts)
+    return PreparedData(
+        final, meta["num_labels"], label_names, tok.pad_token_id, counts, meta["format"]
+    )
+
+
+def tokenize_split(
+    cfg: StudyConfig, part: pd.DataFrame, tok, name: str, counts: dict[str, int]
+) -> dict[str, list]:
+    """The columns of one prepared split: `input_ids`, and `labels` (class ids, or per-token
+    labels for prompt-completion and messages). Rows truncated to nothing are counted."""
+    d = cfg.data
+    if cfg.task != "causal-lm":
+        enc = tok(
+            part[d.text_column].astype(str).tolist(), truncation=True, max_length=d.max_length
+        )
+        return {"input_ids": enc["input_ids"], "labels": part["labels"].tolist()}
+    from ranksearch.sft import ExampleError, build_examples
+
+    try:
+        examples = build_examples(d, part, tok, f"data ({name} split)")
+    except ExampleError as e:
+        raise DataError(e.key, str(e)) from None
+    counts[f"{name}_dropped_truncated"] = examples.dropped_truncated
+    counts[name] = len(examples.input_ids)
+    if examples.labels is None:
+        return {"input_ids": examples.input_ids}
+    return {"input_ids": examples.input_ids, "labels": examples.labels}

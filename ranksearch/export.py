@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from ranksearch.launch import WorkerProcess, accelerate_argv
+from ranksearch.recommend import accuracy
 
 
 class ExportError(Exception):
@@ -89,7 +90,7 @@ def export(
         "trial": trial.number,
         "state": trial.state.name,
         "val_loss": trial.value,
-        "accuracy": trial.user_attrs.get("accuracy"),
+        "accuracy": accuracy(trial.user_attrs),
         "config": {k: v for k, v in trial.user_attrs.get("config", {}).items() if k != "modules"},
         "base_model": spec["model"]["path"],
         "task": spec["task"],

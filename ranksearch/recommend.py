@@ -30,6 +30,12 @@ class Answer:
     candidates: list[int]  # trial numbers within the margin
 
 
+def accuracy(values: dict[str, Any]) -> float | None:
+    """The accuracy a trial's row shows: the classifier's, or for a causal LM trained on
+    completions its answer accuracy (every completion token the teacher-forced argmax)."""
+    return values.get("accuracy", values.get("answer_accuracy"))
+
+
 def count_states(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     """Trials per state (lower-case names); confirmation trainings under `confirmation` only,
     since they are outside the search and its budget."""
@@ -107,7 +113,7 @@ def rank_view(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
             "trials": len(group),
             "complete": len(complete),
             "best_val_loss": best.value if best else None,
-            "best_accuracy": best.user_attrs.get("accuracy") if best else None,
+            "best_accuracy": accuracy(best.user_attrs) if best else None,
             "best_trial": best.number if best else None,
             "mean_seconds": sum(t.user_attrs.get("wall_seconds", 0) for t in group) / len(group),
             "gain_vs_previous_rank": (previous - best.value)

@@ -8,6 +8,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from ranksearch.recommend import accuracy
+
 COLUMNS = (
     "#",
     "state",
@@ -39,7 +41,7 @@ def trial_row(t: FrozenTrial) -> dict[str, Any]:
         "trainable_params": a.get("trainable_params"),
         "last_step": a.get("last_step"),
         "val_loss": t.value if t.state == TrialState.COMPLETE else a.get("val_loss"),
-        "accuracy": a.get("accuracy"),
+        "accuracy": accuracy(a),
         "wall_seconds": a.get("wall_seconds"),
         "note": _note(t),
     }
@@ -124,7 +126,7 @@ def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
     return {
         "trial": t.number,
         "val_loss": t.value,
-        "accuracy": t.user_attrs.get("accuracy"),
+        "accuracy": accuracy(t.user_attrs),
         "val_loss_se": t.user_attrs.get("val_loss_se"),
         "config": {k: v for k, v in t.user_attrs.get("config", {}).items() if k != "modules"},
         "cost": cost(t),
@@ -167,7 +169,7 @@ def build_report(
             "state": t.state.name,
             "config": {k: v for k, v in t.user_attrs.get("config", {}).items() if k != "modules"},
             "val_loss": t.value,
-            "accuracy": t.user_attrs.get("accuracy"),
+            "accuracy": accuracy(t.user_attrs),
         }
         if ans.best is not None and t.value is not None:
             entry["best_gain_val_loss"] = t.value - ans.best.value

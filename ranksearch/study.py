@@ -358,6 +358,7 @@ class Orchestrator:
                 "path": str(self.data.path),
                 "num_labels": self.data.num_labels,
                 "pad_token_id": self.data.pad_token_id,
+                "format": self.data.format,
             },
             "lora": space.lora_kwargs(config, cfg.task),
             "training": {

@@ -32,6 +32,7 @@ REPORT_ATTRS = (
     "val_loss",
     "val_loss_se",
     "accuracy",
+    "answer_accuracy",
     "f1",
     "perplexity",
     "train_loss",

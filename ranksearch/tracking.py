@@ -25,7 +25,15 @@ from ranksearch.storage import init_lock
 T = TypeVar("T")
 ROLE = "ranksearch.role"
 STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
-STEP_METRICS = ("val_loss", "accuracy", "f1", "perplexity", "train_loss", "learning_rate")
+STEP_METRICS = (
+    "val_loss",
+    "accuracy",
+    "answer_accuracy",
+    "f1",
+    "perplexity",
+    "train_loss",
+    "learning_rate",
+)
 FINAL_METRICS = (
     "trainable_params",
     "trainable_fraction",

@@ -83,22 +83,57 @@ def model_problems(cfg: StudyConfig) -> list[Problem]:
     return problems
 
 
-def data_problems(cfg: StudyConfig) -> list[Problem]:
+def data_problems(cfg: StudyConfig, model_ok: bool = True) -> list[Problem]:
     problems = []
     sources = [("data.source", cfg.data.source)]
     if cfg.data.validation:
         sources.append(("data.validation", cfg.data.validation))
     for key, source in sources:
         try:
-            label_frame(cfg.data, read_frame(cfg.data, source, key), cfg.task, key)
+            frame, _, _ = label_frame(cfg.data, read_frame(cfg.data, source, key), cfg.task, key)
         except DataError as e:
             problems.append((e.key, str(e).split(": ", 1)[1]))
-    return problems
+            continue
+        if model_ok and cfg.task == "causal-lm" and cfg.data.format != "text":
+            problems += example_problems(cfg, frame, key)
+    return list(dict.fromkeys(problems))
+
+
+def example_problems(cfg: StudyConfig, frame, where: str, sample: int = 500) -> list[Problem]:
+    """Causal-LM formats on a seeded sample of rows: a chat template to render with, an
+    assistant turn in every conversation, completions that survive `max_length`."""
+    from ranksearch.data import load_tokenizer
+    from ranksearch.sft import ExampleError, build_examples, conversation, truncation_problem
+
+    if isinstance(cfg.data.messages, str):  # every row's turns, before any tokenizing
+        try:
+            for pos, row in enumerate(frame[[cfg.data.messages]].to_dict("records")):
+                conversation(cfg.data, row, f"{where} row {pos}")
+        except ExampleError as e:
+            return [(e.key, str(e))]
+
+    tok = load_tokenizer(cfg)
+    if cfg.data.format == "messages" and not tok.chat_template:
+        return [
+            (
+                "data.format",
+                f"the tokenizer of {cfg.model.path} has no chat template to render messages "
+                "with; use format prompt-completion, or a model that ships a chat template",
+            )
+        ]
+    rows = frame.sample(n=min(sample, len(frame)), random_state=cfg.training.seed)
+    try:
+        examples = build_examples(cfg.data, rows, tok, where)
+    except ExampleError as e:
+        return [(e.key, str(e))]
+    message = truncation_problem(cfg.data, examples, len(rows))
+    return [("data.max_length", message)] if message else []
 
 
 def resource_problems(cfg: StudyConfig, storage_url: str | None = None) -> list[Problem]:
     """Every problem with the model, the data and the storage, collected (not the first)."""
-    problems = model_problems(cfg) + data_problems(cfg)
+    problems = model_problems(cfg)
+    problems += data_problems(cfg, model_ok=not any(k == "model.path" for k, _ in problems))
     if storage_url:
         try:
             check_storage(storage_url)

@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ranksearch.recommend import count_states
+from ranksearch.recommend import accuracy, count_states
 from ranksearch.report import best_trial, trial_row
 
 
@@ -84,7 +84,8 @@ class PlainView(QuietView):
         self.console.print(Text(f"trial {number:>3} started  {describe(config)}"))
 
     def trial_report(self, number: int, record: dict[str, Any]) -> None:
-        acc = f" acc {record['accuracy']:.3f}" if "accuracy" in record else ""
+        value = accuracy(record)
+        acc = f" acc {value:.3f}" if value is not None else ""
         self.console.print(
             f"trial {number:>3} step {record['step']:>5} val_loss {record['val_loss']:.4f}{acc}"
         )

