@@ -175,6 +175,9 @@ class LaunchConfig(_Strict):
     num_processes: int = Field(1, gt=0)  # accelerate ranks per trial
     gpus_per_trial: int = Field(1, gt=0)  # on GPU, each trial runs one rank per GPU
     parallel_trials: int | None = Field(None, gt=0)  # default: visible GPUs // gpus_per_trial
+    # Several one-GPU trials share each GPU, each its own process (small models leave a large
+    # GPU mostly idle); checked against the estimated memory of the largest configuration.
+    trials_per_gpu: int = Field(1, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stop_grace_seconds: float = Field(5.0, ge=0)  # after SIGTERM, before SIGKILL
     trial_timeout_minutes: float | None = Field(None, gt=0)

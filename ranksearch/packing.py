@@ -39,6 +39,7 @@ class Slots:
     parallel: int
     gpus_per_trial: int
     threads: int
+    trials_per_gpu: int = 1
 
 
 def plan_slots(
@@ -49,11 +50,15 @@ def plan_slots(
     parallel_trials: int | None,
     num_processes: int,
     cpu_count: int,
+    trials_per_gpu: int = 1,
+    gpu_memory_gb: float | None = None,
+    trial_memory_gb: float | None = None,
 ) -> Slots:
     """Resolve `launch.parallel_trials` (None: as many as the GPUs allow; 1 on CPU).
 
-    Raises ValueError naming the key and the fix when the GPUs cannot hold one trial, or the
-    requested parallel trials.
+    `trials_per_gpu` packs several one-GPU trials onto each GPU (fractional GPUs), checked
+    against the memory one trial is estimated to need. Raises ValueError naming the key and
+    the fix when the GPUs cannot hold one trial, the packed trials, or the parallel trials.
     """
     if device == "cpu":
         parallel = parallel_trials or 1
@@ -64,7 +69,21 @@ def plan_slots(
             f"launch.gpus_per_trial: {gpus_per_trial} GPUs per trial but {len(gpus)} visible "
             f"({','.join(gpus) or 'none'}); lower gpus_per_trial or make more GPUs visible"
         )
-    fits = len(gpus) // gpus_per_trial
+    if trials_per_gpu > 1 and gpus_per_trial > 1:
+        raise ValueError(
+            f"launch.trials_per_gpu: {trials_per_gpu} trials per GPU with {gpus_per_trial} "
+            "GPUs per trial; packing shares single GPUs, so set gpus_per_trial: 1 or "
+            "trials_per_gpu: 1"
+        )
+    if trials_per_gpu > 1 and gpu_memory_gb and trial_memory_gb:
+        room = int(0.9 * gpu_memory_gb // trial_memory_gb)  # a tenth left for the allocator
+        if trials_per_gpu > room:
+            raise ValueError(
+                f"launch.trials_per_gpu: {trials_per_gpu} trials of about {trial_memory_gb:.1f} "
+                f"GB (ranksearch estimate, largest configuration) do not fit a "
+                f"{gpu_memory_gb:.0f} GB GPU; use trials_per_gpu <= {max(room, 1)}"
+            )
+    fits = len(gpus) // gpus_per_trial * trials_per_gpu
     parallel = parallel_trials or fits
     if parallel > fits:
         raise ValueError(
@@ -73,31 +92,42 @@ def plan_slots(
             f"use parallel_trials <= {fits} (or leave it out)"
         )
     threads = max(1, cpu_count // (parallel * gpus_per_trial))
-    return Slots(parallel, gpus_per_trial, threads)
+    return Slots(parallel, gpus_per_trial, threads, trials_per_gpu)
 
 
 class GpuPool:
-    """Disjoint GPU sets for running trials: `take` the lowest free ids, `give_back` when done."""
+    """GPU sets for running trials: `take` the least busy ids, `give_back` when done.
 
-    def __init__(self, gpus: list[str], per_trial: int):
+    Each GPU seats `per_gpu` trials (launch.trials_per_gpu); with the default 1 the sets are
+    disjoint. Trials spread over idle GPUs before any GPU takes a second one.
+    """
+
+    def __init__(self, gpus: list[str], per_trial: int, per_gpu: int = 1):
         self.gpus = list(gpus)
         self.per_trial = per_trial
-        self.busy: set[str] = set()
+        self.per_gpu = per_gpu
+        self.load: dict[str, int] = dict.fromkeys(self.gpus, 0)
+
+    @property
+    def busy(self) -> set[str]:
+        return {g for g, n in self.load.items() if n}
 
     def take(self) -> list[str] | None:
-        """`per_trial` free GPUs, now held; None when not enough are free."""
-        free = [g for g in self.gpus if g not in self.busy]
+        """`per_trial` GPUs with a free seat, now held; None when not enough have one."""
+        free = sorted((g for g in self.gpus if self.load[g] < self.per_gpu), key=self.load.get)
         if len(free) < self.per_trial:
             return None
-        chosen = free[: self.per_trial]
-        self.busy.update(chosen)
+        chosen = sorted(free[: self.per_trial], key=self.gpus.index)
+        for g in chosen:
+            self.load[g] += 1
         return chosen
 
     def give_back(self, ids: list[str]) -> None:
-        unknown = set(ids) - self.busy
+        unknown = {g for g in ids if not self.load.get(g)}
         if unknown:
             raise ValueError(f"GPUs {sorted(unknown)} were not held")
-        self.busy.difference_update(ids)
+        for g in ids:
+            self.load[g] -= 1
 
 
 def free_port(taken: set[int] = frozenset(), host: str = "127.0.0.1") -> int:

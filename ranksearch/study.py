@@ -101,7 +101,7 @@ class Orchestrator:
         )
         ranks = cfg.launch.num_processes
         self.slots = slots or Slots(1, 0, max(1, (os.cpu_count() or 1) // ranks))
-        self.gpu_pool = GpuPool(list(gpus), self.slots.gpus_per_trial)
+        self.gpu_pool = GpuPool(list(gpus), self.slots.gpus_per_trial, self.slots.trials_per_gpu)
         self._ports: set[int] = set()  # main process ports of this process's running trials
         self._failures: list[str] = []  # reasons of the failures in a row, newest last
         self._waiting = False  # told the user we wait for trials running elsewhere

@@ -94,3 +94,38 @@ def test_free_port_is_bindable_and_avoids_taken_ports():
     assert second != first
     with socket.socket() as s:
         s.bind(("127.0.0.1", second))
+
+
+def test_trials_per_gpu_seats_several_trials_on_each_gpu():
+    slots = plan_slots(
+        device="cuda", gpus=["0", "1"], gpus_per_trial=1, parallel_trials=None,
+        num_processes=1, cpu_count=16, trials_per_gpu=4, gpu_memory_gb=140, trial_memory_gb=3,
+    )  # fmt: skip
+    assert (slots.parallel, slots.trials_per_gpu, slots.threads) == (8, 4, 2)
+    pool = GpuPool(["0", "1"], per_trial=1, per_gpu=4)
+    held = [pool.take() for _ in range(8)]
+    assert held[:2] == [["0"], ["1"]]  # idle GPUs first, then a second seat
+    assert sorted(g for ids in held for g in ids) == ["0"] * 4 + ["1"] * 4
+    assert pool.take() is None  # every seat taken
+    pool.give_back(["1"])
+    assert pool.take() == ["1"]
+    with pytest.raises(ValueError, match="not held"):
+        pool.give_back(["2"])
+
+
+def test_trials_per_gpu_is_checked_against_the_memory_estimate():
+    def plan(per_gpu, per_trial=1):
+        return plan_slots(
+            device="cuda", gpus=["0"], gpus_per_trial=per_trial, parallel_trials=None,
+            num_processes=1, cpu_count=16, trials_per_gpu=per_gpu, gpu_memory_gb=80,
+            trial_memory_gb=20,
+        )  # fmt: skip
+
+    assert plan(3).parallel == 3  # 3 x 20 GB within 90 % of 80 GB
+    with pytest.raises(ValueError, match=r"launch.trials_per_gpu: 4 trials of about 20.0 GB.*<= 3"):
+        plan(4)
+    with pytest.raises(ValueError, match=r"launch.trials_per_gpu: .*set gpus_per_trial: 1"):
+        plan_slots(
+            device="cuda", gpus=["0", "1"], gpus_per_trial=2, parallel_trials=None,
+            num_processes=1, cpu_count=16, trials_per_gpu=2,
+        )  # fmt: skip
