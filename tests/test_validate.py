@@ -85,3 +85,57 @@ def test_bad_storage_urls(tmp_path, tiny_bert, sentiment_csv, url):
     url = url.format(tmp=tmp_path)
     problems = dict(resource_problems(_study(tmp_path, tiny_bert, sentiment_csv), url))
     assert "--storage" in problems
+
+
+CHAT = [
+    {"role": "user", "content": "Sentiment of: {review}"},
+    {"role": "assistant", "content": "{sentiment}"},
+]
+
+
+def _sft(tmp_path, model_dir, data_file, **data):
+    base = {"source": str(data_file), "format": "messages", "messages": CHAT, "max_length": 96}
+    search = {"target_modules": {"qv": ["q_proj", "v_proj"]}}
+    return _study(tmp_path, model_dir, data_file, task="causal-lm", data={**base, **data},
+                  search=search)  # fmt: skip
+
+
+def test_a_chat_study_is_valid(tmp_path, tiny_llama, sentiment_csv):
+    assert resource_problems(_sft(tmp_path, tiny_llama, sentiment_csv)) == []
+
+
+def test_messages_need_a_chat_template(tmp_path, tiny_gpt2, sentiment_csv):
+    cfg = _sft(tmp_path, tiny_gpt2, sentiment_csv)
+    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"target_modules": {}})})
+    problems = dict(resource_problems(cfg))
+    assert "has no chat template" in problems["data.format"]
+    assert "prompt-completion" in problems["data.format"]  # the fix
+
+
+def test_a_conversation_without_an_assistant_turn_is_refused(tmp_path, tiny_llama):
+    import json
+
+    path = tmp_path / "chats.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 5))
+    problems = dict(resource_problems(_sft(tmp_path, tiny_llama, path, messages="messages")))
+    assert "row 1: a conversation has no assistant turn" in problems["data.messages"]
+    path.write_text("".join(json.dumps({"messages": "not a list"}) + "\n" for _ in range(3)))
+    problems = dict(resource_problems(_sft(tmp_path, tiny_llama, path, messages="messages")))
+    assert "must hold a list of {role, content} messages" in problems["data.messages"]
+
+
+def test_most_answers_cut_by_max_length_is_refused(tmp_path, tiny_llama, sentiment_csv):
+    problems = dict(resource_problems(_sft(tmp_path, tiny_llama, sentiment_csv, max_length=12)))
+    assert "lose their whole completion at max_length 12" in problems["data.max_length"]
+    assert "raise `data.max_length`" in problems["data.max_length"]
+
+
+def test_templates_must_name_existing_columns(tmp_path, tiny_llama, sentiment_csv):
+    data = {"format": "prompt-completion", "prompt": "Review: {body}", "completion": "{mood}"}
+    cfg = _sft(tmp_path, tiny_llama, sentiment_csv, messages=None, **data)
+    problems = dict(resource_problems(cfg))
+    assert "no column 'body', 'mood'" in problems["data.prompt"]
