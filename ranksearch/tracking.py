@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -116,19 +116,36 @@ def _retry(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     raise AssertionError("unreachable")
 
 
-class NullTracker:
-    """Tracking off (`tracking: none` or `--no-mlflow`)."""
+class Tracker(Protocol):
+    """What the orchestrator logs a study through: `MlflowTracker`, or `NullTracker` when
+    tracking is off. Two implementations, neither inheriting from the other; a test holds
+    their signatures equal."""
 
-    uri = None
+    @property
+    def uri(self) -> str | None: ...  # where the runs go; None when tracking is off
 
     def start_study(self, study, cfg, study_file: Path, data) -> None: ...
     def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
-    def end_trial(self, trial: FrozenTrial) -> None: ...
+    def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
     def finish_study(self, study) -> None: ...
 
 
-class MlflowTracker(NullTracker):
+class NullTracker:
+    """Tracking off (`tracking: none` or `--no-mlflow`): every call does nothing."""
+
+    uri: str | None = None
+
+    def start_study(self, study, cfg, study_file: Path, data) -> None: ...
+    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
+    def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
+    def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
+    def finish_study(self, study) -> None: ...
+
+
+class MlflowTracker:
+    """One experiment and one parent run per study, one nested run per trial."""
+
     def __init__(self, uri: str, experiment: str, log_adapters: str, artifact_dir: Path):
         from mlflow import MlflowClient
 
@@ -284,7 +301,7 @@ class MlflowTracker(NullTracker):
 
     # -- trials ------------------------------------------------------------------------------
 
-    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str:
+    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None:
         from mlflow.entities import Param
 
         existing = _retry(
@@ -388,7 +405,7 @@ def log_plots(uri: str, parent_run_id: str, plots_dir: Path) -> None:
     _retry(client.log_artifacts, parent_run_id, str(plots_dir), "plots")
 
 
-def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -> NullTracker:
+def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -> Tracker:
     """CLI option > study file > MLFLOW_TRACKING_URI > SQLite in the study directory."""
     t = cfg.tracking
     if disabled or not t.enabled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -14,6 +15,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+
+from ranksearch.tracking import MlflowTracker, NullTracker, Tracker
 
 from .conftest import free_port, mlflow_server_at, run_cli, write_study
 from .test_cli import FIXED, _popen_run, _wait_for_report
@@ -212,6 +215,15 @@ def test_two_orchestrators_share_one_study_and_one_store(tmp_path, tiny_bert, se
     numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs)
     assert numbers == [t.number for t in study.trials]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_both_trackers_implement_the_protocol_with_its_signatures():
+    """Tracking off must take every call tracking on takes (the lost-trial path passes run ids)."""
+    for name in ("start_study", "start_trial", "log_report", "end_trial", "finish_study"):
+        expected = inspect.signature(getattr(Tracker, name))
+        for impl in (NullTracker, MlflowTracker):
+            assert inspect.signature(getattr(impl, name)) == expected, (impl, name)
+    assert not issubclass(MlflowTracker, NullTracker)  # no implementation inheritance
 
 
 def test_unreachable_tracking_server_exits_2_before_anything(tmp_path, tiny_bert, sentiment_csv):

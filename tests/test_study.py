@@ -1,0 +1,62 @@
+"""The search loop's recovery paths on a real SQLite Optuna storage, without training a model."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+
+from ranksearch import space
+from ranksearch.config import load_study
+from ranksearch.study import fail_lost, open_study, worker_host
+from ranksearch.tracking import NullTracker
+from ranksearch.view import PlainView
+
+from .conftest import write_study
+
+
+def _cfg(tmp_path: Path, **overrides):
+    path = write_study(
+        tmp_path / "loop.yaml", tmp_path / "model", tmp_path / "data.csv", **overrides
+    )
+    return load_study(path)[0]
+
+
+def _view() -> PlainView:
+    return PlainView(Console(file=io.StringIO(), width=200))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _running_trial(study: optuna.Study, cfg, **attrs) -> optuna.Trial:
+    """A trial as `Orchestrator._start` leaves it while its worker runs."""
+    trial = study.ask()
+    config = space.suggest(trial, cfg.search)
+    trial.set_user_attr("config", config)
+    for name, value in attrs.items():
+        trial.set_user_attr(name, value)
+    return trial
+
+
+def test_a_lost_trial_with_tracking_off_is_failed_and_queued_again(tmp_path):
+    cfg = _cfg(tmp_path)
+    study = open_study(cfg, f"sqlite:///{tmp_path / 'optuna.db'}")
+    lost = _running_trial(study, cfg, host=worker_host(), orchestrator_pid=_dead_pid())
+    view = _view()
+    fail_lost(study, cfg, NullTracker(), view)  # tracking off: the tracker is the null object
+    first = study.trials[0]
+    assert first.state == TrialState.FAIL
+    assert "orchestrator died" in first.user_attrs["fail_reason"]
+    assert f"trial {lost.number}: configuration queued again" in view.console.file.getvalue()
+    retry = study.ask()  # the next trial trains the lost configuration
+    assert retry.user_attrs["retry_of"] == lost.number
+    assert space.suggest(retry, cfg.search) == lost.user_attrs["config"]
