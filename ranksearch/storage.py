@@ -152,3 +152,19 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
             yield
     else:  # other databases: counts and asks are not serialized (a trial or two over n_trials)
         yield
+
+
+def trials_without_heartbeat(storage: optuna.storages.BaseStorage, study_id: int) -> set[int]:
+    """Ids of the study's RUNNING trials that never recorded a heartbeat.
+
+    Optuna's stale check looks only at trials with a heartbeat; a trial lost between `ask` and
+    its first heartbeat would stay RUNNING for ever. Read from Optuna's own tables."""
+    import sqlalchemy
+
+    engine = getattr(storage, "_backend", storage).engine
+    query = sqlalchemy.text(
+        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id"
+        " WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL"
+    )
+    with engine.connect() as conn:
+        return {row[0] for row in conn.execute(query, {"study": study_id})}

@@ -20,7 +20,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch import space
-from ranksearch.config import StudyConfig
+from ranksearch.config import StudyConfig, StudyError
 from ranksearch.data import PreparedData, model_location
 from ranksearch.launch import (
     WorkerProcess,
@@ -29,9 +29,10 @@ from ranksearch.launch import (
     single_process_plan,
 )
 from ranksearch.packing import GpuPool, Slots, free_port
+from ranksearch.paths import redact_url
 from ranksearch.recommend import count_states
 from ranksearch.sampling import create_pruner, create_sampler, space_size
-from ranksearch.storage import open_storage, study_lock
+from ranksearch.storage import open_storage, study_lock, trials_without_heartbeat
 from ranksearch.supervise import Outcome, TrialRun
 from ranksearch.tracking import NullTracker, Tracker
 
@@ -62,6 +63,9 @@ def open_study(cfg: StudyConfig, storage_url: str) -> optuna.Study:
         pruner=create_pruner(cfg),
         load_if_exists=True,
     )
+    changed = space.changed_dimensions(study.get_trials(deepcopy=False), cfg.search)
+    if changed:  # before any trial is asked: Optuna would refuse it mid-run
+        raise StudyError(changed, f"study {cfg.study_name!r} in {redact_url(storage_url)}")
     for entry in cfg.enqueue:  # skip_if_exists: a resumed study does not queue them again
         study.enqueue_trial(space.enqueue_params(cfg.search, entry), skip_if_exists=True)
     return study
@@ -411,12 +415,21 @@ def _lost_trials(study: optuna.Study, cfg: StudyConfig) -> dict[int, str]:
         pid = t.user_attrs.get("orchestrator_pid")
         if t.user_attrs.get("host") == host and pid and not _pid_alive(pid):
             lost[t._trial_id] = "orchestrator died while it ran (killed or crashed)"
+    stale = cfg.launch.stale_after_seconds
     for trial_id in study._storage._get_stale_trial_ids(study._study_id):
         lost.setdefault(
-            trial_id,
-            f"no heartbeat for {cfg.launch.stale_after_seconds:g} s: "
-            "its orchestrator or machine was lost",
+            trial_id, f"no heartbeat for {stale:g} s: its orchestrator or machine was lost"
         )
+    never = trials_without_heartbeat(study._storage, study._study_id)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # asked, then lost before its worker ran: no heartbeat to go stale, so its age counts
+        age = time.time() - t.datetime_start.timestamp() if t.datetime_start else 0.0
+        if t._trial_id in never and age > stale:
+            lost.setdefault(
+                t._trial_id,
+                f"no heartbeat in the {age:.0f} s since it started: its orchestrator or "
+                "machine was lost before its worker ran",
+            )
     return lost
 
 

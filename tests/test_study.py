@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
 from ranksearch import space
-from ranksearch.config import load_study
+from ranksearch.config import StudyError, load_study
 from ranksearch.study import fail_lost, open_study, worker_host
 from ranksearch.tracking import NullTracker
 from ranksearch.view import PlainView
@@ -60,3 +62,29 @@ def test_a_lost_trial_with_tracking_off_is_failed_and_queued_again(tmp_path):
     retry = study.ask()  # the next trial trains the lost configuration
     assert retry.user_attrs["retry_of"] == lost.number
     assert space.suggest(retry, cfg.search) == lost.user_attrs["config"]
+
+
+def test_a_changed_search_space_is_refused_before_any_trial_is_asked(tmp_path):
+    cfg = _cfg(tmp_path)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = open_study(cfg, url)
+    trial = study.ask()
+    space.suggest(trial, cfg.search)
+    study.tell(trial, 0.5)
+    changed = _cfg(tmp_path, search={**cfg.search.model_dump(), "rank": [2, 4, 64]})
+    with pytest.raises(StudyError) as err:
+        open_study(changed, url)
+    message = str(err.value)
+    assert "`search.rank`" in message and "[2, 4, 8]" in message and "[2, 4, 64]" in message
+    assert "study_name" in message and "--out" in message
+    assert len(open_study(cfg, url).trials) == 1  # nothing was asked; the old space still opens
+
+
+def test_a_running_trial_that_never_beat_is_lost_after_stale_after_seconds(tmp_path):
+    cfg = _cfg(tmp_path, launch={"device": "cpu", "heartbeat_seconds": 1, "stale_after_seconds": 3})
+    study = open_study(cfg, f"sqlite:///{tmp_path / 'optuna.db'}")
+    silent = study.ask()  # as a crash between ask and launch leaves it: no host, pid or heartbeat
+    assert fail_lost(study, cfg, NullTracker(), _view()) == []  # not yet stale_after_seconds
+    time.sleep(3.5)
+    assert fail_lost(study, cfg, NullTracker(), _view()) == [silent.number]
+    assert "no heartbeat" in study.trials[0].user_attrs["fail_reason"]
