@@ -453,7 +453,7 @@ def open_existing(args) -> tuple[StudyConfig, optuna.Study]:
     """The study `run` wrote, found from the same --study/--out/--storage options."""
     import optuna
 
-    from ranksearch.storage import open_storage
+    from ranksearch.storage import check_storage, open_storage
 
     cfg, path, problems = parse_study(args.study, args.overrides)
     url = args.storage or default_storage_url(study_dir(cfg, args.out))
@@ -468,6 +468,7 @@ def open_existing(args) -> tuple[StudyConfig, optuna.Study]:
             ],
             str(path),
         )
+    check_storage(url)  # StorageError naming `--storage`, as `run` gives
     try:
         return cfg, optuna.load_study(study_name=cfg.study_name, storage=open_storage(url))
     except KeyError:

@@ -15,9 +15,10 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+import yaml
 from optuna.trial import TrialState
 
-from .conftest import run_cli, write_study
+from .conftest import free_port, run_cli, write_study
 
 FIXED = {
     "rank": [2, 4],
@@ -336,3 +337,14 @@ def test_default_study_on_the_real_pretrained_model(tmp_path):
     assert trials[0].user_attrs["config"]["lora_alpha"] == 8
     # LoRA r=8 on query and value of 6 layers, plus the classifier head PEFT trains
     assert trials[0].user_attrs["trainable_params"] == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_reading_commands_name_an_unreachable_storage(tmp_path, command):
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text(yaml.safe_dump({"model": "unused", "data": {"source": "unused"}}))
+    url = f"postgresql://user:secret@127.0.0.1:{free_port()}/optuna"  # nothing listens there
+    r = run_cli(command, "--study", str(study_file), "--storage", url, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "`--storage`" in r.stderr and "cannot connect" in r.stderr
+    assert "Traceback" not in r.stderr and "secret" not in r.stderr
