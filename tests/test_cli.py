@@ -348,3 +348,21 @@ def test_reading_commands_name_an_unreachable_storage(tmp_path, command):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "`--storage`" in r.stderr and "cannot connect" in r.stderr
     assert "Traceback" not in r.stderr and "secret" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "options"),
+    [("/proc/forbidden/x", ["--no-mlflow"]), ("/proc/forbidden/x", []), ("a-file", [])],
+    ids=["unwritable-no-mlflow", "unwritable-mlflow", "regular-file-mlflow"],
+)
+def test_a_bad_out_is_named_before_anything_runs(
+    tmp_path, tiny_bert, sentiment_csv, where, options
+):
+    study_file = write_study(tmp_path / "out.yaml", tiny_bert, sentiment_csv)
+    out = tmp_path / where if where == "a-file" else Path(where)
+    if where == "a-file":
+        out.write_text("not a directory")
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), *options, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "`--out`" in r.stderr and "Traceback" not in r.stderr
+    assert "tracking.uri" not in r.stderr and "`--storage`" not in r.stderr  # --out's fault
