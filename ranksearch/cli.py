@@ -526,10 +526,11 @@ def write_plots(args, cfg: StudyConfig, study: optuna.Study) -> list[Path]:
 
     out = study_dir(cfg, args.out) / "plots"
     files = make_plots(study, out)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    if files and parent and cfg.tracking.enabled:
-        log_plots(tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri), parent, out)
-        args.plots_in_mlflow = True
+    tracked = "mlflow_parent_run_id" in study.user_attrs  # by this node or another one
+    if files and tracked and cfg.tracking.enabled:
+        uri = tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri)
+        experiment = cfg.tracking.experiment or cfg.study_name
+        args.plots_in_mlflow = log_plots(uri, experiment, cfg.study_name, out)
     return files
 
 
