@@ -149,7 +149,7 @@ class Orchestrator:
                     self._waiting = True
                 return WAIT
             self._waiting = False
-            return self.study.ask()
+            return ask_retry_first(self.study)
 
     def confirm(self, jobs: list[dict[str, Any]]) -> optuna.Study:
         """Train each job's configuration again with its seed, at the full budget, unpruned.
@@ -431,6 +431,24 @@ def _lost_trials(study: optuna.Study, cfg: StudyConfig) -> dict[int, str]:
                 "machine was lost before its worker ran",
             )
     return lost
+
+
+def ask_retry_first(study: optuna.Study) -> optuna.Trial:
+    """The next trial: a configuration queued again (interrupted or lost) before everything else,
+    then the study's queue (`enqueue:` baselines), then the sampler.
+
+    Optuna pops its queue oldest first, which would run the baselines enqueued when the study
+    was created before a retry enqueued later. The retry is popped as Optuna pops its queue:
+    WAITING -> RUNNING, which only one process wins."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if "retry_of" not in t.user_attrs:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                return optuna.Trial(study, t._trial_id)
+        except UpdateFinishedTrialError:  # another process popped and finished it
+            continue
+    return study.ask()
 
 
 def requeue(study: optuna.Study, cfg: StudyConfig, trial: FrozenTrial, lost: bool = False) -> bool:

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from ranksearch import space
 from ranksearch.config import StudyError, load_study
-from ranksearch.study import fail_lost, open_study, worker_host
+from ranksearch.study import ask_retry_first, fail_lost, open_study, requeue, worker_host
 from ranksearch.tracking import NullTracker
 from ranksearch.view import PlainView
 
@@ -88,3 +88,18 @@ def test_a_running_trial_that_never_beat_is_lost_after_stale_after_seconds(tmp_p
     time.sleep(3.5)
     assert fail_lost(study, cfg, NullTracker(), _view()) == [silent.number]
     assert "no heartbeat" in study.trials[0].user_attrs["fail_reason"]
+
+
+def test_an_interrupted_configuration_runs_before_the_queued_baselines(tmp_path):
+    baselines = [{"rank": 2, "target_modules": "qv"}, {"rank": 8, "target_modules": "all-linear"}]
+    cfg = _cfg(tmp_path, enqueue=baselines)
+    study = open_study(cfg, f"sqlite:///{tmp_path / 'optuna.db'}")
+    first = ask_retry_first(study)  # the first baseline
+    space.suggest(first, cfg.search)
+    study.tell(first, state=TrialState.FAIL)  # interrupted: recorded, then queued again
+    assert requeue(study, cfg, study.trials[0])
+    again = ask_retry_first(study)
+    assert again.user_attrs.get("retry_of") == first.number
+    assert space.suggest(again, cfg.search)["rank"] == 2
+    second = ask_retry_first(study)  # then the other baseline
+    assert space.suggest(second, cfg.search)["rank"] == 8
