@@ -410,26 +410,23 @@ def fail_lost(study: optuna.Study, cfg: StudyConfig, tracker: Tracker, view) -> 
 
 def _lost_trials(study: optuna.Study, cfg: StudyConfig) -> dict[int, str]:
     """Trial id -> why its orchestrator counts as gone."""
-    host, lost = worker_host(), {}
+    host, lost, stale = worker_host(), {}, cfg.launch.stale_after_seconds
+    never_beat = trials_without_heartbeat(study._storage, study._study_id)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("orchestrator_pid")
+        # a trial asked, then lost before its worker ran, has no heartbeat to go stale: its age
+        age = time.time() - t.datetime_start.timestamp() if t.datetime_start else 0.0
         if t.user_attrs.get("host") == host and pid and not _pid_alive(pid):
             lost[t._trial_id] = "orchestrator died while it ran (killed or crashed)"
-    stale = cfg.launch.stale_after_seconds
+        elif t._trial_id in never_beat and age > stale:
+            lost[t._trial_id] = (
+                f"no heartbeat in the {age:.0f} s since it started: its orchestrator or "
+                "machine was lost before its worker ran"
+            )
     for trial_id in study._storage._get_stale_trial_ids(study._study_id):
         lost.setdefault(
             trial_id, f"no heartbeat for {stale:g} s: its orchestrator or machine was lost"
         )
-    never = trials_without_heartbeat(study._storage, study._study_id)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # asked, then lost before its worker ran: no heartbeat to go stale, so its age counts
-        age = time.time() - t.datetime_start.timestamp() if t.datetime_start else 0.0
-        if t._trial_id in never and age > stale:
-            lost.setdefault(
-                t._trial_id,
-                f"no heartbeat in the {age:.0f} s since it started: its orchestrator or "
-                "machine was lost before its worker ran",
-            )
     return lost
 
 
