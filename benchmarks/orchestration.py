@@ -44,26 +44,24 @@ def work(index: int, storage: str, tracking: str, n_trials: int, out: list) -> N
 
     from ranksearch import space
     from ranksearch.storage import study_lock
-    from ranksearch.study import Orchestrator, open_study, trial_counts
+    from ranksearch.study import fail_lost, open_study, trial_counts
     from ranksearch.tracking import MlflowTracker
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = _config(n_trials)
     tracker = MlflowTracker(tracking, STUDY, "none", Path(tempfile.mkdtemp()))
-    orch = Orchestrator.__new__(Orchestrator)  # the loop's pieces, without data or a launcher
-    orch.cfg, orch.tracker, orch.view = cfg, tracker, _Silent()
-    orch.study = open_study(cfg, storage)
-    _attach(tracker, orch.study)
+    study, view = open_study(cfg, storage), _Silent()  # the loop's pieces, without a launcher
+    _attach(tracker, study)
     rng = random.Random(index)
     timings: list[dict] = []
     while True:
         t0 = time.perf_counter()
-        with study_lock(orch.study._storage, STUDY):
-            orch._fail_lost()
-            c = trial_counts(orch.study)
+        with study_lock(study._storage, STUDY):
+            fail_lost(study, cfg, tracker, view)
+            c = trial_counts(study)
             if c["complete"] + c["pruned"] + c["running"] >= n_trials:
                 break
-            trial = orch.study.ask()
+            trial = study.ask()
         config = space.suggest(trial, cfg.search)
         trial.set_user_attr("config", config)
         run_id = tracker.start_trial(trial.number, config)
@@ -86,8 +84,8 @@ def work(index: int, storage: str, tracking: str, n_trials: int, out: list) -> N
                 break
         t3 = time.perf_counter()
         state = optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE
-        orch.study.tell(trial, None if pruned else loss, state=state)
-        tracker.end_trial(orch.study._storage.get_trial(trial._trial_id))
+        study.tell(trial, None if pruned else loss, state=state)
+        tracker.end_trial(study._storage.get_trial(trial._trial_id))
         tell_s = time.perf_counter() - t3
         timings.append(
             {

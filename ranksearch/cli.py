@@ -20,9 +20,15 @@ from rich.text import Text
 
 from ranksearch.config import StudyConfig, StudyError, parse_study
 from ranksearch.data import DataError
-from ranksearch.paths import BUILTIN_STUDIES, PathError, redact_url
+from ranksearch.paths import BUILTIN_STUDIES, PathError, out_problems, redact_url
 from ranksearch.storage import StorageError, default_storage_url
-from ranksearch.tracking import TrackingError, check_tracking, make_tracker, tracking_uri
+from ranksearch.tracking import (
+    TrackingError,
+    check_tracking,
+    default_tracking_uri,
+    make_tracker,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -270,12 +276,17 @@ def _load_checked(args, schema_only: bool = False) -> tuple[StudyConfig, str, Pa
     from ranksearch.validate import resource_problems
 
     cfg, path, problems = parse_study(args.study, args.overrides)
-    storage_url = args.storage or default_storage_url(study_dir(cfg, args.out))
+    out = study_dir(cfg, args.out)
+    storage_url = args.storage or default_storage_url(out)
     if not schema_only:
+        problems += out_problems(out)
         problems += resource_problems(cfg, storage_url if args.storage else None)
-        if cfg.tracking.enabled and not getattr(args, "no_mlflow", False):
+        uri = tracking_uri(cfg, out, args.tracking_uri)
+        # a store inside a bad --out is --out's fault, said once
+        in_bad_out = uri == default_tracking_uri(out) and any(k == "--out" for k, _ in problems)
+        if cfg.tracking.enabled and not getattr(args, "no_mlflow", False) and not in_bad_out:
             try:
-                check_tracking(tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri))
+                check_tracking(uri)
             except TrackingError as e:
                 problems.append(("tracking.uri", str(e).removeprefix("`tracking.uri` ")))
         if cfg.launch.max_memory_gb and not any(k == "model.path" for k, _ in problems):
@@ -337,6 +348,11 @@ def _orchestrator(args, console: Console):
 
     cfg, storage_url, study_file = _load_checked(args)
     out = study_dir(cfg, args.out)
+    try:  # judged writable above; creating it is the proof (root may "write" to /proc)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        problem = ("--out", f"{out}: cannot create it ({e.strerror}); give a writable directory")
+        raise StudyError([problem], str(study_file)) from None
     device = cfg.launch.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -491,7 +507,7 @@ def open_existing(args) -> tuple[StudyConfig, optuna.Study]:
     """The study `run` wrote, found from the same --study/--out/--storage options."""
     import optuna
 
-    from ranksearch.storage import open_storage
+    from ranksearch.storage import check_storage, open_storage
 
     cfg, path, problems = parse_study(args.study, args.overrides)
     url = args.storage or default_storage_url(study_dir(cfg, args.out))
@@ -506,6 +522,7 @@ def open_existing(args) -> tuple[StudyConfig, optuna.Study]:
             ],
             str(path),
         )
+    check_storage(url)  # StorageError naming `--storage`, as `run` gives
     try:
         return cfg, optuna.load_study(study_name=cfg.study_name, storage=open_storage(url))
     except KeyError:
@@ -547,10 +564,11 @@ def write_plots(args, cfg: StudyConfig, study: optuna.Study) -> list[Path]:
 
     out = study_dir(cfg, args.out) / "plots"
     files = make_plots(study, out)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    if files and parent and cfg.tracking.enabled:
-        log_plots(tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri), parent, out)
-        args.plots_in_mlflow = True
+    tracked = "mlflow_parent_run_id" in study.user_attrs  # by this node or another one
+    if files and tracked and cfg.tracking.enabled:
+        uri = tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri)
+        experiment = cfg.tracking.experiment or cfg.study_name
+        args.plots_in_mlflow = log_plots(uri, experiment, cfg.study_name, out)
     return files
 
 

@@ -383,7 +383,25 @@ def set_override(data: dict[str, Any], assignment: str) -> None:
                 raise StudyError([(key, f"`{part}` is not a mapping; cannot set {key}")], "--set")
             node[part] = child
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    node[parts[-1]] = _yaml_value(key, raw)
+
+
+def _yaml_value(key: str, raw: str) -> Any:
+    """A `--set` value parsed as YAML; a malformed one is a StudyError naming the option."""
+    try:
+        return yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise StudyError(
+            [
+                (
+                    f"--set {key}",
+                    f"{raw!r} is not valid YAML ({why}); close brackets and quotes, and quote "
+                    "the whole assignment for the shell: --set 'search.rank=[4, 8]'",
+                )
+            ],
+            "--set",
+        ) from None
 
 
 def parse_study(

@@ -112,6 +112,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.reports_path = reports_path
         self._offset = 0
+        self._output_start = 0
         self._proc: subprocess.Popen | None = None
 
     def start(self) -> WorkerProcess:
@@ -126,6 +127,7 @@ class WorkerProcess:
                 log.write(f"# accelerate launch, single process: {self.plan.launcher}\n".encode())
             log.write(f"$ {self.plan.command_line()}\n".encode())
             log.flush()
+            self._output_start = log.tell()  # what the worker writes comes after this header
             self._proc = subprocess.Popen(
                 self.plan.argv,
                 stdout=log,
@@ -176,8 +178,11 @@ class WorkerProcess:
             os.killpg(self._proc.pid, sig)
 
     def log_tail(self, lines: int = 15) -> str:
+        """The last non-blank lines the worker wrote (the command header above them left out)."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self._output_start)
+                text = f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])

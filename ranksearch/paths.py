@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -73,6 +74,23 @@ def local_path(source: str) -> Path | None:
     if path.exists() or source.startswith(("/", "./", "../", "~")):
         return path
     return None
+
+
+def creatable_dir(path: Path) -> bool:
+    """Whether `path` is a writable directory or could be created, judged without writing."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    return False
+
+
+def out_problems(out: Path) -> list[tuple[str, str]]:
+    """`--out` must be a directory this process can write, or one it can create."""
+    if out.exists() and not out.is_dir():
+        return [("--out", f"{out} is a file, not a directory; give a directory path")]
+    if not creatable_dir(out):
+        return [("--out", f"{out} is not a directory that can be written or created")]
+    return []
 
 
 def redact_url(url: str) -> str:

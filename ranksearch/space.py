@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any
 from ranksearch.config import Range, SearchConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import optuna
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import FrozenTrial
 
     from ranksearch.config import StudyConfig
 
@@ -84,6 +88,65 @@ def suggest(trial: optuna.Trial, search: SearchConfig) -> dict[str, Any]:
         else:
             values[key] = trial.suggest_categorical(name, dim)
     return resolve(search, values)
+
+
+def distributions(search: SearchConfig) -> dict[str, BaseDistribution]:
+    """Optuna parameter name -> the distribution `suggest` asks it with (searched dims only)."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    dists: dict[str, BaseDistribution] = {}
+    for key, dim in dimensions(search).items():
+        if not is_searched(dim):
+            continue
+        if isinstance(dim, Range) and key in INT_KEYS:
+            step = int(dim.step or 1)
+            dists[PARAM_NAMES[key]] = IntDistribution(int(dim.low), int(dim.high), dim.log, step)
+        elif isinstance(dim, Range):
+            dists[PARAM_NAMES[key]] = FloatDistribution(dim.low, dim.high, dim.log, dim.step)
+        else:
+            dists[PARAM_NAMES[key]] = CategoricalDistribution(dim)
+    return dists
+
+
+def changed_dimensions(
+    trials: Sequence[FrozenTrial], search: SearchConfig
+) -> list[tuple[str, str]]:
+    """(key, message) for each dimension the study's trials searched otherwise than `search`.
+
+    A study keeps the space it started with: Optuna refuses other choices for a parameter, and
+    the trials' results would not compare."""
+    then: dict[str, BaseDistribution] = {}
+    for t in trials:
+        then.update(t.distributions)
+    if not then:  # no trial asked yet: nothing to keep
+        return []
+    now = distributions(search)
+    problems = []
+    for key, name in PARAM_NAMES.items():
+        if now.get(name) != then.get(name):
+            problems.append(
+                (
+                    f"search.{key}",
+                    f"the study's trials used {_shown(then.get(name))}, this file asks for "
+                    f"{_shown(now.get(name))}; a study keeps its search space: restore it, or "
+                    "start a new study under a new name (--set study_name=NEW) or, with the "
+                    "default storage, in a new --out",
+                )
+            )
+    return problems
+
+
+def _shown(dist: BaseDistribution | None) -> str:
+    if dist is None:
+        return "a fixed value"
+    if hasattr(dist, "choices"):
+        return str(list(dist.choices))
+    log = ", log" if dist.log else ""
+    return f"[{dist.low:g} .. {dist.high:g}{log}]"
 
 
 def resolve(search: SearchConfig, values: dict[str, Any]) -> dict[str, Any]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 
-from ranksearch.paths import redact_url
+from ranksearch.paths import creatable_dir, redact_url
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a RUNNING trial without a heartbeat for this long is failed by any worker
@@ -46,7 +45,7 @@ def check_storage(url: str) -> None:
         ) from None
     if parsed.get_backend_name() == "sqlite":
         parent = Path(parsed.database or ".").expanduser().resolve().parent
-        if not _creatable(parent):
+        if not creatable_dir(parent):
             raise StorageError(
                 f"`--storage` {shown}: {parent} is not a directory that can be written or created"
             )
@@ -68,14 +67,6 @@ def check_storage(url: str) -> None:
             f"`--storage` {shown}: cannot connect ({first.replace(url, shown)}). "
             "Check that the server runs and the URL, user and database are right."
         ) from None
-
-
-def _creatable(path: Path) -> bool:
-    """Whether `path` exists or could be created, judged without creating anything."""
-    for parent in (path, *path.parents):
-        if parent.exists():
-            return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
-    return False
 
 
 @contextlib.contextmanager
@@ -152,3 +143,19 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
             yield
     else:  # other databases: counts and asks are not serialized (a trial or two over n_trials)
         yield
+
+
+def trials_without_heartbeat(storage: optuna.storages.BaseStorage, study_id: int) -> set[int]:
+    """Ids of the study's RUNNING trials that never recorded a heartbeat.
+
+    Optuna's stale check looks only at trials with a heartbeat; a trial lost between `ask` and
+    its first heartbeat would stay RUNNING for ever. Read from Optuna's own tables."""
+    import sqlalchemy
+
+    engine = getattr(storage, "_backend", storage).engine
+    query = sqlalchemy.text(
+        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id"
+        " WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL"
+    )
+    with engine.connect() as conn:
+        return {row[0] for row in conn.execute(query, {"study": study_id})}

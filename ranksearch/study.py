@@ -20,7 +20,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch import space
-from ranksearch.config import StudyConfig
+from ranksearch.config import StudyConfig, StudyError
 from ranksearch.data import PreparedData, model_location
 from ranksearch.launch import (
     WorkerProcess,
@@ -29,11 +29,12 @@ from ranksearch.launch import (
     single_process_plan,
 )
 from ranksearch.packing import GpuPool, Slots, free_port
+from ranksearch.paths import redact_url
 from ranksearch.recommend import count_states
 from ranksearch.sampling import create_pruner, create_sampler, space_size
-from ranksearch.storage import open_storage, study_lock
+from ranksearch.storage import open_storage, study_lock, trials_without_heartbeat
 from ranksearch.supervise import Outcome, TrialRun
-from ranksearch.tracking import NullTracker
+from ranksearch.tracking import NullTracker, Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 0.2
@@ -62,6 +63,9 @@ def open_study(cfg: StudyConfig, storage_url: str) -> optuna.Study:
         pruner=create_pruner(cfg),
         load_if_exists=True,
     )
+    changed = space.changed_dimensions(study.get_trials(deepcopy=False), cfg.search)
+    if changed:  # before any trial is asked: Optuna would refuse it mid-run
+        raise StudyError(changed, f"study {cfg.study_name!r} in {redact_url(storage_url)}")
     for entry in cfg.enqueue:  # skip_if_exists: a resumed study does not queue them again
         study.enqueue_trial(space.enqueue_params(cfg.search, entry), skip_if_exists=True)
     return study
@@ -84,13 +88,13 @@ class Orchestrator:
         view,
         device: str,
         bf16_supported: bool = False,
-        tracker: NullTracker | None = None,
+        tracker: Tracker | None = None,
         study_file: Path | None = None,
         slots: Slots | None = None,
         gpus: list[str] = (),
     ):
         self.cfg = cfg
-        self.tracker = tracker or NullTracker()  # NullTracker: MLflow off
+        self.tracker: Tracker = tracker or NullTracker()  # NullTracker: MLflow off
         self.study_file = study_file
         self.study_dir = study_dir
         self.data = data
@@ -130,7 +134,7 @@ class Orchestrator:
         budget has left: trials running anywhere count, failed ones do not.
         """
         with study_lock(self.study._storage, self.study.study_name):
-            self._fail_lost()
+            fail_lost(self.study, self.cfg, self.tracker, self.view)
             c = trial_counts(self.study)
             finished = c["complete"] + c["pruned"]
             if finished >= self.budget:
@@ -145,7 +149,7 @@ class Orchestrator:
                     self._waiting = True
                 return WAIT
             self._waiting = False
-            return self.study.ask()
+            return ask_retry_first(self.study)
 
     def confirm(self, jobs: list[dict[str, Any]]) -> optuna.Study:
         """Train each job's configuration again with its seed, at the full budget, unpruned.
@@ -178,7 +182,7 @@ class Orchestrator:
     # -- the loop ------------------------------------------------------------------------
 
     def _loop(self, next_trial) -> optuna.Study:
-        self._fail_lost()
+        fail_lost(self.study, self.cfg, self.tracker, self.view)
         # under the study lock: the first process creates and describes the parent run, the
         # others find it described (no duplicate params or dataset inputs in the store)
         with study_lock(self.study._storage, self.study.study_name):
@@ -227,13 +231,9 @@ class Orchestrator:
             for run in active:
                 run.stop()
                 self._release(run, Outcome(TrialState.FAIL, reason=reason))
-                self.tracker.end_trial(self.study._storage.get_trial(run.trial._trial_id))
-                # queued again so that the next `ranksearch run` trains it first (a grid
-                # revisits unfinished points by itself, and GridSampler rejects enqueued trials)
-                if self.cfg.sampler.type != "grid" and not run.trial.user_attrs.get("confirmation"):
-                    self.study.enqueue_trial(
-                        run.trial.params, user_attrs={"retry_of": run.trial.number}
-                    )
+                frozen = self.study._storage.get_trial(run.trial._trial_id)
+                self.tracker.end_trial(frozen)
+                requeue(self.study, self.cfg, frozen)  # the next `ranksearch run` trains it first
             raise
         finally:
             for sig, handler in previous.items():
@@ -253,48 +253,6 @@ class Orchestrator:
                 f"{self._failures[-1]}\n"
                 "Fix the cause (see the trial's worker.log), then rerun to resume."
             )
-
-    # -- trials whose worker was lost ------------------------------------------------------
-
-    def _fail_lost(self) -> None:
-        """RUNNING trials whose orchestrator is gone: a dead pid on this host, or no heartbeat
-        for `launch.stale_after_seconds` (any host). Each is failed once (whichever process
-        gets there first), its MLflow run closed, and its configuration queued again."""
-        storage = self.study._storage
-        host, lost = worker_host(), {}
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            pid = t.user_attrs.get("orchestrator_pid")
-            if t.user_attrs.get("host") == host and pid and not _pid_alive(pid):
-                lost[t._trial_id] = "orchestrator died while it ran (killed or crashed)"
-        for trial_id in storage._get_stale_trial_ids(self.study._study_id):
-            lost.setdefault(
-                trial_id,
-                f"no heartbeat for {self.cfg.launch.stale_after_seconds:g} s: "
-                "its orchestrator or machine was lost",
-            )
-        for trial_id, reason in lost.items():
-            try:
-                storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-                if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                    continue
-            except UpdateFinishedTrialError:  # another process failed it first
-                continue
-            frozen = storage.get_trial(trial_id)
-            self.tracker.end_trial(frozen, frozen.user_attrs.get("mlflow_run_id"))
-            self.view.message(f"trial {frozen.number}: {reason} -> FAIL")
-            self._retry(frozen)
-
-    def _retry(self, lost: FrozenTrial) -> None:
-        retries = lost.user_attrs.get("retries", 0)
-        if (
-            retries < self.cfg.budget.retry_failed
-            and self.cfg.sampler.type != "grid"  # a grid revisits unfinished points itself
-            and not lost.user_attrs.get("confirmation")
-        ):
-            self.study.enqueue_trial(
-                lost.params, user_attrs={"retry_of": lost.number, "retries": retries + 1}
-            )
-            self.view.message(f"trial {lost.number}: configuration queued again")
 
     # -- starting a trial ------------------------------------------------------------------
 
@@ -424,6 +382,88 @@ class Orchestrator:
             # `finally`), and this loop already caps the budget at the size of the space.
             if "Study.stop" not in str(e):
                 raise
+
+
+# -- trials whose worker was lost, and the requeue rule ------------------------------------
+
+
+def fail_lost(study: optuna.Study, cfg: StudyConfig, tracker: Tracker, view) -> list[int]:
+    """Fail the RUNNING trials whose orchestrator is gone: a dead pid on this host, or no
+    heartbeat for `launch.stale_after_seconds` (any host). Each is failed once (whichever
+    process gets there first), its tracked run closed, and its configuration queued again.
+    Returns the numbers of the trials this call failed."""
+    storage, failed = study._storage, []
+    for trial_id, reason in _lost_trials(study, cfg).items():
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # another process failed it first
+            continue
+        frozen = storage.get_trial(trial_id)
+        tracker.end_trial(frozen, frozen.user_attrs.get("mlflow_run_id"))
+        view.message(f"trial {frozen.number}: {reason} -> FAIL")
+        if requeue(study, cfg, frozen, lost=True):
+            view.message(f"trial {frozen.number}: configuration queued again")
+        failed.append(frozen.number)
+    return failed
+
+
+def _lost_trials(study: optuna.Study, cfg: StudyConfig) -> dict[int, str]:
+    """Trial id -> why its orchestrator counts as gone."""
+    host, lost, stale = worker_host(), {}, cfg.launch.stale_after_seconds
+    never_beat = trials_without_heartbeat(study._storage, study._study_id)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("orchestrator_pid")
+        # a trial asked, then lost before its worker ran, has no heartbeat to go stale: its age
+        age = time.time() - t.datetime_start.timestamp() if t.datetime_start else 0.0
+        if t.user_attrs.get("host") == host and pid and not _pid_alive(pid):
+            lost[t._trial_id] = "orchestrator died while it ran (killed or crashed)"
+        elif t._trial_id in never_beat and age > stale:
+            lost[t._trial_id] = (
+                f"no heartbeat in the {age:.0f} s since it started: its orchestrator or "
+                "machine was lost before its worker ran"
+            )
+    for trial_id in study._storage._get_stale_trial_ids(study._study_id):
+        lost.setdefault(
+            trial_id, f"no heartbeat for {stale:g} s: its orchestrator or machine was lost"
+        )
+    return lost
+
+
+def ask_retry_first(study: optuna.Study) -> optuna.Trial:
+    """The next trial: a configuration queued again (interrupted or lost) before everything else,
+    then the study's queue (`enqueue:` baselines), then the sampler.
+
+    Optuna pops its queue oldest first, which would run the baselines enqueued when the study
+    was created before a retry enqueued later. The retry is popped as Optuna pops its queue:
+    WAITING -> RUNNING, which only one process wins."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if "retry_of" not in t.user_attrs:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                return optuna.Trial(study, t._trial_id)
+        except UpdateFinishedTrialError:  # another process popped and finished it
+            continue
+    return study.ask()
+
+
+def requeue(study: optuna.Study, cfg: StudyConfig, trial: FrozenTrial, lost: bool = False) -> bool:
+    """Queue a stopped trial's configuration again; whether it was queued.
+
+    Not for a grid (it revisits unfinished points by itself, and GridSampler rejects enqueued
+    trials) nor a confirmation run (`confirm` plans its round again). A lost trial is queued at
+    most `budget.retry_failed` times; an interrupted one always.
+    """
+    retries = trial.user_attrs.get("retries", 0)
+    if cfg.sampler.type == "grid" or trial.user_attrs.get("confirmation"):
+        return False
+    if lost and retries >= cfg.budget.retry_failed:
+        return False
+    attrs = {"retry_of": trial.number, **({"retries": retries + 1} if lost else {})}
+    study.enqueue_trial(trial.params, user_attrs=attrs)
+    return True
 
 
 def worker_host() -> str:

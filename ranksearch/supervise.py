@@ -8,6 +8,9 @@ trial's heartbeat, and returns an `Outcome` once the trial is over.
 from __future__ import annotations
 
 import math
+import re
+import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +22,7 @@ from ranksearch.config import StudyConfig
 from ranksearch.launch import WorkerProcess
 
 EXIT_GRACE_SECONDS = 20  # after a worker's final report, before it is stopped
+REASON_CHARS = 2000  # a fail reason's length, as stored on the trial
 
 # what a worker's `start`/`end` events carry that the trial keeps
 EVENT_ATTRS = (
@@ -128,7 +132,7 @@ class TrialRun:
                 reason=f"worker exited at step {self._last.get('step', 0)} "
                 f"of {max_steps} without an error",
             )
-        return Outcome(TrialState.FAIL, reason=self.worker.log_tail())
+        return Outcome(TrialState.FAIL, reason=exit_reason(rc, self.worker))
 
     def _record_event(self, rec: dict) -> None:
         for name in EVENT_ATTRS:
@@ -150,3 +154,42 @@ class TrialRun:
         trial.set_user_attr("best_val_loss", min(best, rec["val_loss"]))
         self.tracker.log_report(trial.number, rec)
         self.view.trial_report(trial.number, rec)
+
+
+def exit_reason(rc: int, worker: WorkerProcess) -> str:
+    """Why a worker failed: its exit code or signal (OOM when the kernel says so), then the
+    last lines it wrote."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        how = killed_reason(name, worker.pid, _kernel_log() if name == "SIGKILL" else None)
+    else:
+        how = f"worker exited with code {rc}"
+    tail = worker.log_tail() or "(no output)"
+    return f"{how}; worker.log ends with:\n{tail[-(REASON_CHARS - len(how) - 30) :]}"
+
+
+def killed_reason(name: str, pid: int | None, kernel_log: str | None) -> str:
+    """`worker killed by <signal>`; for SIGKILL, whether the kernel log shows its OOM killer
+    killing that pid (`kernel_log` None: the log cannot be read here, so OOM stays a guess)."""
+    if name != "SIGKILL":
+        return f"worker killed by {name}"
+    if kernel_log is None:
+        return (
+            "worker killed by SIGKILL (likely out of memory: the kernel's OOM killer sends it; "
+            "dmesg cannot be read here to tell)"
+        )
+    if pid is not None and re.search(rf"[Kk]illed process {pid}\b", kernel_log):
+        return "worker killed by SIGKILL: out of memory (the kernel's OOM killer, see dmesg)"
+    return "worker killed by SIGKILL (not by the OOM killer, says dmesg)"
+
+
+def _kernel_log() -> str | None:
+    """The kernel's ring buffer, or None where it is not readable (often in containers)."""
+    try:
+        r = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout if r.returncode == 0 else None

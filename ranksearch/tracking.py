@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -23,6 +23,7 @@ from ranksearch.paths import redact_url
 from ranksearch.storage import init_lock
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 ROLE = "ranksearch.role"
 STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 STEP_METRICS = (
@@ -124,19 +125,36 @@ def _retry(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     raise AssertionError("unreachable")
 
 
-class NullTracker:
-    """Tracking off (`tracking: none` or `--no-mlflow`)."""
+class Tracker(Protocol):
+    """What the orchestrator logs a study through: `MlflowTracker`, or `NullTracker` when
+    tracking is off. Two implementations, neither inheriting from the other; a test holds
+    their signatures equal."""
 
-    uri = None
+    @property
+    def uri(self) -> str | None: ...  # where the runs go; None when tracking is off
 
     def start_study(self, study, cfg, study_file: Path, data) -> None: ...
     def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
-    def end_trial(self, trial: FrozenTrial) -> None: ...
+    def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
     def finish_study(self, study) -> None: ...
 
 
-class MlflowTracker(NullTracker):
+class NullTracker:
+    """Tracking off (`tracking: none` or `--no-mlflow`): every call does nothing."""
+
+    uri: str | None = None
+
+    def start_study(self, study, cfg, study_file: Path, data) -> None: ...
+    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
+    def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
+    def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
+    def finish_study(self, study) -> None: ...
+
+
+class MlflowTracker:
+    """One experiment and one parent run per study, one nested run per trial."""
+
     def __init__(self, uri: str, experiment: str, log_adapters: str, artifact_dir: Path):
         from mlflow import MlflowClient
 
@@ -197,12 +215,26 @@ class MlflowTracker(NullTracker):
             return found.experiment_id
 
     def _parents(self, study_name: str) -> list:
-        runs = _retry(
-            self.client.search_runs,
-            [self.experiment_id],
-            f"tags.`{ROLE}` = 'study' and tags.`optuna.study_name` = '{study_name}'",
-        )
-        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+        return _study_parents(self.client, self.experiment_id, study_name)
+
+    def _has_run(self, run_id: str, what: str) -> bool:
+        """Whether this store holds `run_id`. Nodes that share an Optuna study but not a tracking
+        server record run ids of their own stores in the study: those are skipped, with a
+        warning, never looked up as this store's."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _retry(self.client.get_run, run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            _log.warning(
+                "%s: MLflow run %s is in another MLflow store (another node's); not updated here",
+                what,
+                run_id,
+            )
+            return False
+        return True
 
     def _parent(self, study_name: str) -> str:
         """The study's parent run: re-attached if it exists; the earliest wins a creation race."""
@@ -255,7 +287,7 @@ class MlflowTracker(NullTracker):
             self._log_dataset(cfg, data)
         except Exception as e:  # noqa: BLE001 - the inputs are a description, never fatal
             # a server retrying a slow request, or another orchestrator, inserted them first
-            logging.getLogger(__name__).warning("dataset inputs not logged to MLflow: %s", e)
+            _log.warning("dataset inputs not logged to MLflow: %s", e)
 
     def _log_dataset(self, cfg, data) -> None:
         import mlflow.data
@@ -292,7 +324,7 @@ class MlflowTracker(NullTracker):
 
     # -- trials ------------------------------------------------------------------------------
 
-    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str:
+    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None:
         from mlflow.entities import Param
 
         existing = _retry(
@@ -343,8 +375,11 @@ class MlflowTracker(NullTracker):
     def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None:
         from mlflow.entities import Metric, RunTag
 
-        run_id = run_id or self._runs.pop(trial.number, None)
+        started_here = self._runs.pop(trial.number, None)
+        run_id = run_id or started_here
         if run_id is None:
+            return
+        if run_id != started_here and not self._has_run(run_id, f"trial {trial.number}"):
             return
         a, now = trial.user_attrs, int(time.time() * 1000)
         metrics = [Metric(k, float(a[k]), now, 0) for k in FINAL_METRICS if a.get(k) is not None]
@@ -383,20 +418,39 @@ class MlflowTracker(NullTracker):
         run_id = best.user_attrs.get("mlflow_run_id")
         if self.log_adapters != "best" or not adapter.is_dir() or not run_id:
             return
-        if not _retry(self.client.list_artifacts, run_id, "adapter"):
+        if self._has_run(run_id, f"best trial {best.number}") and not _retry(
+            self.client.list_artifacts, run_id, "adapter"
+        ):
             _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
         _retry(self.client.set_tag, self.parent_id, "best_trial", str(best.number))
 
 
-def log_plots(uri: str, parent_run_id: str, plots_dir: Path) -> None:
-    """Attach a study's plots to its parent run (what `ranksearch report` draws)."""
+def _study_parents(client, experiment_id: str, study_name: str) -> list:
+    """The study's parent runs in one store, earliest first (the earliest is the one used)."""
+    runs = _retry(
+        client.search_runs,
+        [experiment_id],
+        f"tags.`{ROLE}` = 'study' and tags.`optuna.study_name` = '{study_name}'",
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def log_plots(uri: str, experiment: str, study_name: str, plots_dir: Path) -> bool:
+    """Attach a study's plots (what `ranksearch report` draws) to its parent run in the store at
+    `uri`; False, with a warning, where that store has none (the study ran on other nodes)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=_credentials_to_env(uri))
-    _retry(client.log_artifacts, parent_run_id, str(plots_dir), "plots")
+    found = client.get_experiment_by_name(experiment)
+    parents = _study_parents(client, found.experiment_id, study_name) if found else []
+    if not parents:
+        _log.warning("no MLflow parent run of study %s in %s: plots not logged", study_name, uri)
+        return False
+    _retry(client.log_artifacts, parents[0].info.run_id, str(plots_dir), "plots")
+    return True
 
 
-def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -> NullTracker:
+def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -> Tracker:
     """CLI option > study file > MLFLOW_TRACKING_URI > SQLite in the study directory."""
     t = cfg.tracking
     if disabled or not t.enabled:

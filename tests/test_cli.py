@@ -15,9 +15,10 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+import yaml
 from optuna.trial import TrialState
 
-from .conftest import run_cli, write_study
+from .conftest import free_port, run_cli, write_study
 
 FIXED = {
     "rank": [2, 4],
@@ -336,3 +337,32 @@ def test_default_study_on_the_real_pretrained_model(tmp_path):
     assert trials[0].user_attrs["config"]["lora_alpha"] == 8
     # LoRA r=8 on query and value of 6 layers, plus the classifier head PEFT trains
     assert trials[0].user_attrs["trainable_params"] == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_reading_commands_name_an_unreachable_storage(tmp_path, command):
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text(yaml.safe_dump({"model": "unused", "data": {"source": "unused"}}))
+    url = f"postgresql://user:secret@127.0.0.1:{free_port()}/optuna"  # nothing listens there
+    r = run_cli(command, "--study", str(study_file), "--storage", url, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "`--storage`" in r.stderr and "cannot connect" in r.stderr
+    assert "Traceback" not in r.stderr and "secret" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "options"),
+    [("/proc/forbidden/x", ["--no-mlflow"]), ("/proc/forbidden/x", []), ("a-file", [])],
+    ids=["unwritable-no-mlflow", "unwritable-mlflow", "regular-file-mlflow"],
+)
+def test_a_bad_out_is_named_before_anything_runs(
+    tmp_path, tiny_bert, sentiment_csv, where, options
+):
+    study_file = write_study(tmp_path / "out.yaml", tiny_bert, sentiment_csv)
+    out = tmp_path / where if where == "a-file" else Path(where)
+    if where == "a-file":
+        out.write_text("not a directory")
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), *options, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "`--out`" in r.stderr and "Traceback" not in r.stderr
+    assert "tracking.uri" not in r.stderr and "`--storage`" not in r.stderr  # --out's fault

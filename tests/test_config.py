@@ -8,6 +8,8 @@ import yaml
 from ranksearch.config import StudyError, load_study, parse_study, set_override
 from ranksearch.paths import BUILTIN_STUDIES, PathError, redact_url, resolve_study_file
 
+from .conftest import run_cli
+
 SHIPPED = sorted(BUILTIN_STUDIES.glob("*.yaml"))
 
 
@@ -97,6 +99,23 @@ def test_set_overrides_parse_yaml_values_and_create_sections():
     }
     with pytest.raises(StudyError, match="key.sub=value"):
         set_override(data, "budget.n_trials")
+
+
+def test_a_malformed_set_value_names_the_option_and_the_key(tmp_path):
+    with pytest.raises(StudyError) as err:
+        set_override({}, "search.rank=[4, 8")
+    assert "`--set search.rank`" in str(err.value) and "not valid YAML" in str(err.value)
+    r = run_cli(
+        "validate",
+        "--study",
+        "cls-task",
+        "--schema-only",
+        "--set",
+        "search.rank=[4, 8",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "`--set search.rank`" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_override_applies_before_validation(tmp_path):

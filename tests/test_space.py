@@ -4,7 +4,15 @@ import optuna
 import pytest
 
 from ranksearch.config import SearchConfig
-from ranksearch.space import config_key, enqueue_params, grid, lora_kwargs, resolve, suggest
+from ranksearch.space import (
+    config_key,
+    distributions,
+    enqueue_params,
+    grid,
+    lora_kwargs,
+    resolve,
+    suggest,
+)
 
 
 def _trial(params: dict | None = None) -> optuna.Trial:
@@ -27,6 +35,21 @@ def test_searched_dims_reach_optuna_and_fixed_ones_do_not():
     assert trial.distributions["target_modules"].choices == ("qv", "all")  # string keys
     assert config["lora_alpha"] == 16 and config["modules"] == "all-linear"
     assert config["lora_dropout"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "search",
+    [
+        SearchConfig(),
+        SearchConfig(rank={"low": 2, "high": 64, "step": 2}, alpha=[8, 16], use_dora=[True, False]),
+        SearchConfig(dropout={"low": 0.0, "high": 0.2, "step": 0.05}, learning_rate=[1e-4, 1e-3]),
+    ],
+)
+def test_distributions_are_what_suggest_asks(search):
+    """The resume check compares a study's trials with `distributions`: it must match."""
+    trial = _trial()
+    suggest(trial, search)
+    assert trial.distributions == distributions(search)
 
 
 def test_alpha_defaults_to_ratio_1_or_2_and_absolute_alpha_works():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import io
+import logging
 import os
 import shutil
 import signal
@@ -14,9 +17,18 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from rich.console import Console
+
+from ranksearch import space
+from ranksearch.config import load_study
+from ranksearch.data import prepare
+from ranksearch.study import fail_lost, open_study, worker_host
+from ranksearch.tracking import MlflowTracker, NullTracker, Tracker, make_tracker
+from ranksearch.view import PlainView
 
 from .conftest import free_port, mlflow_server_at, run_cli, write_study
 from .test_cli import FIXED, _popen_run, _wait_for_report
+from .test_study import _dead_pid
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
@@ -214,6 +226,15 @@ def test_two_orchestrators_share_one_study_and_one_store(tmp_path, tiny_bert, se
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+def test_both_trackers_implement_the_protocol_with_its_signatures():
+    """Tracking off must take every call tracking on takes (the lost-trial path passes run ids)."""
+    for name in ("start_study", "start_trial", "log_report", "end_trial", "finish_study"):
+        expected = inspect.signature(getattr(Tracker, name))
+        for impl in (NullTracker, MlflowTracker):
+            assert inspect.signature(getattr(impl, name)) == expected, (impl, name)
+    assert not issubclass(MlflowTracker, NullTracker)  # no implementation inheritance
+
+
 def test_unreachable_tracking_server_exits_2_before_anything(tmp_path, tiny_bert, sentiment_csv):
     study_file = _tiny(tmp_path, tiny_bert, sentiment_csv)
     out = tmp_path / "out"
@@ -337,3 +358,51 @@ def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study):
     _, (parent,), _ = _runs(client, "tracked")
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/val_loss_by_rank.png", "plots/curves.html"} <= logged
+
+
+def _tracked_trial(study, cfg, tracker, **attrs):
+    """A trial started as the orchestrator starts one, with its run in `tracker`'s store."""
+    trial = study.ask()
+    config = space.suggest(trial, cfg.search)
+    trial.set_user_attr("config", config)
+    trial.set_user_attr("mlflow_run_id", tracker.start_trial(trial.number, config))
+    for name, value in attrs.items():
+        trial.set_user_attr(name, value)
+    return trial
+
+
+def test_nodes_with_their_own_mlflow_stores_never_crash_on_each_others_runs(
+    tmp_path, tiny_bert, sentiment_csv, caplog
+):
+    """The README's many-nodes setup without a shared tracking server: one Optuna study, and
+    each node's default MLflow store in its own --out."""
+    study_file = write_study(tmp_path / "nodes.yaml", tiny_bert, sentiment_csv)
+    cfg = load_study(study_file)[0]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    nodes = {}
+    for name in ("node-a", "node-b"):
+        tracker, study = make_tracker(cfg, tmp_path / name, None, False), open_study(cfg, storage)
+        tracker.start_study(study, cfg, study_file, prepare(cfg, tmp_path / name))
+        nodes[name] = tracker, study
+    (tracker_a, study_a), (tracker_b, study_b) = nodes["node-a"], nodes["node-b"]
+    # node b trains the best trial and keeps its adapter
+    best = _tracked_trial(study_b, cfg, tracker_b, trial_dir=str(tmp_path / "node-b/trials/0"))
+    (tmp_path / "node-b/trials/0/adapter").mkdir(parents=True)
+    (tmp_path / "node-b/trials/0/adapter/adapter_config.json").write_text("{}")
+    study_b.tell(best, 0.5)
+    tracker_b.end_trial(study_b.trials[0])
+    # node b dies mid-trial; node a finds the trial lost and fails it
+    _tracked_trial(study_b, cfg, tracker_b, host=worker_host(), orchestrator_pid=_dead_pid())
+    with caplog.at_level(logging.WARNING, logger="ranksearch.tracking"):
+        assert fail_lost(study_a, cfg, tracker_a, PlainView(Console(file=io.StringIO()))) == [1]
+        tracker_a.finish_study(study_a)  # the best trial's run is in node b's store
+    assert "another MLflow store" in caplog.text
+    client_a = MlflowClient(tracker_a.uri)
+    _, (parent_a,), _ = _runs(client_a, "nodes")
+    assert parent_a.info.status == "FINISHED" and parent_a.data.tags["best_trial"] == "0"
+    # the study's parent-run attribute names node b's run: node a's report finds its own
+    out_a = str(tmp_path / "node-a")
+    r = run_cli("report", "--study", str(study_file), "--storage", storage, "--out", out_a,
+                cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert client_a.list_artifacts(parent_a.info.run_id, "plots")
