@@ -227,9 +227,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     best, rec, tol = report["best"], report["recommended"], report["tolerance"]
     if best is None:
         return ["No trial completed: no best and no recommendation yet."]
-    acc = f"  accuracy {best['accuracy']:.3f}" if best["accuracy"] is not None else ""
+    def acc(entry: dict[str, Any]) -> str:
+        return f"  accuracy {entry['accuracy']:.3f}" if entry["accuracy"] is not None else ""
+
     lines = [
-        f"Best:        trial {best['trial']}  val_loss {best['val_loss']:.4f}{acc}  "
+        f"Best:        trial {best['trial']}  val_loss {best['val_loss']:.4f}{acc(best)}  "
         f"{_config_line(best)}",
         f"             cost: {_cost_line(best)}",
     ]
@@ -239,7 +241,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         "relative": "1% of the best (no standard error recorded)",
     }[tol["rule"]]
     lines += [
-        f"Recommended: trial {rec['trial']}  val_loss {rec['val_loss']:.4f}  {_config_line(rec)}",
+        f"Recommended: trial {rec['trial']}  val_loss {rec['val_loss']:.4f}{acc(rec)}  "
+        f"{_config_line(rec)}",
         f"             cost: {_cost_line(rec)}",
         f"             the fewest trainable parameters within {tol['val_loss']:.4f} "
         f"({rule}) of the best; {len(tol['candidates'])} configuration(s) qualified",

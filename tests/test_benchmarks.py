@@ -124,3 +124,45 @@ def test_replayed_hyperband_searches_are_reproducible():
         assert search_cost.replay(table, method, seed, n_trials=12, max_cost=1e9) == first
         trace, cost = first
         assert trace and 1 <= cost <= 12  # complete trials cost 1, pruned ones less
+
+
+def _chat_study(tmp_path: Path, model: Path, data: Path) -> Path:
+    return write_study(
+        tmp_path / "chat.yaml",
+        model,
+        data,
+        task="causal-lm",
+        data={
+            "source": str(data),
+            "format": "messages",
+            "messages": [
+                {"role": "user", "content": "Sentiment of: {review}"},
+                {"role": "assistant", "content": "{sentiment}"},
+            ],
+            "max_length": 96,
+        },
+        search={"target_modules": {"qv": ["q_proj", "v_proj"]}},
+    )
+
+
+def test_sft_cost_quick(tmp_path, tiny_llama, sentiment_csv):
+    out = tmp_path / "sft"
+    _run("sft_cost.py", "--out", str(out), "--study", str(_chat_study(tmp_path, tiny_llama,
+         sentiment_csv)), cwd=tmp_path)  # fmt: skip
+    runs = json.loads((out / "sft_cost.json").read_text())["runs"]
+    assert set(runs) == {
+        "ranksearch, padded", "TRL SFTTrainer, padded", "ranksearch, packed",
+        "TRL SFTTrainer, packed",
+    }  # fmt: skip
+    assert all(r["tokens_per_second"] > 0 and math.isfinite(r["val_loss"]) for r in runs.values())
+
+
+def test_gpu_check_quick_on_cpu(tmp_path, tiny_llama):
+    """The GPU check's plumbing on the CPU (the GPU figures need a lent device)."""
+    out = tmp_path / "gpu"
+    _run("gpu_check.py", "--out", str(out), "--model", str(tiny_llama), cwd=tmp_path)
+    seen = json.loads((out / "gpu_check.json").read_text())
+    assert seen["device"] == "cpu" and seen["estimate"]["measured_mb"] > 0
+    for per_gpu in (1, 4):
+        run = seen[f"trials_per_gpu_{per_gpu}"]
+        assert "error" not in run and run["trials"] == 2, run

@@ -366,3 +366,68 @@ def test_a_bad_out_is_named_before_anything_runs(
     assert r.returncode == 2, r.stdout + r.stderr
     assert "`--out`" in r.stderr and "Traceback" not in r.stderr
     assert "tracking.uri" not in r.stderr and "`--storage`" not in r.stderr  # --out's fault
+
+
+def test_chat_sft_study_reports_answer_accuracy(tmp_path, tiny_llama, sentiment_csv):
+    """Chat turns built from CSV columns, packed training batches, loss on the answers only."""
+    data = {
+        "source": str(sentiment_csv),
+        "format": "messages",
+        "messages": [
+            {"role": "user", "content": "Sentiment of: {review}"},
+            {"role": "assistant", "content": "{sentiment}"},
+        ],
+        "label_column": "sentiment",
+        "labels": {"neg": 0, "pos": 1},  # neutral rows dropped, the split stratified
+        "max_length": 96,
+    }
+    study_file = write_study(
+        tmp_path / "chat.yaml",
+        tiny_llama,
+        sentiment_csv,
+        task="causal-lm",
+        data=data,
+        search={"rank": [2, 4], "target_modules": {"qv": ["q_proj", "v_proj"]},
+                "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}},
+        training={"max_steps": 6, "eval_every": 2, "batch_size": 8, "packing": True},
+        budget={"n_trials": 2},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "label not in data.labels" in r.stdout  # the dropped rows are counted and said
+    trials = _load(out, "chat").trials
+    assert all(0 <= t.user_attrs["answer_accuracy"] <= 1 for t in trials)
+    reports = (out / "trials/0/reports.jsonl").read_text()
+    assert '"answer_accuracy"' in reports
+    r = run_cli("report", "--study", str(study_file), "--out", str(out), "--format", "json",
+                "--no-plots", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    best = json.loads(r.stdout)["best"]
+    assert (
+        best["accuracy"] == _load(out, "chat").trials[best["trial"]].user_attrs["answer_accuracy"]
+    )
+
+
+def test_sft_smollm2_study_on_the_real_decoder(tmp_path, smollm2_dir, monkeypatch):
+    """The shipped LLM study, shortened: the GGUF model (converted once), the chat template,
+    a real trial on CPU, answer accuracy in the report."""
+    monkeypatch.setenv("RANKSEARCH_CACHE", str(smollm2_dir.parent.parent))  # converted already
+    out = tmp_path / "out"
+    sets = {
+        "budget.n_trials": 1, "training.max_steps": 2, "training.eval_every": 2,
+        "pruner.min_steps": 2, "training.batch_size": 2, "data.max_eval_samples": 8,
+        "data.max_train_samples": 64, "tracking": "none",
+    }  # fmt: skip
+    args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    r = run_cli("run", "--study", "sft-smollm2", "--out", str(out), *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (trial,) = _load(out, "sft-smollm2").trials
+    assert trial.state == TrialState.COMPLETE
+    # the enqueued r=8 on q_proj and v_proj of 30 layers: 8 * ((576 + 576) + (576 + 192))
+    assert trial.user_attrs["trainable_params"] == 30 * 8 * (576 + 576 + 576 + 192)
+    assert 0 <= trial.user_attrs["answer_accuracy"] <= 1
+    # real weights, dequantized right: far below the loss of a uniform guess, ln(49152) = 10.8
+    assert trial.value < 5
+    spec = json.loads((out / "trials/0/spec.json").read_text())
+    assert Path(spec["model"]["path"]).resolve() == smollm2_dir.resolve()
