@@ -227,6 +227,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     best, rec, tol = report["best"], report["recommended"], report["tolerance"]
     if best is None:
         return ["No trial completed: no best and no recommendation yet."]
+
     def acc(entry: dict[str, Any]) -> str:
         return f"  accuracy {entry['accuracy']:.3f}" if entry["accuracy"] is not None else ""
 
