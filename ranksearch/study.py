@@ -302,6 +302,8 @@ class Orchestrator:
         return outcome
 
     def _spec(self, trial: optuna.Trial, config: dict[str, Any], trial_dir: Path) -> dict:
+        """The worker's input. Its paths are relative to `trial_dir` (the worker resolves them
+        against the spec's folder), so a copied or moved study directory still runs."""
         cfg = self.cfg
         return {
             "study": cfg.study_name,
@@ -313,7 +315,7 @@ class Orchestrator:
                 "trust_remote_code": cfg.model.trust_remote_code,
             },
             "data": {
-                "path": str(self.data.path),
+                "path": os.path.relpath(self.data.path.absolute(), trial_dir.absolute()),
                 "num_labels": self.data.num_labels,
                 "pad_token_id": self.data.pad_token_id,
                 "format": self.data.format,
@@ -324,9 +326,9 @@ class Orchestrator:
                 "learning_rate": config["learning_rate"],
                 "seed": trial.user_attrs.get("seed", cfg.training.seed),  # confirmation seeds
             },
-            "reports": str(trial_dir / "reports.jsonl"),
+            "reports": "reports.jsonl",
             "orchestrator_pid": os.getpid(),  # the worker exits if this process is gone
-            "adapter_dir": str(trial_dir / "adapter"),
+            "adapter_dir": "adapter",
         }
 
     def _launch(self, trial: optuna.Trial, config: dict[str, Any]) -> TrialRun:
@@ -337,7 +339,8 @@ class Orchestrator:
         trial_dir.mkdir(parents=True, exist_ok=True)
         spec_path = trial_dir / "spec.json"
         spec_path.write_text(json.dumps(self._spec(trial, config, trial_dir), indent=2))
-        trial.set_user_attr("trial_dir", str(trial_dir))
+        # relative to the study directory: readers resolve it from where the study is now
+        trial.set_user_attr("trial_dir", str(trial_dir.relative_to(self.study_dir)))
         gpus = self.gpu_pool.take() if self.device != "cpu" else []
         if gpus is None:  # the loop starts no more trials than the pool holds
             raise RuntimeError("no free GPU set for a new trial")

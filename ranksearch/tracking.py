@@ -8,6 +8,7 @@ earliest parent run wins) and SQLite's "database is locked" is retried.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from optuna.trial import FrozenTrial, TrialState
 
-from ranksearch.paths import redact_url
+from ranksearch.paths import redact_url, trial_dir
 from ranksearch.storage import init_lock
 
 T = TypeVar("T")
@@ -51,6 +52,42 @@ class TrackingError(Exception):
 
 def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{study_dir.resolve() / 'mlflow.db'}"
+
+
+# where MLflow's SQLite store records artifact locations (absolute file:// URIs)
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+)
+
+
+def rebase_artifacts(uri: str, study_dir: Path) -> None:
+    """Point the default store's artifact locations at `<study dir>/mlartifacts` where the study
+    is now. MLflow records them as absolute URIs and offers no call to change them, so a copied
+    or moved study would read and write its artifacts in the old place; every command that opens
+    the default store rebases it first (a no-op once it points here). Other stores: untouched."""
+    import sqlite3
+
+    db = study_dir / "mlflow.db"
+    if uri != default_tracking_uri(study_dir) or not db.is_file():
+        return
+    root = (study_dir / "mlartifacts").resolve().as_uri()
+    with init_lock(uri), contextlib.closing(sqlite3.connect(db, timeout=60)) as conn, conn:
+        try:
+            rows = conn.execute("SELECT DISTINCT artifact_location FROM experiments").fetchall()
+        except sqlite3.OperationalError:  # the schema is not created yet
+            return
+        for (old,) in rows:
+            if not old.endswith("/mlartifacts") or old == root:
+                continue  # MLflow's own Default experiment, or already here
+            for table, column in ARTIFACT_COLUMNS:
+                with contextlib.suppress(sqlite3.OperationalError):  # a table of another version
+                    conn.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE substr({column}, 1, ?) = ?",
+                        (root, len(old) + 1, len(old), old),
+                    )
 
 
 def check_tracking(uri: str) -> None:
@@ -155,16 +192,17 @@ class NullTracker:
 class MlflowTracker:
     """One experiment and one parent run per study, one nested run per trial."""
 
-    def __init__(self, uri: str, experiment: str, log_adapters: str, artifact_dir: Path):
+    def __init__(self, uri: str, experiment: str, log_adapters: str, study_dir: Path):
         from mlflow import MlflowClient
 
         self.uri = uri
+        rebase_artifacts(uri, study_dir)  # the study may have been copied or moved
         with init_lock(uri):  # the store's schema is created or migrated on first use
             self.client = MlflowClient(tracking_uri=_credentials_to_env(uri))
             self.client.search_experiments(max_results=1)
         self.experiment_name = experiment
         self.log_adapters = log_adapters
-        self.artifact_dir = artifact_dir
+        self.study_dir = study_dir
         self.experiment_id = ""
         self.parent_id = ""
         self._runs: dict[int, str] = {}
@@ -203,7 +241,8 @@ class MlflowTracker:
         found = self.client.get_experiment_by_name(self.experiment_name)
         if found is not None:
             return found.experiment_id
-        location = None if self.uri.startswith("http") else self.artifact_dir.resolve().as_uri()
+        artifacts = (self.study_dir / "mlartifacts").resolve().as_uri()
+        location = None if self.uri.startswith("http") else artifacts
         # a fine-tuning study: the UI opens its runs table, not the GenAI overview
         tags = {"mlflow.experimentKind": "custom_model_development"}
         try:
@@ -388,7 +427,7 @@ class MlflowTracker:
             if key in a:
                 tags.append(RunTag(key, str(a[key])[-5000:]))
         _retry(self.client.log_batch, run_id, metrics=metrics, tags=tags)
-        adapter = Path(a.get("trial_dir", "")) / "adapter"
+        adapter = trial_dir(self.study_dir, trial) / "adapter"
         if self.log_adapters == "all" and trial.state == TrialState.COMPLETE and adapter.is_dir():
             _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
         _retry(self.client.set_terminated, run_id, STATUS.get(trial.state, "FAILED"))
@@ -414,7 +453,7 @@ class MlflowTracker:
         _retry(self.client.set_terminated, self.parent_id, "FINISHED")
 
     def _log_best_adapter(self, best: FrozenTrial) -> None:
-        adapter = Path(best.user_attrs.get("trial_dir", "")) / "adapter"
+        adapter = trial_dir(self.study_dir, best) / "adapter"
         run_id = best.user_attrs.get("mlflow_run_id")
         if self.log_adapters != "best" or not adapter.is_dir() or not run_id:
             return
@@ -437,8 +476,11 @@ def _study_parents(client, experiment_id: str, study_name: str) -> list:
 
 def log_plots(uri: str, experiment: str, study_name: str, plots_dir: Path) -> bool:
     """Attach a study's plots (what `ranksearch report` draws) to its parent run in the store at
-    `uri`; False, with a warning, where that store has none (the study ran on other nodes)."""
+    `uri`; False, with a warning, where that store has none (the study ran on other nodes).
+    `plots_dir` is `<study dir>/plots`: a default store there is rebased first."""
     from mlflow import MlflowClient
+
+    rebase_artifacts(uri, plots_dir.parent)
 
     client = MlflowClient(tracking_uri=_credentials_to_env(uri))
     found = client.get_experiment_by_name(experiment)
@@ -459,7 +501,7 @@ def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -
         tracking_uri(cfg, study_dir, uri_option),
         t.experiment or cfg.study_name,
         t.log_adapters,
-        study_dir / "mlartifacts",
+        study_dir,
     )
 
 
