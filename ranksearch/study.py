@@ -30,7 +30,7 @@ from ranksearch.launch import (
 )
 from ranksearch.packing import GpuPool, Slots, free_port
 from ranksearch.paths import redact_url
-from ranksearch.recommend import count_states
+from ranksearch.recommend import Answer, answer, count_states
 from ranksearch.sampling import create_pruner, create_sampler, space_size
 from ranksearch.storage import open_storage, study_lock, trials_without_heartbeat
 from ranksearch.supervise import Outcome, TrialRun
@@ -63,12 +63,30 @@ def open_study(cfg: StudyConfig, storage_url: str) -> optuna.Study:
         pruner=create_pruner(cfg),
         load_if_exists=True,
     )
+    if study.metric_names is None:  # optuna-dashboard and the CLI show "val_loss"
+        study.set_metric_names(["val_loss"])
     changed = space.changed_dimensions(study.get_trials(deepcopy=False), cfg.search)
     if changed:  # before any trial is asked: Optuna would refuse it mid-run
         raise StudyError(changed, f"study {cfg.study_name!r} in {redact_url(storage_url)}")
     for entry in cfg.enqueue:  # skip_if_exists: a resumed study does not queue them again
         study.enqueue_trial(space.enqueue_params(cfg.search, entry), skip_if_exists=True)
     return study
+
+
+def record_answer(study: optuna.Study, tolerance: str | float) -> Answer:
+    """The study's answer (recommend.answer), also stored as study user attributes
+    (`best_trial`, `recommended_trial`, `tolerance`, `tolerance_rule`), where optuna-dashboard
+    and `optuna` CLI users find it."""
+    ans = answer(study.get_trials(deepcopy=False), tolerance)
+    for name, value in (
+        ("best_trial", ans.best.number if ans.best else None),
+        ("recommended_trial", ans.recommended.number if ans.recommended else None),
+        ("tolerance", ans.tolerance),
+        ("tolerance_rule", ans.tolerance_rule or None),
+    ):
+        if study.user_attrs.get(name) != value:
+            study.set_user_attr(name, value)
+    return ans
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
@@ -238,7 +256,9 @@ class Orchestrator:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.tracker.finish_study(self.study)
+            self.tracker.finish_study(
+                self.study, record_answer(self.study, self.cfg.report.tolerance)
+            )
         return self.study
 
     def _ended(self, trial: optuna.Trial, outcome: Outcome) -> None:

@@ -21,12 +21,19 @@ from typing import Any, Protocol, TypeVar
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.paths import redact_url, trial_dir
+from ranksearch.recommend import Answer
 from ranksearch.storage import init_lock
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 ROLE = "ranksearch.role"
-STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+ANSWER = "ranksearch.answer"  # on the best and recommended trials' runs: best, recommended
+# a pruned trial ended as the study planned: FINISHED, told apart by its `optuna.state` tag
+STATUS = {
+    TrialState.COMPLETE: "FINISHED",
+    TrialState.PRUNED: "FINISHED",
+    TrialState.FAIL: "FAILED",
+}
 STEP_METRICS = (
     "val_loss",
     "accuracy",
@@ -174,7 +181,7 @@ class Tracker(Protocol):
     def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
     def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
-    def finish_study(self, study) -> None: ...
+    def finish_study(self, study, ans: Answer) -> None: ...
 
 
 class NullTracker:
@@ -186,7 +193,7 @@ class NullTracker:
     def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
     def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
-    def finish_study(self, study) -> None: ...
+    def finish_study(self, study, ans: Answer) -> None: ...
 
 
 class MlflowTracker:
@@ -422,46 +429,90 @@ class MlflowTracker:
             return
         a, now = trial.user_attrs, int(time.time() * 1000)
         metrics = [Metric(k, float(a[k]), now, 0) for k in FINAL_METRICS if a.get(k) is not None]
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            # complete trials only: sorting by it never mixes in a pruned trial's partial loss
+            metrics.append(Metric("final_val_loss", float(trial.value), now, 0))
         tags = [RunTag("optuna.state", trial.state.name)]
         for key in ("fail_reason", "duplicate_of", "note", "confirmation", "confirm_of", "seed"):
             if key in a:
                 tags.append(RunTag(key, str(a[key])[-5000:]))
         _retry(self.client.log_batch, run_id, metrics=metrics, tags=tags)
-        adapter = trial_dir(self.study_dir, trial) / "adapter"
-        if self.log_adapters == "all" and trial.state == TrialState.COMPLETE and adapter.is_dir():
-            _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
+        if self.log_adapters == "all" and trial.state == TrialState.COMPLETE:
+            self._log_adapter(trial, run_id)
         _retry(self.client.set_terminated, run_id, STATUS.get(trial.state, "FAILED"))
 
-    def finish_study(self, study) -> None:
-        from mlflow.entities import Metric
+    def finish_study(self, study, ans: Answer) -> None:
+        """Close the parent run with the study's counts and its answer: `best_trial` and
+        `recommended_trial` as tags and metrics on the parent, `ranksearch.answer` on those
+        trials' runs (moved when a resumed study changes its answer), and their adapters."""
+        from mlflow.entities import Metric, RunTag
 
-        from ranksearch.recommend import count_states, distinct_complete
+        from ranksearch.recommend import count_states
 
-        counts = count_states(study.get_trials(deepcopy=False))
-        now = int(time.time() * 1000)
+        trials = study.get_trials(deepcopy=False)
+        counts = count_states(trials)
+        now, step = int(time.time() * 1000), counts["complete"]
         metrics = [
             Metric(f"n_{k}", v, now, 0)
             for k, v in counts.items()
             if k in ("complete", "pruned", "fail", "confirmation")
         ]
-        complete = distinct_complete(study.get_trials(deepcopy=False))
-        if complete:
-            best = min(complete, key=lambda t: t.value)
-            metrics.append(Metric("best_val_loss", best.value, now, counts["complete"]))
-            self._log_best_adapter(best)
-        _retry(self.client.log_batch, self.parent_id, metrics=metrics)
+        tags = []
+        for role, trial in (("best", ans.best), ("recommended", ans.recommended)):
+            if trial is None:
+                continue
+            metrics += [
+                Metric(f"{role}_val_loss", trial.value, now, step),
+                Metric(f"{role}_trial", trial.number, now, step),
+            ]
+            tags.append(RunTag(f"{role}_trial", str(trial.number)))
+        if ans.tolerance is not None:
+            metrics.append(Metric("tolerance", ans.tolerance, now, step))
+            tags.append(RunTag("tolerance_rule", ans.tolerance_rule))
+        confirmed = _confirmed_trial(trials)
+        if confirmed is not None:
+            tags.append(RunTag("confirmed_recommended_trial", str(confirmed)))
+        _retry(self.client.log_batch, self.parent_id, metrics=metrics, tags=tags)
+        self._mark_answer(ans)
         _retry(self.client.set_terminated, self.parent_id, "FINISHED")
 
-    def _log_best_adapter(self, best: FrozenTrial) -> None:
-        adapter = trial_dir(self.study_dir, best) / "adapter"
-        run_id = best.user_attrs.get("mlflow_run_id")
-        if self.log_adapters != "best" or not adapter.is_dir() or not run_id:
-            return
-        if self._has_run(run_id, f"best trial {best.number}") and not _retry(
-            self.client.list_artifacts, run_id, "adapter"
-        ):
+    def _mark_answer(self, ans: Answer) -> None:
+        """Tag the best and recommended trials' runs (`ranksearch.answer`) and keep their
+        adapters as `tracking.log_adapters` asks; the tag leaves runs no longer in the answer."""
+        roles: dict[int, list[str]] = {}
+        for role, trial in (("best", ans.best), ("recommended", ans.recommended)):
+            if trial is not None:
+                roles.setdefault(trial.number, []).append(role)
+        tagged = _retry(
+            self.client.search_runs,
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.`{ANSWER}` LIKE '%'",
+        )
+        for run in tagged:
+            if int(run.data.tags.get("optuna.trial_number", -1)) not in roles:
+                _retry(self.client.delete_tag, run.info.run_id, ANSWER)
+        keep = {"answer": {"best", "recommended"}, "best": {"best"}}.get(self.log_adapters, set())
+        for trial in {t.number: t for t in (ans.best, ans.recommended) if t}.values():
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if not run_id or not self._has_run(run_id, f"trial {trial.number} of the answer"):
+                continue
+            _retry(self.client.set_tag, run_id, ANSWER, ",".join(roles[trial.number]))
+            if keep & set(roles[trial.number]):
+                self._log_adapter(trial, run_id)
+
+    def _log_adapter(self, trial: FrozenTrial, run_id: str) -> None:
+        adapter = trial_dir(self.study_dir, trial) / "adapter"
+        if adapter.is_dir() and not _retry(self.client.list_artifacts, run_id, "adapter"):
             _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
-        _retry(self.client.set_tag, self.parent_id, "best_trial", str(best.number))
+
+
+def _confirmed_trial(trials: list[FrozenTrial]) -> int | None:
+    """The confirmation round's recommendation (confirm.analyse), once a round ran."""
+    if not any(t.user_attrs.get("confirmation") for t in trials):
+        return None
+    from ranksearch.confirm import analyse
+
+    return analyse(trials)["recommended"]
 
 
 def _study_parents(client, experiment_id: str, study_name: str) -> list:
