@@ -338,6 +338,8 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
     )
     try:
         line = ui.stdout.readline()
+        if line.startswith("starting the MLflow UI"):
+            line = ui.stdout.readline()
         assert f"http://127.0.0.1:{port}/#/experiments/" in line, line
         url = line.split(": ", 1)[1].split()[0]
         n_trials = len(_load(tracked_study, "tracked").trials)
