@@ -65,6 +65,19 @@ def retrain(spec_path: Path, adapter_dir: Path, log: Path) -> dict[str, Any]:
         return reports[-1]
 
 
+def label_maps(spec: dict[str, Any]) -> dict[str, dict | None]:
+    """`id2label` / `label2id` of a classifier, from the prepared data's meta.json (the names of
+    `data.labels`); None for a causal LM."""
+    meta = Path(spec["data"]["path"]) / "meta.json"
+    if spec["task"] != "sequence-classification" or not meta.is_file():
+        return {"id2label": None, "label2id": None}
+    names = json.loads(meta.read_text())["label_names"]
+    return {
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+
+
 def export(
     study: optuna.Study,
     trial: FrozenTrial,
@@ -104,6 +117,9 @@ def export(
         "accuracy": accuracy(trial.user_attrs),
         "config": {k: v for k, v in trial.user_attrs.get("config", {}).items() if k != "modules"},
         "base_model": spec["model"]["path"],
+        # PEFT's adapter_config.json takes no label names (it warns on unknown keys): the README
+        # shows from_pretrained(base_model, id2label=..., label2id=...) with these
+        **label_maps(spec),
         "task": spec["task"],
         "training": spec["training"],
         "command": " ".join(command),

@@ -82,6 +82,16 @@ def test_export_copies_a_loadable_adapter_with_its_settings(finished):
     manifest = json.loads((dest / "ranksearch.json").read_text())
     assert manifest["trial"] == best.number and manifest["retrained"] is False
     assert manifest["command"] == "ranksearch run --study study.yaml"
+    # the label names of data.labels, in the form from_pretrained takes them
+    assert manifest["id2label"] == {"0": "neg", "1": "pos"}
+    assert manifest["label2id"] == {"neg": 0, "pos": 1}
+    from transformers import AutoConfig
+
+    id2label = {int(i): name for i, name in manifest["id2label"].items()}  # the README's recipe
+    labelled = AutoConfig.from_pretrained(
+        manifest["base_model"], id2label=id2label, label2id=manifest["label2id"]
+    )
+    assert labelled.id2label == {0: "neg", 1: "pos"} and labelled.num_labels == 2
     assert json.loads((dest / "lora_config.json").read_text())["r"] == best.params["rank"]
     assert (dest / "study.yaml").read_text() == study_file.read_text()
     spec = resolve_spec(out / best.user_attrs["trial_dir"] / "spec.json")
