@@ -69,7 +69,7 @@ def ranksearch_trial(out: Path, study: str, steps: int, grouped: bool = False) -
     storage = f"sqlite:///{study_dir / 'optuna.db'}"
     (t,) = optuna.load_study(study_name="trial-cost", storage=storage).trials
     a = t.user_attrs
-    records = [json.loads(x) for x in (Path(a["trial_dir"]) / "reports.jsonl").open()]
+    records = [json.loads(x) for x in (study_dir / a["trial_dir"] / "reports.jsonl").open()]
     start = next(r for r in records if r.get("event") == "start")
     end = next(r for r in records if r.get("event") == "end")
     began = t.datetime_start.timestamp()

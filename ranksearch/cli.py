@@ -27,6 +27,7 @@ from ranksearch.tracking import (
     check_tracking,
     default_tracking_uri,
     make_tracker,
+    rebase_artifacts,
     tracking_uri,
 )
 
@@ -246,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def study_dir(cfg: StudyConfig, out: Path | None) -> Path:
-    """`--out`, else runs/<study>; absolute, because trials record their paths in the storage
-    and `report`, `export` and other processes read them from wherever they run."""
+    """`--out`, else runs/<study>; absolute, so that workers and MLflow find it from any working
+    directory. Nothing a study stores depends on it: trials record their folders relative to it,
+    and every command resolves them from the directory it is given (a study can be moved)."""
     return (out if out is not None else Path("runs") / cfg.study_name).absolute()
 
 
@@ -493,6 +495,7 @@ def cmd_ui(args, console: Console) -> int:
     cfg, _, _ = parse_study(args.study, args.overrides)
     out = study_dir(cfg, args.out)
     uri = tracking_uri(cfg, out, args.tracking_uri)
+    rebase_artifacts(uri, out)  # a copied or moved study serves its own artifacts
     return serve_ui(
         uri,
         cfg.tracking.experiment or cfg.study_name,
@@ -678,7 +681,7 @@ def cmd_export(args, console: Console) -> int:
     try:
         trial = pick_trial(study, args.trial, cfg.report.tolerance)
         _, path, _ = parse_study(args.study, args.overrides)
-        manifest = export(study, trial, args.to, path, args.overrides)
+        manifest = export(study, trial, args.to, path, args.overrides, study_dir(cfg, args.out))
     except ExportError as e:
         raise StudyError([("--trial", str(e))], args.study) from None
     how = "retrained from its spec" if manifest["retrained"] else "copied"

@@ -190,7 +190,8 @@ class TrackingConfig(_Strict):
     enabled: bool = True  # `tracking: none` turns MLflow off
     uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<study dir>/mlflow.db
     experiment: str | None = None  # default: the study name
-    log_adapters: Literal["best", "all", "none"] = "best"  # trained adapters kept in MLflow
+    # trained adapters kept in MLflow: `answer` = the best and the recommended trial's
+    log_adapters: Literal["answer", "best", "all", "none"] = "answer"
 
 
 class ReportConfig(_Strict):

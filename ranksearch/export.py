@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from ranksearch.launch import WorkerProcess, accelerate_argv
+from ranksearch.paths import resolve_spec, trial_dir
 from ranksearch.recommend import accuracy
 
 
@@ -48,7 +49,7 @@ def pick_trial(study: optuna.Study, which: str, tolerance: str | float) -> Froze
 
 def retrain(spec_path: Path, adapter_dir: Path, log: Path) -> dict[str, Any]:
     """Train the trial's spec again into `adapter_dir`; return its last report."""
-    spec = json.loads(spec_path.read_text())
+    spec = resolve_spec(spec_path)  # absolute: the copy below lives elsewhere
     with tempfile.TemporaryDirectory(prefix="ranksearch-export-") as tmp:
         spec.update(adapter_dir=str(adapter_dir), reports=str(Path(tmp) / "reports.jsonl"))
         spec.pop("orchestrator_pid", None)
@@ -64,22 +65,45 @@ def retrain(spec_path: Path, adapter_dir: Path, log: Path) -> dict[str, Any]:
         return reports[-1]
 
 
+def label_maps(spec: dict[str, Any]) -> dict[str, dict | None]:
+    """`id2label` / `label2id` of a classifier, from the prepared data's meta.json (the names of
+    `data.labels`); None for a causal LM."""
+    meta = Path(spec["data"]["path"]) / "meta.json"
+    if spec["task"] != "sequence-classification" or not meta.is_file():
+        return {"id2label": None, "label2id": None}
+    names = json.loads(meta.read_text())["label_names"]
+    return {
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+
+
 def export(
-    study: optuna.Study, trial: FrozenTrial, out: Path, study_file: Path, overrides: list[str]
+    study: optuna.Study,
+    trial: FrozenTrial,
+    out: Path,
+    study_file: Path,
+    overrides: list[str],
+    study_dir: Path,
 ) -> dict[str, Any]:
-    """Write the adapter, its LoraConfig and the run settings into `out`; return the manifest."""
-    trial_dir = Path(trial.user_attrs.get("trial_dir", ""))
-    spec_path = trial_dir / "spec.json"
+    """Write the adapter, its LoraConfig and the run settings into `out`; return the manifest.
+
+    The trial's folder is found from `study_dir`, where the study is now (it may have moved)."""
+    folder = trial_dir(study_dir, trial)
+    spec_path = folder / "spec.json"
     if not spec_path.is_file():
-        raise ExportError(f"trial {trial.number} has no spec at {spec_path}; was it trained here?")
+        raise ExportError(
+            f"trial {trial.number} has no spec at {spec_path}; was it trained in this study "
+            "directory? (pass the study's --out)"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    source = trial_dir / "adapter"
+    source = folder / "adapter"
     retrained = None
     if not (source / "adapter_config.json").is_file():
         retrained = retrain(spec_path, out, out / "retrain.log")
     else:
         shutil.copytree(source, out, dirs_exist_ok=True)
-    spec = json.loads(spec_path.read_text())
+    spec = resolve_spec(spec_path)
     (out / "lora_config.json").write_text(json.dumps(spec["lora"], indent=2) + "\n")
     shutil.copy(study_file, out / "study.yaml")
     command = ["ranksearch", "run", "--study", "study.yaml"]
@@ -93,6 +117,9 @@ def export(
         "accuracy": accuracy(trial.user_attrs),
         "config": {k: v for k, v in trial.user_attrs.get("config", {}).items() if k != "modules"},
         "base_model": spec["model"]["path"],
+        # PEFT's adapter_config.json takes no label names (it warns on unknown keys): the README
+        # shows from_pretrained(base_model, id2label=..., label2id=...) with these
+        **label_maps(spec),
         "task": spec["task"],
         "training": spec["training"],
         "command": " ".join(command),

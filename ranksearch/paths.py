@@ -6,7 +6,11 @@ import importlib.util
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 PACKAGE_SCHEME = "package://"
 BUILTIN_STUDIES = Path(__file__).parent / "search_spaces"
@@ -74,6 +78,36 @@ def local_path(source: str) -> Path | None:
     if path.exists() or source.startswith(("/", "./", "../", "~")):
         return path
     return None
+
+
+def trial_dir(study_dir: Path, trial: FrozenTrial) -> Path:
+    """A trial's folder, found from the study directory it is read from.
+
+    Trials record it relative to the study directory (`trials/3`), so a copied or moved study
+    still finds its trials. Studies written before recorded it absolute: that path is used where
+    it still exists, else the trial's `trials/<n>` in this study directory.
+    """
+    recorded = Path(trial.user_attrs.get("trial_dir") or f"trials/{trial.number}")
+    if recorded.is_absolute() and not recorded.exists():
+        return study_dir / "trials" / recorded.name
+    return study_dir / recorded
+
+
+SPEC_PATHS = ("reports", "adapter_dir")  # spec keys that are paths, besides data.path
+
+
+def resolve_spec(spec_path: Path) -> dict[str, Any]:
+    """A trial's spec.json with its paths made absolute. The orchestrator writes them relative
+    to the spec's folder (the trial's), so a copied or moved study directory still runs."""
+    import json
+
+    spec = json.loads(spec_path.read_text())
+    base = spec_path.parent.absolute()
+    for key in SPEC_PATHS:
+        if spec.get(key):
+            spec[key] = str(base / spec[key])
+    spec["data"]["path"] = str(base / spec["data"]["path"])
+    return spec
 
 
 def creatable_dir(path: Path) -> bool:

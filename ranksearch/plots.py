@@ -118,7 +118,7 @@ def _optuna_html(study: optuna.Study, out: Path) -> list[Path]:
             fig = draw(study)
         except (ValueError, RuntimeError, ZeroDivisionError):
             continue
-        fig.write_html(out / f"{name}.html", include_plotlyjs="cdn")
+        fig.write_html(out / f"{name}.html", include_plotlyjs=True)  # offline: no CDN
         made.append(out / f"{name}.html")
     return made
 

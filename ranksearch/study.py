@@ -30,7 +30,7 @@ from ranksearch.launch import (
 )
 from ranksearch.packing import GpuPool, Slots, free_port
 from ranksearch.paths import redact_url
-from ranksearch.recommend import count_states
+from ranksearch.recommend import Answer, answer, count_states
 from ranksearch.sampling import create_pruner, create_sampler, space_size
 from ranksearch.storage import open_storage, study_lock, trials_without_heartbeat
 from ranksearch.supervise import Outcome, TrialRun
@@ -63,12 +63,30 @@ def open_study(cfg: StudyConfig, storage_url: str) -> optuna.Study:
         pruner=create_pruner(cfg),
         load_if_exists=True,
     )
+    if study.metric_names is None:  # optuna-dashboard and the CLI show "val_loss"
+        study.set_metric_names(["val_loss"])
     changed = space.changed_dimensions(study.get_trials(deepcopy=False), cfg.search)
     if changed:  # before any trial is asked: Optuna would refuse it mid-run
         raise StudyError(changed, f"study {cfg.study_name!r} in {redact_url(storage_url)}")
     for entry in cfg.enqueue:  # skip_if_exists: a resumed study does not queue them again
         study.enqueue_trial(space.enqueue_params(cfg.search, entry), skip_if_exists=True)
     return study
+
+
+def record_answer(study: optuna.Study, tolerance: str | float) -> Answer:
+    """The study's answer (recommend.answer), also stored as study user attributes
+    (`best_trial`, `recommended_trial`, `tolerance`, `tolerance_rule`), where optuna-dashboard
+    and `optuna` CLI users find it."""
+    ans = answer(study.get_trials(deepcopy=False), tolerance)
+    for name, value in (
+        ("best_trial", ans.best.number if ans.best else None),
+        ("recommended_trial", ans.recommended.number if ans.recommended else None),
+        ("tolerance", ans.tolerance),
+        ("tolerance_rule", ans.tolerance_rule or None),
+    ):
+        if study.user_attrs.get(name) != value:
+            study.set_user_attr(name, value)
+    return ans
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
@@ -238,7 +256,9 @@ class Orchestrator:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.tracker.finish_study(self.study)
+            self.tracker.finish_study(
+                self.study, record_answer(self.study, self.cfg.report.tolerance)
+            )
         return self.study
 
     def _ended(self, trial: optuna.Trial, outcome: Outcome) -> None:
@@ -302,6 +322,8 @@ class Orchestrator:
         return outcome
 
     def _spec(self, trial: optuna.Trial, config: dict[str, Any], trial_dir: Path) -> dict:
+        """The worker's input. Its paths are relative to `trial_dir` (the worker resolves them
+        against the spec's folder), so a copied or moved study directory still runs."""
         cfg = self.cfg
         return {
             "study": cfg.study_name,
@@ -313,7 +335,7 @@ class Orchestrator:
                 "trust_remote_code": cfg.model.trust_remote_code,
             },
             "data": {
-                "path": str(self.data.path),
+                "path": os.path.relpath(self.data.path.absolute(), trial_dir.absolute()),
                 "num_labels": self.data.num_labels,
                 "pad_token_id": self.data.pad_token_id,
                 "format": self.data.format,
@@ -324,9 +346,9 @@ class Orchestrator:
                 "learning_rate": config["learning_rate"],
                 "seed": trial.user_attrs.get("seed", cfg.training.seed),  # confirmation seeds
             },
-            "reports": str(trial_dir / "reports.jsonl"),
+            "reports": "reports.jsonl",
             "orchestrator_pid": os.getpid(),  # the worker exits if this process is gone
-            "adapter_dir": str(trial_dir / "adapter"),
+            "adapter_dir": "adapter",
         }
 
     def _launch(self, trial: optuna.Trial, config: dict[str, Any]) -> TrialRun:
@@ -337,7 +359,8 @@ class Orchestrator:
         trial_dir.mkdir(parents=True, exist_ok=True)
         spec_path = trial_dir / "spec.json"
         spec_path.write_text(json.dumps(self._spec(trial, config, trial_dir), indent=2))
-        trial.set_user_attr("trial_dir", str(trial_dir))
+        # relative to the study directory: readers resolve it from where the study is now
+        trial.set_user_attr("trial_dir", str(trial_dir.relative_to(self.study_dir)))
         gpus = self.gpu_pool.take() if self.device != "cpu" else []
         if gpus is None:  # the loop starts no more trials than the pool holds
             raise RuntimeError("no free GPU set for a new trial")

@@ -8,6 +8,7 @@ earliest parent run wins) and SQLite's "database is locked" is retried.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,13 +20,20 @@ from typing import Any, Protocol, TypeVar
 
 from optuna.trial import FrozenTrial, TrialState
 
-from ranksearch.paths import redact_url
+from ranksearch.paths import redact_url, trial_dir
+from ranksearch.recommend import Answer
 from ranksearch.storage import init_lock
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 ROLE = "ranksearch.role"
-STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+ANSWER = "ranksearch.answer"  # on the best and recommended trials' runs: best, recommended
+# a pruned trial ended as the study planned: FINISHED, told apart by its `optuna.state` tag
+STATUS = {
+    TrialState.COMPLETE: "FINISHED",
+    TrialState.PRUNED: "FINISHED",
+    TrialState.FAIL: "FAILED",
+}
 STEP_METRICS = (
     "val_loss",
     "accuracy",
@@ -51,6 +59,42 @@ class TrackingError(Exception):
 
 def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{study_dir.resolve() / 'mlflow.db'}"
+
+
+# where MLflow's SQLite store records artifact locations (absolute file:// URIs)
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+)
+
+
+def rebase_artifacts(uri: str, study_dir: Path) -> None:
+    """Point the default store's artifact locations at `<study dir>/mlartifacts` where the study
+    is now. MLflow records them as absolute URIs and offers no call to change them, so a copied
+    or moved study would read and write its artifacts in the old place; every command that opens
+    the default store rebases it first (a no-op once it points here). Other stores: untouched."""
+    import sqlite3
+
+    db = study_dir / "mlflow.db"
+    if uri != default_tracking_uri(study_dir) or not db.is_file():
+        return
+    root = (study_dir / "mlartifacts").resolve().as_uri()
+    with init_lock(uri), contextlib.closing(sqlite3.connect(db, timeout=60)) as conn, conn:
+        try:
+            rows = conn.execute("SELECT DISTINCT artifact_location FROM experiments").fetchall()
+        except sqlite3.OperationalError:  # the schema is not created yet
+            return
+        for (old,) in rows:
+            if not old.endswith("/mlartifacts") or old == root:
+                continue  # MLflow's own Default experiment, or already here
+            for table, column in ARTIFACT_COLUMNS:
+                with contextlib.suppress(sqlite3.OperationalError):  # a table of another version
+                    conn.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE substr({column}, 1, ?) = ?",
+                        (root, len(old) + 1, len(old), old),
+                    )
 
 
 def check_tracking(uri: str) -> None:
@@ -137,7 +181,7 @@ class Tracker(Protocol):
     def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
     def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
-    def finish_study(self, study) -> None: ...
+    def finish_study(self, study, ans: Answer) -> None: ...
 
 
 class NullTracker:
@@ -149,22 +193,23 @@ class NullTracker:
     def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
     def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
-    def finish_study(self, study) -> None: ...
+    def finish_study(self, study, ans: Answer) -> None: ...
 
 
 class MlflowTracker:
     """One experiment and one parent run per study, one nested run per trial."""
 
-    def __init__(self, uri: str, experiment: str, log_adapters: str, artifact_dir: Path):
+    def __init__(self, uri: str, experiment: str, log_adapters: str, study_dir: Path):
         from mlflow import MlflowClient
 
         self.uri = uri
+        rebase_artifacts(uri, study_dir)  # the study may have been copied or moved
         with init_lock(uri):  # the store's schema is created or migrated on first use
             self.client = MlflowClient(tracking_uri=_credentials_to_env(uri))
             self.client.search_experiments(max_results=1)
         self.experiment_name = experiment
         self.log_adapters = log_adapters
-        self.artifact_dir = artifact_dir
+        self.study_dir = study_dir
         self.experiment_id = ""
         self.parent_id = ""
         self._runs: dict[int, str] = {}
@@ -203,7 +248,8 @@ class MlflowTracker:
         found = self.client.get_experiment_by_name(self.experiment_name)
         if found is not None:
             return found.experiment_id
-        location = None if self.uri.startswith("http") else self.artifact_dir.resolve().as_uri()
+        artifacts = (self.study_dir / "mlartifacts").resolve().as_uri()
+        location = None if self.uri.startswith("http") else artifacts
         # a fine-tuning study: the UI opens its runs table, not the GenAI overview
         tags = {"mlflow.experimentKind": "custom_model_development"}
         try:
@@ -383,46 +429,90 @@ class MlflowTracker:
             return
         a, now = trial.user_attrs, int(time.time() * 1000)
         metrics = [Metric(k, float(a[k]), now, 0) for k in FINAL_METRICS if a.get(k) is not None]
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            # complete trials only: sorting by it never mixes in a pruned trial's partial loss
+            metrics.append(Metric("final_val_loss", float(trial.value), now, 0))
         tags = [RunTag("optuna.state", trial.state.name)]
         for key in ("fail_reason", "duplicate_of", "note", "confirmation", "confirm_of", "seed"):
             if key in a:
                 tags.append(RunTag(key, str(a[key])[-5000:]))
         _retry(self.client.log_batch, run_id, metrics=metrics, tags=tags)
-        adapter = Path(a.get("trial_dir", "")) / "adapter"
-        if self.log_adapters == "all" and trial.state == TrialState.COMPLETE and adapter.is_dir():
-            _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
+        if self.log_adapters == "all" and trial.state == TrialState.COMPLETE:
+            self._log_adapter(trial, run_id)
         _retry(self.client.set_terminated, run_id, STATUS.get(trial.state, "FAILED"))
 
-    def finish_study(self, study) -> None:
-        from mlflow.entities import Metric
+    def finish_study(self, study, ans: Answer) -> None:
+        """Close the parent run with the study's counts and its answer: `best_trial` and
+        `recommended_trial` as tags and metrics on the parent, `ranksearch.answer` on those
+        trials' runs (moved when a resumed study changes its answer), and their adapters."""
+        from mlflow.entities import Metric, RunTag
 
-        from ranksearch.recommend import count_states, distinct_complete
+        from ranksearch.recommend import count_states
 
-        counts = count_states(study.get_trials(deepcopy=False))
-        now = int(time.time() * 1000)
+        trials = study.get_trials(deepcopy=False)
+        counts = count_states(trials)
+        now, step = int(time.time() * 1000), counts["complete"]
         metrics = [
             Metric(f"n_{k}", v, now, 0)
             for k, v in counts.items()
             if k in ("complete", "pruned", "fail", "confirmation")
         ]
-        complete = distinct_complete(study.get_trials(deepcopy=False))
-        if complete:
-            best = min(complete, key=lambda t: t.value)
-            metrics.append(Metric("best_val_loss", best.value, now, counts["complete"]))
-            self._log_best_adapter(best)
-        _retry(self.client.log_batch, self.parent_id, metrics=metrics)
+        tags = []
+        for role, trial in (("best", ans.best), ("recommended", ans.recommended)):
+            if trial is None:
+                continue
+            metrics += [
+                Metric(f"{role}_val_loss", trial.value, now, step),
+                Metric(f"{role}_trial", trial.number, now, step),
+            ]
+            tags.append(RunTag(f"{role}_trial", str(trial.number)))
+        if ans.tolerance is not None:
+            metrics.append(Metric("tolerance", ans.tolerance, now, step))
+            tags.append(RunTag("tolerance_rule", ans.tolerance_rule))
+        confirmed = _confirmed_trial(trials)
+        if confirmed is not None:
+            tags.append(RunTag("confirmed_recommended_trial", str(confirmed)))
+        _retry(self.client.log_batch, self.parent_id, metrics=metrics, tags=tags)
+        self._mark_answer(ans)
         _retry(self.client.set_terminated, self.parent_id, "FINISHED")
 
-    def _log_best_adapter(self, best: FrozenTrial) -> None:
-        adapter = Path(best.user_attrs.get("trial_dir", "")) / "adapter"
-        run_id = best.user_attrs.get("mlflow_run_id")
-        if self.log_adapters != "best" or not adapter.is_dir() or not run_id:
-            return
-        if self._has_run(run_id, f"best trial {best.number}") and not _retry(
-            self.client.list_artifacts, run_id, "adapter"
-        ):
+    def _mark_answer(self, ans: Answer) -> None:
+        """Tag the best and recommended trials' runs (`ranksearch.answer`) and keep their
+        adapters as `tracking.log_adapters` asks; the tag leaves runs no longer in the answer."""
+        roles: dict[int, list[str]] = {}
+        for role, trial in (("best", ans.best), ("recommended", ans.recommended)):
+            if trial is not None:
+                roles.setdefault(trial.number, []).append(role)
+        tagged = _retry(
+            self.client.search_runs,
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.`{ANSWER}` LIKE '%'",
+        )
+        for run in tagged:
+            if int(run.data.tags.get("optuna.trial_number", -1)) not in roles:
+                _retry(self.client.delete_tag, run.info.run_id, ANSWER)
+        keep = {"answer": {"best", "recommended"}, "best": {"best"}}.get(self.log_adapters, set())
+        for trial in {t.number: t for t in (ans.best, ans.recommended) if t}.values():
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if not run_id or not self._has_run(run_id, f"trial {trial.number} of the answer"):
+                continue
+            _retry(self.client.set_tag, run_id, ANSWER, ",".join(roles[trial.number]))
+            if keep & set(roles[trial.number]):
+                self._log_adapter(trial, run_id)
+
+    def _log_adapter(self, trial: FrozenTrial, run_id: str) -> None:
+        adapter = trial_dir(self.study_dir, trial) / "adapter"
+        if adapter.is_dir() and not _retry(self.client.list_artifacts, run_id, "adapter"):
             _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
-        _retry(self.client.set_tag, self.parent_id, "best_trial", str(best.number))
+
+
+def _confirmed_trial(trials: list[FrozenTrial]) -> int | None:
+    """The confirmation round's recommendation (confirm.analyse), once a round ran."""
+    if not any(t.user_attrs.get("confirmation") for t in trials):
+        return None
+    from ranksearch.confirm import analyse
+
+    return analyse(trials)["recommended"]
 
 
 def _study_parents(client, experiment_id: str, study_name: str) -> list:
@@ -437,8 +527,11 @@ def _study_parents(client, experiment_id: str, study_name: str) -> list:
 
 def log_plots(uri: str, experiment: str, study_name: str, plots_dir: Path) -> bool:
     """Attach a study's plots (what `ranksearch report` draws) to its parent run in the store at
-    `uri`; False, with a warning, where that store has none (the study ran on other nodes)."""
+    `uri`; False, with a warning, where that store has none (the study ran on other nodes).
+    `plots_dir` is `<study dir>/plots`: a default store there is rebased first."""
     from mlflow import MlflowClient
+
+    rebase_artifacts(uri, plots_dir.parent)
 
     client = MlflowClient(tracking_uri=_credentials_to_env(uri))
     found = client.get_experiment_by_name(experiment)
@@ -459,7 +552,7 @@ def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -
         tracking_uri(cfg, study_dir, uri_option),
         t.experiment or cfg.study_name,
         t.log_adapters,
-        study_dir / "mlartifacts",
+        study_dir,
     )
 
 

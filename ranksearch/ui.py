@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 import webbrowser
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -20,6 +21,9 @@ from ranksearch.paths import redact_url
 from ranksearch.tracking import TrackingError
 
 LOOPBACK = "127.0.0.1"
+STALL_SECONDS = 60.0  # start-up gives up after this long without the server using any CPU
+MAX_START_SECONDS = 600.0  # where CPU use cannot be read (no /proc)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a closed terminal, `kill`: stop as on Ctrl-C
 
 
 def is_loopback(host: str) -> bool:
@@ -52,21 +56,53 @@ def _port_free(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) != 0
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def group_cpu_seconds(pgid: int) -> float | None:
+    """CPU seconds used so far by the processes of group `pgid` (Linux /proc); None elsewhere."""
+    total, proc = 0.0, Path("/proc")
+    if not proc.is_dir():
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # after the name: state, ppid, pgrp, ..., utime, stime
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def _answers(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, stall: float = STALL_SECONDS) -> None:
+    """Wait for the server to answer for as long as it makes progress: its process group keeps
+    using CPU (start-up takes minutes on a loaded machine). Give up once it exits, or after
+    `stall` seconds without any CPU used (or, without /proc, MAX_START_SECONDS in all)."""
+    started = last_progress = time.monotonic()
+    last_cpu = -1.0
+    while not _answers(base):
         if proc.poll() is not None:
             raise TrackingError(
                 f"the MLflow UI exited with code {proc.returncode}; run "
                 "`mlflow server --backend-store-uri ...` by hand to see why"
             )
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TrackingError(f"the MLflow UI did not answer on {base} within {timeout:.0f}s")
+        now, cpu = time.monotonic(), group_cpu_seconds(proc.pid)
+        if cpu is None:
+            cpu = last_cpu + 1 if now - started < MAX_START_SECONDS else last_cpu
+        if cpu > last_cpu:
+            last_cpu, last_progress = cpu, now
+        elif now - last_progress > stall:
+            raise TrackingError(
+                f"the MLflow UI did not answer on {base} and made no progress (no CPU used) "
+                f"for {stall:.0f}s; run `mlflow server --backend-store-uri ...` by hand to see why"
+            )
+        time.sleep(0.5)
 
 
 def start_server(uri: str, host: str, port: int) -> subprocess.Popen:
@@ -124,18 +160,28 @@ def serve_ui(
         )
     if not _port_free(LOOPBACK if bind in ("0.0.0.0", "::") else bind, port):
         raise TrackingError(f"port {port} is in use on {bind}; pass --port with a free one")
-    proc = start_server(uri, bind, port)
     shown_host = LOOPBACK if bind in ("0.0.0.0", "::") else bind
     base = f"http://{shown_host}:{port}"
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    proc = None
     try:
+        proc = start_server(uri, bind, port)
+        console.print(Text("starting the MLflow UI (a minute or more on a busy machine)..."))
         wait_healthy(base, proc)
         url = experiment_url(base, experiment_id)
         console.print(Text(f"MLflow UI for study {experiment}: {url}   (Ctrl-C to stop)"))
         if open_browser:
             webbrowser.open(url)
         proc.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP through _interrupt
         pass
     finally:
-        stop_server(proc)
+        if proc is not None:
+            stop_server(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)

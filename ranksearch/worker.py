@@ -31,6 +31,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
+from ranksearch.paths import resolve_spec
+
 
 class Reporter:
     """Appends one JSON object per line to the report channel and flushes it at once."""
@@ -454,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("spec", type=Path, help="the trial's spec.json written by ranksearch")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    training_function(json.loads(args.spec.read_text()))
+    training_function(resolve_spec(args.spec))  # its paths are relative to its folder
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import json
 import optuna
 from mlflow import MlflowClient
 
+from ranksearch.recommend import answer
+
 from .conftest import run_cli, write_study
 from .test_cli import FIXED
 
@@ -68,3 +70,11 @@ def test_confirm_trains_more_seeds_and_updates_the_recommendation(
     exp = client.get_experiment_by_name("conf")
     tagged = client.search_runs([exp.experiment_id], "tags.confirmation = 'True'")
     assert len(tagged) == 4 and all(r.info.status == "FINISHED" for r in tagged)
+    # the parent run carries the answer after the round, and the round's recommendation
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`ranksearch.role` = 'study'")
+    ans = answer(
+        optuna.load_study(study_name="conf", storage=f"sqlite:///{out / 'optuna.db'}").trials
+    )
+    assert parent.data.tags["best_trial"] == str(ans.best.number)
+    assert parent.data.tags["recommended_trial"] == str(ans.recommended.number)
+    assert parent.data.tags["confirmed_recommended_trial"] == str(confirmation["recommended"])

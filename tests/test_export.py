@@ -11,6 +11,7 @@ import torch
 from datasets import load_from_disk
 from torch.utils.data import DataLoader
 
+from ranksearch.paths import resolve_spec
 from ranksearch.worker import pad_collate
 
 from .conftest import run_cli, write_study
@@ -81,16 +82,26 @@ def test_export_copies_a_loadable_adapter_with_its_settings(finished):
     manifest = json.loads((dest / "ranksearch.json").read_text())
     assert manifest["trial"] == best.number and manifest["retrained"] is False
     assert manifest["command"] == "ranksearch run --study study.yaml"
+    # the label names of data.labels, in the form from_pretrained takes them
+    assert manifest["id2label"] == {"0": "neg", "1": "pos"}
+    assert manifest["label2id"] == {"neg": 0, "pos": 1}
+    from transformers import AutoConfig
+
+    id2label = {int(i): name for i, name in manifest["id2label"].items()}  # the README's recipe
+    labelled = AutoConfig.from_pretrained(
+        manifest["base_model"], id2label=id2label, label2id=manifest["label2id"]
+    )
+    assert labelled.id2label == {0: "neg", 1: "pos"} and labelled.num_labels == 2
     assert json.loads((dest / "lora_config.json").read_text())["r"] == best.params["rank"]
     assert (dest / "study.yaml").read_text() == study_file.read_text()
-    spec = json.loads((Path(best.user_attrs["trial_dir"]) / "spec.json").read_text())
+    spec = resolve_spec(out / best.user_attrs["trial_dir"] / "spec.json")
     assert _val_loss(dest, spec) == pytest.approx(best.value, abs=1e-5)
 
 
 def test_a_missing_adapter_is_retrained_from_the_spec_with_the_same_seed(finished):
     tmp, study_file, out, study = finished
     trial = study.trials[1]
-    shutil.rmtree(Path(trial.user_attrs["trial_dir"]) / "adapter")
+    shutil.rmtree(out / trial.user_attrs["trial_dir"] / "adapter")
     dest = tmp / "retrained"
     r = run_cli(
         "export",
@@ -110,7 +121,7 @@ def test_a_missing_adapter_is_retrained_from_the_spec_with_the_same_seed(finishe
     assert manifest["retrained"] and manifest["retrained_val_loss"] == pytest.approx(
         trial.value, abs=1e-6
     )  # deterministic on CPU: the same fine-tune
-    spec = json.loads((Path(trial.user_attrs["trial_dir"]) / "spec.json").read_text())
+    spec = resolve_spec(out / trial.user_attrs["trial_dir"] / "spec.json")
     assert _val_loss(dest, spec) == pytest.approx(trial.value, abs=1e-5)
 
 
@@ -129,3 +140,59 @@ def test_export_names_a_bad_trial(finished):
         cwd=tmp,
     )
     assert r.returncode == 2 and "--trial 99" in r.stderr
+
+
+def test_a_moved_study_reports_exports_and_resumes(tmp_path, tiny_bert, sentiment_csv):
+    """A finished study directory, moved: every command works on the new place, and nothing is
+    read from or written into the old one (which no longer exists)."""
+    from mlflow import MlflowClient
+
+    study_file = write_study(
+        tmp_path / "moved.yaml",
+        tiny_bert,
+        sentiment_csv,
+        search={**FIXED, "rank": [2, 4, 8]},
+        sampler="grid",
+        pruner={"type": "none"},
+        budget={"n_trials": 2},
+        training={"max_steps": 4, "eval_every": 2, "batch_size": 8},
+    )
+    original, copy = tmp_path / "original", tmp_path / "elsewhere" / "copy"
+    r = run_cli("run", "--study", str(study_file), "--out", str(original), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    study = optuna.load_study(study_name="moved", storage=f"sqlite:///{copy / 'optuna.db'}")
+    assert {t.user_attrs["trial_dir"] for t in study.trials} == {"trials/0", "trials/1"}
+
+    r = run_cli("report", "--study", str(study_file), "--out", str(copy), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (copy / "plots" / "curves.html").is_file()
+    client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("moved")
+    assert exp.artifact_location == (copy / "mlartifacts").resolve().as_uri()
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`ranksearch.role` = 'study'")
+    assert parent.info.artifact_uri.startswith(exp.artifact_location)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/curves.html" in logged
+    assert (copy / "mlartifacts" / parent.info.run_id / "artifacts/plots/curves.html").is_file()
+
+    # export: the kept adapter is copied; a deleted one is retrained from the moved spec
+    shutil.rmtree(copy / "trials" / "1" / "adapter")
+    for which in ("0", "1"):
+        r = run_cli("export", "--study", str(study_file), "--out", str(copy), "--trial", which,
+                    "--to", str(tmp_path / f"export-{which}"), cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        manifest = json.loads((tmp_path / f"export-{which}" / "ranksearch.json").read_text())
+        if manifest["retrained"]:
+            assert manifest["retrained_val_loss"] == pytest.approx(manifest["val_loss"], abs=1e-6)
+    assert "retrained from its spec" in r.stdout
+
+    # resume with one more trial: it trains in the copy and logs there
+    r = run_cli("run", "--study", str(study_file), "--out", str(copy), "--set",
+                "budget.n_trials=3", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (copy / "trials" / "2" / "adapter" / "adapter_config.json").is_file()
+    runs = client.search_runs([exp.experiment_id], "tags.`optuna.trial_number` = '2'")
+    assert runs[0].info.artifact_uri.startswith(exp.artifact_location)
+    assert not original.exists()

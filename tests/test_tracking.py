@@ -22,6 +22,7 @@ from rich.console import Console
 from ranksearch import space
 from ranksearch.config import load_study
 from ranksearch.data import prepare
+from ranksearch.recommend import answer
 from ranksearch.study import fail_lost, open_study, worker_host
 from ranksearch.tracking import MlflowTracker, NullTracker, Tracker, make_tracker
 from ranksearch.view import PlainView
@@ -31,7 +32,8 @@ from .test_cli import FIXED, _popen_run, _wait_for_report
 from .test_study import _dead_pid
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+# pruned trials are not drawn as failures: FINISHED, told apart by their `optuna.state` tag
+STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +95,40 @@ def check_readback(client: MlflowClient, study: optuna.Study) -> None:
             assert run.data.metrics["pruned_at_step"] == t.user_attrs["pruned_at_step"]
         if "duplicate_of" not in t.user_attrs and t.state != TrialState.FAIL:
             assert run.data.metrics["trainable_params"] == t.user_attrs["trainable_params"]
-    best = min((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+        if t.state == TrialState.COMPLETE:  # the final loss of complete trials only
+            assert run.data.metrics["final_val_loss"] == pytest.approx(t.value)
+        else:
+            assert "final_val_loss" not in run.data.metrics
+    check_answer(client, study, parent, by_number)
+
+
+def check_answer(client: MlflowClient, study: optuna.Study, parent, by_number: dict) -> None:
+    """The parent run, the answer's trial runs and the Optuna study carry `answer()`'s result."""
+    ans = answer(study.trials)
+    best, recommended = ans.best, ans.recommended
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert parent.data.tags["recommended_trial"] == str(recommended.number)
+    assert parent.data.metrics["best_trial"] == best.number
+    assert parent.data.metrics["recommended_trial"] == recommended.number
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best.value)
-    best_run = by_number[best.user_attrs.get("duplicate_of", best.number)]
-    files = [a.path for a in client.list_artifacts(best_run.info.run_id, "adapter")]
-    assert "adapter/adapter_config.json" in files
+    assert parent.data.metrics["recommended_val_loss"] == pytest.approx(recommended.value)
+    assert parent.data.metrics["tolerance"] == pytest.approx(ans.tolerance)
+    roles = {best.number: {"best"}}
+    roles.setdefault(recommended.number, set()).add("recommended")
+    for number, run in by_number.items():  # tagged for the UI's search box, adapters kept
+        assert set(run.data.tags.get("ranksearch.answer", "").split(",")) - {""} == roles.get(
+            number, set()
+        )
+        files = [a.path for a in client.list_artifacts(run.info.run_id, "adapter")]
+        assert ("adapter/adapter_config.json" in files) == (number in roles)
+    # the README's search for the UI finds exactly the answer's runs
+    found = client.search_runs([parent.info.experiment_id], "tags.`ranksearch.answer` LIKE '%'")
+    assert {int(r.data.tags["optuna.trial_number"]) for r in found} == set(roles)
+    assert study.metric_names == ["val_loss"]
+    assert study.user_attrs["best_trial"] == best.number
+    assert study.user_attrs["recommended_trial"] == recommended.number
+    assert study.user_attrs["tolerance"] == pytest.approx(ans.tolerance)
+    assert study.user_attrs["tolerance_rule"] == ans.tolerance_rule
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +338,8 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
     )
     try:
         line = ui.stdout.readline()
+        if line.startswith("starting the MLflow UI"):
+            line = ui.stdout.readline()
         assert f"http://127.0.0.1:{port}/#/experiments/" in line, line
         url = line.split(": ", 1)[1].split()[0]
         n_trials = len(_load(tracked_study, "tracked").trials)
@@ -395,7 +428,7 @@ def test_nodes_with_their_own_mlflow_stores_never_crash_on_each_others_runs(
     _tracked_trial(study_b, cfg, tracker_b, host=worker_host(), orchestrator_pid=_dead_pid())
     with caplog.at_level(logging.WARNING, logger="ranksearch.tracking"):
         assert fail_lost(study_a, cfg, tracker_a, PlainView(Console(file=io.StringIO()))) == [1]
-        tracker_a.finish_study(study_a)  # the best trial's run is in node b's store
+        tracker_a.finish_study(study_a, answer(study_a.trials))  # its run is in node b's store
     assert "another MLflow store" in caplog.text
     client_a = MlflowClient(tracker_a.uri)
     _, (parent_a,), _ = _runs(client_a, "nodes")
