@@ -30,6 +30,8 @@ from pathlib import Path
 
 from _run import run_study
 
+from ranksearch.worker import resolve_spec
+
 LORA = {"rank": 8, "alpha": 16, "modules": ["q_proj", "v_proj"], "lr": 5e-4}
 
 
@@ -164,11 +166,8 @@ def main() -> None:
     for packing in (False, True):
         tic = time.perf_counter()
         ours, study_dir = worker_run(scratch, args.study, steps, packing)
-        spec = json.loads((study_dir / "trials/0/spec.json").read_text())
+        spec = resolve_spec(study_dir / "trials/0/spec.json")  # its paths made absolute
         prepared = Path(spec["data"]["path"])
-        if not prepared.is_absolute():
-            prepared = study_dir / prepared
-        spec["data"]["path"] = str(prepared)
         theirs = trl_run(prepared, spec["model"]["path"], spec, steps, packing)
         mean_len = _mean_length(prepared / "train")
         tokens = steps * spec["training"]["batch_size"] * mean_len

@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from ranksearch.launch import WorkerProcess, accelerate_argv
-from ranksearch.paths import resolve_spec, trial_dir
+from ranksearch.paths import trial_dir
 from ranksearch.recommend import accuracy
 
 
@@ -49,6 +49,8 @@ def pick_trial(study: optuna.Study, which: str, tolerance: str | float) -> Froze
 
 def retrain(spec_path: Path, adapter_dir: Path, log: Path) -> dict[str, Any]:
     """Train the trial's spec again into `adapter_dir`; return its last report."""
+    from ranksearch.worker import resolve_spec
+
     spec = resolve_spec(spec_path)  # absolute: the copy below lives elsewhere
     with tempfile.TemporaryDirectory(prefix="ranksearch-export-") as tmp:
         spec.update(adapter_dir=str(adapter_dir), reports=str(Path(tmp) / "reports.jsonl"))
@@ -103,6 +105,8 @@ def export(
         retrained = retrain(spec_path, out, out / "retrain.log")
     else:
         shutil.copytree(source, out, dirs_exist_ok=True)
+    from ranksearch.worker import resolve_spec
+
     spec = resolve_spec(spec_path)
     (out / "lora_config.json").write_text(json.dumps(spec["lora"], indent=2) + "\n")
     shutil.copy(study_file, out / "study.yaml")

@@ -6,7 +6,7 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
@@ -91,23 +91,6 @@ def trial_dir(study_dir: Path, trial: FrozenTrial) -> Path:
     if recorded.is_absolute() and not recorded.exists():
         return study_dir / "trials" / recorded.name
     return study_dir / recorded
-
-
-SPEC_PATHS = ("reports", "adapter_dir")  # spec keys that are paths, besides data.path
-
-
-def resolve_spec(spec_path: Path) -> dict[str, Any]:
-    """A trial's spec.json with its paths made absolute. The orchestrator writes them relative
-    to the spec's folder (the trial's), so a copied or moved study directory still runs."""
-    import json
-
-    spec = json.loads(spec_path.read_text())
-    base = spec_path.parent.absolute()
-    for key in SPEC_PATHS:
-        if spec.get(key):
-            spec[key] = str(base / spec[key])
-    spec["data"]["path"] = str(base / spec["data"]["path"])
-    return spec
 
 
 def creatable_dir(path: Path) -> bool:

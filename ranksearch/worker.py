@@ -31,7 +31,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from ranksearch.paths import resolve_spec
+SPEC_PATHS = ("reports", "adapter_dir")  # spec keys that are paths, besides data.path
+
+
+def resolve_spec(spec_path: Path) -> dict[str, Any]:
+    """A trial's spec.json with its paths made absolute. The orchestrator writes them relative
+    to the spec's folder (the trial's), so a copied or moved study directory still runs."""
+    spec = json.loads(spec_path.read_text())
+    base = spec_path.parent.absolute()
+    for key in SPEC_PATHS:
+        if spec.get(key):
+            spec[key] = str(base / spec[key])
+    spec["data"]["path"] = str(base / spec["data"]["path"])
+    return spec
 
 
 class Reporter:

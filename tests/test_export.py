@@ -11,8 +11,7 @@ import torch
 from datasets import load_from_disk
 from torch.utils.data import DataLoader
 
-from ranksearch.paths import resolve_spec
-from ranksearch.worker import pad_collate
+from ranksearch.worker import pad_collate, resolve_spec
 
 from .conftest import run_cli, write_study
 from .test_cli import FIXED

@@ -126,3 +126,13 @@ def test_grouped_and_plain_batching_both_train(make_spec):
     assert _curve(grouped) != _curve(plain)  # other batches, other curve
     for curve in (_curve(grouped), _curve(plain)):
         assert len(curve) == 3 and all(loss == loss for _, loss in curve)
+
+
+def test_the_worker_imports_nothing_of_ranksearch():
+    """The worker is a plain accelerate script: it runs from a spec alone."""
+    code = (
+        "import sys, ranksearch.worker; "
+        "print(sorted(m for m in sys.modules if m.startswith('ranksearch.')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "['ranksearch.worker']"
