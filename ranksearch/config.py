@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ranksearch.paths import resolve_study_file
 
@@ -139,6 +146,12 @@ class TrainingConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on GPU
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
     gradient_checkpointing: bool = False
     # Training batches of similar lengths: each run of 50 batches of the shuffle sorted by length,
     # its batches served in random order. About 1.5x faster on tweets, but it changes which

@@ -161,3 +161,11 @@ def test_passwords_are_redacted():
         == "postgresql://bob:***@db:5432/optuna"
     )
     assert redact_url("sqlite:///runs/x/optuna.db") == "sqlite:///runs/x/optuna.db"
+
+
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    """YAML reads a bare `no` as false; `mixed_precision: no` still means no mixed precision."""
+    path = _write(tmp_path, {**BASE, "training": {"mixed_precision": False}})
+    assert load_study(path)[0].training.mixed_precision == "no"
+    cfg, _ = load_study(path, ["training.mixed_precision=no"])
+    assert cfg.training.mixed_precision == "no"
