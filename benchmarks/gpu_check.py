@@ -94,7 +94,7 @@ def main() -> None:
     sets = [x for k, v in {**common, "model": str(model)}.items() for x in ("--set", f"{k}={v}")]
     r = cli("estimate", "--study", "sft-smollm2", "--measure", "--format", "json", *sets)
     seen["estimate"] = json.loads(r.stdout)["measured"] if r.returncode == 0 else r.stderr[-2000:]
-    for per_gpu in (1, 4):
+    for per_gpu in (1,) if args.quick else (1, 4):  # the smoke runs on a CPU: no GPU to share
         sets = {**common, "launch.trials_per_gpu": str(per_gpu)}
         seen[f"trials_per_gpu_{per_gpu}"] = study_run(args.out / f"per-gpu-{per_gpu}", model, sets)
         print(per_gpu, seen[f"trials_per_gpu_{per_gpu}"], flush=True)

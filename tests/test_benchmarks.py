@@ -150,10 +150,7 @@ def test_sft_cost_quick(tmp_path, tiny_llama, sentiment_csv):
     _run("sft_cost.py", "--out", str(out), "--study", str(_chat_study(tmp_path, tiny_llama,
          sentiment_csv)), cwd=tmp_path)  # fmt: skip
     runs = json.loads((out / "sft_cost.json").read_text())["runs"]
-    assert set(runs) == {
-        "ranksearch, padded", "TRL SFTTrainer, padded", "ranksearch, packed",
-        "TRL SFTTrainer, packed",
-    }  # fmt: skip
+    assert set(runs) == {"ranksearch, packed", "TRL SFTTrainer, packed"}
     assert all(r["tokens_per_second"] > 0 and math.isfinite(r["val_loss"]) for r in runs.values())
 
 
@@ -163,6 +160,5 @@ def test_gpu_check_quick_on_cpu(tmp_path, tiny_llama):
     _run("gpu_check.py", "--out", str(out), "--model", str(tiny_llama), cwd=tmp_path)
     seen = json.loads((out / "gpu_check.json").read_text())
     assert seen["device"] == "cpu" and seen["estimate"]["measured_mb"] > 0
-    for per_gpu in (1, 4):
-        run = seen[f"trials_per_gpu_{per_gpu}"]
-        assert "error" not in run and run["trials"] == 2, run
+    run = seen["trials_per_gpu_1"]
+    assert "error" not in run and run["trials"] == 2, run

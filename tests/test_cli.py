@@ -389,8 +389,8 @@ def test_chat_sft_study_reports_answer_accuracy(tmp_path, tiny_llama, sentiment_
         data=data,
         search={"rank": [2, 4], "target_modules": {"qv": ["q_proj", "v_proj"]},
                 "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}},
-        training={"max_steps": 6, "eval_every": 2, "batch_size": 8, "packing": True},
-        budget={"n_trials": 2},
+        training={"max_steps": 4, "eval_every": 2, "batch_size": 8, "packing": True},
+        budget={"n_trials": 1},
     )  # fmt: skip
     out = tmp_path / "out"
     r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
