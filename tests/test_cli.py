@@ -409,10 +409,9 @@ def test_chat_sft_study_reports_answer_accuracy(tmp_path, tiny_llama, sentiment_
     )
 
 
-def test_sft_smollm2_study_on_the_real_decoder(tmp_path, smollm2_dir, monkeypatch):
+def test_sft_smollm2_study_on_the_real_decoder(tmp_path, smollm2_dir):
     """The shipped LLM study, shortened: the GGUF model (converted once), the chat template,
     a real trial on CPU, answer accuracy in the report."""
-    monkeypatch.setenv("RANKSEARCH_CACHE", str(smollm2_dir.parent.parent))  # converted already
     out = tmp_path / "out"
     sets = {
         "budget.n_trials": 1, "training.max_steps": 2, "training.eval_every": 2,
