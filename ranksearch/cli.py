@@ -462,7 +462,8 @@ def cmd_run(args, console: Console) -> int:
         code = _drive(lambda: orchestrator.confirm(jobs), view, console) if jobs else 0
     if not args.quiet:
         console.print(trials_table(orchestrator.study, title=f"study {cfg.study_name}"))
-        console.print(Text(best_summary(orchestrator.study)))
+        for line in best_summary(orchestrator.study, cfg.report.tolerance):
+            console.print(Text(line))
     return code
 
 
@@ -639,9 +640,10 @@ def cmd_status(args, console: Console) -> int:
     from rich.table import Table
 
     from ranksearch.report import study_status
+    from ranksearch.sampling import search_budget
 
     cfg, study = open_existing(args)
-    status = study_status(study, cfg.budget.n_trials)
+    status = study_status(study, search_budget(cfg), cfg.report.tolerance)
     if args.format == "json":
         print(json.dumps(status, indent=2))
         return 0
@@ -653,6 +655,10 @@ def cmd_status(args, console: Console) -> int:
             f"{status['to_go']} to go of {status['n_trials']}"
         )
     )
+    if status["best"] is not None:
+        console.print(
+            Text(f"best: trial {status['best']}, recommended: trial {status['recommended']}")
+        )
     table = Table(title="by worker host", title_justify="left")
     for col in ("host", "complete", "pruned", "failed", "running"):
         table.add_column(col, justify="left" if col == "host" else "right")
