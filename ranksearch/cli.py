@@ -273,16 +273,24 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
 
 
-def _load_checked(args, schema_only: bool = False) -> tuple[StudyConfig, str, Path]:
-    """The study, checked as a whole: every problem (schema, model, data, storage) at once."""
-    from ranksearch.validate import resource_problems
+def _load_checked(
+    args, schema_only: bool = False, warnings: list[str] | None = None
+) -> tuple[StudyConfig, str, Path]:
+    """The study, checked as a whole: every problem (schema, model, data, storage) at once;
+    what passes but is worth saying goes to `warnings`."""
+    from ranksearch.validate import (
+        available_memory_gb,
+        memory_problems,
+        resolve_device,
+        resource_problems,
+    )
 
     cfg, path, problems = parse_study(args.study, args.overrides)
     out = study_dir(cfg, args.out)
     storage_url = args.storage or default_storage_url(out)
     if not schema_only:
         problems += out_problems(out)
-        problems += resource_problems(cfg, storage_url if args.storage else None)
+        problems += resource_problems(cfg, storage_url if args.storage else None, warnings)
         uri = tracking_uri(cfg, out, args.tracking_uri)
         # a store inside a bad --out is --out's fault, said once
         in_bad_out = uri == default_tracking_uri(out) and any(k == "--out" for k, _ in problems)
@@ -291,29 +299,12 @@ def _load_checked(args, schema_only: bool = False) -> tuple[StudyConfig, str, Pa
                 check_tracking(uri)
             except TrackingError as e:
                 problems.append(("tracking.uri", str(e).removeprefix("`tracking.uri` ")))
-        if cfg.launch.max_memory_gb and not any(k == "model.path" for k, _ in problems):
-            problems += memory_problems(cfg)
+        if not any(k == "model.path" for k, _ in problems):
+            device = resolve_device(cfg.launch.device)
+            problems += memory_problems(cfg, device, available_memory_gb(device))
     if problems:
         raise StudyError(problems, str(path))
     return cfg, storage_url, path
-
-
-def memory_problems(cfg: StudyConfig) -> list[tuple[str, str]]:
-    """Refuse a study whose largest configuration would not fit `launch.max_memory_gb`."""
-    from ranksearch.estimate import estimate_space
-
-    worst = max(estimate_space(cfg), key=lambda e: e.memory_estimate_mb)
-    if worst.memory_estimate_mb / 1024 <= cfg.launch.max_memory_gb:
-        return []
-    return [
-        (
-            "launch.max_memory_gb",
-            f"rank {worst.rank} on {worst.target_modules} needs about "
-            f"{worst.memory_estimate_mb / 1024:.1f} GB to train at batch "
-            f"{cfg.training.batch_size} x {cfg.data.max_length} tokens (ranksearch estimate); "
-            f"lower the largest rank, the batch size or max_length, or raise the limit",
-        )
-    ]
 
 
 def packed_memory(cfg: StudyConfig, device: str) -> dict[str, float]:
@@ -333,7 +324,10 @@ def packed_memory(cfg: StudyConfig, device: str) -> dict[str, float]:
 
 
 def cmd_validate(args, console: Console) -> int:
-    cfg, _, _ = _load_checked(args, args.schema_only)
+    warnings: list[str] = []
+    cfg, _, _ = _load_checked(args, args.schema_only, warnings)
+    for line in warnings:
+        console.print(Text("warning: ", style="yellow") + Text(line))
     what = "schema" if args.schema_only else "schema, model modules, data, tracking"
     console.print(f"[green]ok[/green]: study {cfg.study_name} ({what}) is valid")
     return 0
@@ -346,6 +340,7 @@ def _orchestrator(args, console: Console):
     from ranksearch.data import prepare
     from ranksearch.packing import plan_slots, visible_gpus
     from ranksearch.study import Orchestrator
+    from ranksearch.validate import empty_warnings, resolve_device
     from ranksearch.view import PlainView, make_view
 
     cfg, storage_url, study_file = _load_checked(args)
@@ -355,9 +350,7 @@ def _orchestrator(args, console: Console):
     except OSError as e:
         problem = ("--out", f"{out}: cannot create it ({e.strerror}); give a writable directory")
         raise StudyError([problem], str(study_file)) from None
-    device = cfg.launch.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.launch.device)
     gpus = visible_gpus(os.environ, torch.cuda.device_count()) if device == "cuda" else []
     try:
         slots = plan_slots(
@@ -392,6 +385,8 @@ def _orchestrator(args, console: Console):
     data = prepare(cfg, out)
     if not args.quiet:
         console.print(Text(data_line(data.counts)))
+    for line in empty_warnings(cfg, data.counts):  # more than half empty was refused above
+        view.message(f"warning: {line}")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     orchestrator = Orchestrator(
         cfg, out, storage_url, data, view, device, bf16, tracker, study_file, slots, gpus
@@ -467,7 +462,8 @@ def cmd_run(args, console: Console) -> int:
         code = _drive(lambda: orchestrator.confirm(jobs), view, console) if jobs else 0
     if not args.quiet:
         console.print(trials_table(orchestrator.study, title=f"study {cfg.study_name}"))
-        console.print(Text(best_summary(orchestrator.study)))
+        for line in best_summary(orchestrator.study, cfg.report.tolerance):
+            console.print(Text(line))
     return code
 
 
@@ -644,9 +640,10 @@ def cmd_status(args, console: Console) -> int:
     from rich.table import Table
 
     from ranksearch.report import study_status
+    from ranksearch.sampling import search_budget
 
     cfg, study = open_existing(args)
-    status = study_status(study, cfg.budget.n_trials)
+    status = study_status(study, search_budget(cfg), cfg.report.tolerance)
     if args.format == "json":
         print(json.dumps(status, indent=2))
         return 0
@@ -658,6 +655,10 @@ def cmd_status(args, console: Console) -> int:
             f"{status['to_go']} to go of {status['n_trials']}"
         )
     )
+    if status["best"] is not None:
+        console.print(
+            Text(f"best: trial {status['best']}, recommended: trial {status['recommended']}")
+        )
     table = Table(title="by worker host", title_justify="left")
     for col in ("host", "complete", "pruned", "failed", "running"):
         table.add_column(col, justify="left" if col == "host" else "right")

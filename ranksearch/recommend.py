@@ -66,11 +66,27 @@ def margin(best: FrozenTrial, tolerance: str | float) -> tuple[float, str]:
     return abs(best.value) * FALLBACK_RELATIVE_TOLERANCE, "relative"
 
 
-def answer(trials: Sequence[FrozenTrial], tolerance: str | float = "1se") -> Answer:
+def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The study's best trial, the one every command names (`run`, the live view, `report`,
+    `status`, MLflow): the lowest val loss among trained search trials, earliest on ties.
+    Confirmation re-runs are left out (they train a candidate again with another seed)."""
     complete = distinct_complete(trials)
-    if not complete:
+    return min(complete, key=lambda t: (t.value, t.number)) if complete else None
+
+
+def progress(trials: Sequence[FrozenTrial], budget: int) -> dict[str, int]:
+    """Trials per state (count_states) and `to_go`: search trials not yet started, so that
+    finished + running + to go = the budget (`view` and `status` show these)."""
+    counts = count_states(trials)
+    started = counts["complete"] + counts["pruned"] + counts["running"]
+    return {**counts, "to_go": max(0, budget - started)}
+
+
+def answer(trials: Sequence[FrozenTrial], tolerance: str | float = "1se") -> Answer:
+    best = best_of(trials)
+    if best is None:
         return Answer(None, None, None, "", [])
-    best = min(complete, key=lambda t: (t.value, t.number))
+    complete = distinct_complete(trials)
     delta, rule = margin(best, tolerance)
     within = [t for t in complete if t.value <= best.value + delta]
     # fewest trainable parameters; among equals the lower loss, then the earlier trial

@@ -87,18 +87,20 @@ def trials_table(study: optuna.Study, title: str | None = None) -> Table:
     return table
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=lambda t: t.value) if complete else None
+def best_summary(study: optuna.Study, tolerance: str | float = "1se") -> list[str]:
+    """`run`'s closing lines: the study's best trial (recommend.best_of) and the recommended."""
+    from ranksearch.recommend import answer
+
+    ans = answer(study.get_trials(deepcopy=False), tolerance)
+    if ans.best is None:
+        return ["No trial completed yet: no best configuration."]
+    return [_one_line("Best", ans.best), _one_line("Recommended", ans.recommended)]
 
 
-def best_summary(study: optuna.Study) -> str:
-    best = best_trial(study)
-    if best is None:
-        return "No trial completed yet: no best configuration."
-    r = trial_row(best)
+def _one_line(role: str, t: FrozenTrial) -> str:
+    r = trial_row(t)
     return (
-        f"Best: trial {r['number']}  val_loss {r['val_loss']:.4f}"
+        f"{role}: trial {r['number']}  val_loss {r['val_loss']:.4f}"
         + (f"  accuracy {r['accuracy']:.3f}" if r["accuracy"] is not None else "")
         + f"  rank {r['rank']}  alpha {r['lora_alpha']}  dropout {r['lora_dropout']:.2f}"
         f"  modules {r['target_modules']}  lr {r['learning_rate']:.2e}"
@@ -331,12 +333,17 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def study_status(study: optuna.Study, n_trials: int) -> dict[str, Any]:
-    """Progress for anyone watching: counts, per worker host, and what runs now."""
-    from ranksearch.recommend import count_states
+def study_status(
+    study: optuna.Study, n_trials: int, tolerance: str | float = "1se"
+) -> dict[str, Any]:
+    """Progress for anyone watching: counts, per worker host, what runs now, and the answer
+    so far (the best and recommended trials `report` names)."""
+    from ranksearch.recommend import answer, progress
 
     trials = study.get_trials(deepcopy=False)
-    counts = count_states(trials)
+    counts = progress(trials, n_trials)
+    to_go = counts.pop("to_go")
+    ans = answer(trials, tolerance)
     hosts: dict[str, dict[str, int]] = {}
     running = []
     for t in trials:
@@ -359,12 +366,13 @@ def study_status(study: optuna.Study, n_trials: int) -> dict[str, Any]:
                     else None,
                 }
             )
-    finished = counts["complete"] + counts["pruned"]
     return {
         "study": study.study_name,
         "n_trials": n_trials,
         "counts": counts,
-        "to_go": max(0, n_trials - finished - counts["running"]),
+        "to_go": to_go,
         "hosts": hosts,
         "running": running,
+        "best": ans.best.number if ans.best else None,
+        "recommended": ans.recommended.number if ans.recommended else None,
     }

@@ -104,3 +104,12 @@ def space_size(cfg: StudyConfig) -> int | None:
     ):
         return None
     return math.prod(sizes)
+
+
+def search_budget(cfg: StudyConfig) -> int:
+    """The trials the search runs: `budget.n_trials`, capped at the size of the space for a
+    grid or brute-force sampler (they cannot run more distinct configurations)."""
+    size = space_size(cfg)
+    if cfg.sampler.type in ("grid", "bruteforce") and size is not None:
+        return min(size, cfg.budget.n_trials)
+    return cfg.budget.n_trials

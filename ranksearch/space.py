@@ -170,14 +170,6 @@ def resolve(search: SearchConfig, values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def params_to_values(search: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """Optuna params of a trial (searched dims only) -> study-file values for `resolve`."""
-    by_name = {v: k for k, v in PARAM_NAMES.items()}
-    values = {k: _fixed_value(d) for k, d in dimensions(search).items()}
-    values.update({by_name[name]: v for name, v in params.items() if name in by_name})
-    return values
-
-
 def config_key(config: dict[str, Any]) -> str:
     """A canonical string of what is trained; equal keys mean the same fine-tune."""
     keep = {k: v for k, v in config.items() if k != "modules"}

@@ -28,10 +28,10 @@ from ranksearch.launch import (
     resolve_mixed_precision,
     single_process_plan,
 )
-from ranksearch.packing import GpuPool, Slots, free_port
+from ranksearch.packing import GpuPool, Slots, free_port, plan_slots
 from ranksearch.paths import redact_url
 from ranksearch.recommend import Answer, answer, count_states
-from ranksearch.sampling import create_pruner, create_sampler, space_size
+from ranksearch.sampling import create_pruner, create_sampler, search_budget
 from ranksearch.storage import open_storage, study_lock, trials_without_heartbeat
 from ranksearch.supervise import Outcome, TrialRun
 from ranksearch.tracking import NullTracker, Tracker
@@ -121,8 +121,15 @@ class Orchestrator:
         self.mixed_precision = resolve_mixed_precision(
             cfg.training.mixed_precision, device, bf16_supported
         )
-        ranks = cfg.launch.num_processes
-        self.slots = slots or Slots(1, 0, max(1, (os.cpu_count() or 1) // ranks))
+        # without a plan from `run` (tests, benchmarks): a CPU plan, by the rule `run` uses
+        self.slots = slots or plan_slots(
+            device="cpu",
+            gpus=[],
+            gpus_per_trial=cfg.launch.gpus_per_trial,
+            parallel_trials=cfg.launch.parallel_trials,
+            num_processes=cfg.launch.num_processes,
+            cpu_count=os.cpu_count() or 1,
+        )
         self.gpu_pool = GpuPool(list(gpus), self.slots.gpus_per_trial, self.slots.trials_per_gpu)
         self._ports: set[int] = set()  # main process ports of this process's running trials
         self._failures: list[str] = []  # reasons of the failures in a row, newest last
@@ -130,14 +137,12 @@ class Orchestrator:
         self._active: list[TrialRun] = []  # this process's running trials
         self.study = open_study(cfg, storage_url)
         self.replay_duplicates = True  # a configuration the study finished is not retrained
-        self.budget = cfg.budget.n_trials
-        size = space_size(cfg)
-        if cfg.sampler.type in ("grid", "bruteforce") and size is not None and size < self.budget:
+        self.budget = search_budget(cfg)
+        if self.budget < cfg.budget.n_trials:
             view.message(
-                f"{cfg.sampler.type}: the space has {size} configurations; "
-                f"budget.n_trials {self.budget} -> {size}"
+                f"{cfg.sampler.type}: the space has {self.budget} configurations; "
+                f"budget.n_trials {cfg.budget.n_trials} -> {self.budget}"
             )
-            self.budget = size
 
     # -- what to run next ----------------------------------------------------------------
 

@@ -74,10 +74,6 @@ class TrialRun:
         if timeout:
             self._deadline = time.monotonic() + timeout * 60
 
-    @property
-    def number(self) -> int:
-        return self.trial.number
-
     def stop(self) -> None:
         self.worker.stop(self.cfg.launch.stop_grace_seconds)
 

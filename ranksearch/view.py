@@ -16,8 +16,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ranksearch.recommend import accuracy, count_states
-from ranksearch.report import best_trial, trial_row
+from ranksearch.recommend import accuracy, best_of, progress
+from ranksearch.report import trial_row
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -42,10 +42,14 @@ def finished_line(t: FrozenTrial) -> str:
 
 
 def _counts(study: optuna.Study, budget: int) -> dict[str, int]:
-    n = count_states(study.get_trials(deepcopy=False))
-    c = {"COMPLETE": n["complete"], "PRUNED": n["pruned"], "FAIL": n["fail"]}
-    c["to go"] = max(0, budget - c["COMPLETE"] - c["PRUNED"])
-    return c
+    """The counts `status` shows too (recommend.progress)."""
+    n = progress(study.get_trials(deepcopy=False), budget)
+    return {
+        "COMPLETE": n["complete"],
+        "PRUNED": n["pruned"],
+        "FAIL": n["fail"],
+        "to go": n["to_go"],
+    }
 
 
 class QuietView:
@@ -156,7 +160,7 @@ class LiveView(QuietView):
                     f"{time.time() - r['since']:.0f}s"
                 )
             )
-        best = best_trial(self._study)
+        best = best_of(self._study.get_trials(deepcopy=False))
         if best is not None:
             lines.append(
                 Text(

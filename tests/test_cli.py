@@ -277,6 +277,32 @@ def test_bad_input_exits_2_before_anything_is_written(tmp_path, tiny_bert, senti
     assert r.returncode == 2 and "may not contain" in r.stderr
 
 
+def test_empty_texts_are_announced_and_mostly_empty_is_refused(tmp_path, tiny_bert):
+    from .test_validate import csv_with_empty_texts
+
+    a_third = csv_with_empty_texts(tmp_path, 3, keep=True)
+    study_file = write_study(
+        tmp_path / "holes.yaml",
+        tiny_bert,
+        a_third,
+        search=FIXED | {"rank": 2},
+        training={"max_steps": 2, "eval_every": 2, "batch_size": 8},
+        budget={"n_trials": 1},
+    )
+    said = "warning: 100 of 300 rows of `data.source` dropped: 'review' is empty in them"
+    r = run_cli("validate", "--study", str(study_file), cwd=tmp_path)
+    assert r.returncode == 0 and said in r.stdout, r.stdout + r.stderr
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), "--no-mlflow", cwd=tmp_path)
+    assert r.returncode == 0 and said in r.stdout, r.stdout + r.stderr
+    assert "dropped: 100 empty" in r.stdout  # the data line stays
+    mostly = csv_with_empty_texts(tmp_path, 3, keep=False)
+    study_file = write_study(tmp_path / "holes.yaml", tiny_bert, mostly)
+    r = run_cli("run", "--study", str(study_file), "--out", str(tmp_path / "o2"), cwd=tmp_path)
+    assert r.returncode == 2 and "`data.text_column`: 200 of 300 rows" in r.stderr
+    assert not (tmp_path / "o2").exists()
+
+
 def test_causal_lm_trial(tmp_path, tiny_gpt2, sentiment_csv):
     study_file = write_study(
         tmp_path / "lm.yaml",

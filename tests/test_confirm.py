@@ -78,3 +78,12 @@ def test_confirm_trains_more_seeds_and_updates_the_recommendation(
     assert parent.data.tags["best_trial"] == str(ans.best.number)
     assert parent.data.tags["recommended_trial"] == str(ans.recommended.number)
     assert parent.data.tags["confirmed_recommended_trial"] == str(confirmation["recommended"])
+    # `run`'s closing lines, `report`, `status` and the parent name the same trials
+    assert report["best"]["trial"] == ans.best.number
+    assert f"Best: trial {ans.best.number} " in r.stdout
+    assert f"Recommended: trial {ans.recommended.number} " in r.stdout
+    status = json.loads(
+        run_cli("status", "--study", str(study_file), "--out", str(out), "--format", "json",
+                cwd=tmp_path).stdout
+    )  # fmt: skip
+    assert (status["best"], status["recommended"]) == (ans.best.number, ans.recommended.number)

@@ -198,3 +198,40 @@ def test_status_shows_progress_by_host_and_what_runs(tmp_path):
     r = run_cli("status", "--study", str(study_file), "--storage", url, cwd=tmp_path)
     assert "3 complete, 1 pruned, 0 failed, 1 running, 1 to go of 6" in r.stdout
     assert "running: trial 4 on node-1 (pid 4242), step 40" in r.stdout
+
+
+def test_every_reader_names_the_same_best_trial(tmp_path):
+    """A confirmation re-run scored lower than every search trial and a replayed duplicate
+    ties the best: `run`'s closing lines, the live view, `report`, `status` and what the MLflow
+    parent is given (record_answer) still name search trial 1 as the best."""
+    import io
+
+    from rich.console import Console
+
+    from ranksearch.report import best_summary, study_status
+    from ranksearch.study import record_answer
+    from ranksearch.view import LiveView, _counts
+
+    study = optuna.create_study(study_name="agree", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    for t in (
+        _trial(0, 8, 0.33),
+        _trial(1, 64, 0.30),
+        _trial(2, 64, 0.30, duplicate_of=1),
+        _trial(3, 4, None, state=TrialState.PRUNED),
+        _trial(4, 64, 0.25, confirmation=True, confirm_of=1, seed=1),
+    ):
+        study.add_trial(t)
+    assert best_summary(study)[0].startswith("Best: trial 1  val_loss 0.3000")
+    assert best_summary(study)[1].startswith("Recommended: trial 1")
+    assert build_report(study)["best"]["trial"] == 1
+    status = study_status(study, 6)
+    assert (status["best"], status["recommended"]) == (1, 1)
+    assert record_answer(study, "1se").best.number == 1 and study.user_attrs["best_trial"] == 1
+    screen = io.StringIO()
+    view = LiveView(Console(file=screen, force_terminal=True, width=200))
+    view.study_started(study, 6)
+    view.close()
+    assert "best so far: trial 1 val_loss 0.3000" in screen.getvalue()
+    # the counts and what is left: the live view's are status's
+    assert _counts(study, 6) == {"COMPLETE": 3, "PRUNED": 1, "FAIL": 0, "to go": 2}
+    assert status["to_go"] == 2 and status["counts"]["complete"] == 3

@@ -5,9 +5,14 @@ import socket
 import pytest
 
 from ranksearch.config import load_study
-from ranksearch.validate import model_problems, resource_problems
+from ranksearch.validate import (
+    available_memory_gb,
+    memory_problems,
+    model_problems,
+    resource_problems,
+)
 
-from .conftest import write_study
+from .conftest import make_rows, run_cli, write_study
 
 
 def _study(tmp_path, model_dir, data_file, **overrides):
@@ -62,6 +67,33 @@ def test_missing_columns_are_named(tmp_path, tiny_bert, sentiment_csv):
     }
     problems = dict(resource_problems(_study(tmp_path, tiny_bert, sentiment_csv, data=data)))
     assert "no column 'body'" in problems["data.text_column"]
+
+
+def csv_with_empty_texts(folder, every: int, keep: bool) -> object:
+    """300 rows whose text is empty in every `every`-th row (keep=False: all rows but those)."""
+    import csv
+
+    path = folder / f"empty-{every}-{keep}.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["sentiment", "review"])
+        for i, (label, text) in enumerate(make_rows(300)):
+            w.writerow([label, "" if (i % every == 0) == keep else text])
+    return path
+
+
+def test_empty_texts_are_said_and_mostly_empty_is_refused(tmp_path, tiny_bert):
+    warnings: list[str] = []
+    cfg = _study(tmp_path, tiny_bert, csv_with_empty_texts(tmp_path, 3, keep=True))
+    assert resource_problems(cfg, warnings=warnings) == []
+    assert warnings == ["100 of 300 rows of `data.source` dropped: 'review' is empty in them"]
+    cfg = _study(tmp_path, tiny_bert, csv_with_empty_texts(tmp_path, 3, keep=False))
+    problems = dict(resource_problems(cfg))
+    assert "200 of 300 rows of `data.source` dropped" in problems["data.text_column"]
+    assert (
+        "point `data.text_column` at the column that holds the texts"
+        in (problems["data.text_column"])
+    )
 
 
 def _closed_port() -> int:
@@ -139,3 +171,21 @@ def test_templates_must_name_existing_columns(tmp_path, tiny_llama, sentiment_cs
     cfg = _sft(tmp_path, tiny_llama, sentiment_csv, messages=None, **data)
     problems = dict(resource_problems(cfg))
     assert "no column 'body', 'mood'" in problems["data.prompt"]
+
+
+def test_a_rank_beyond_this_machines_memory_is_refused(tmp_path, tiny_bert, sentiment_csv):
+    here = available_memory_gb("cpu")
+    assert here is not None and here > 0
+    huge = {"rank": [4, 100_000_000], "target_modules": {"qv": ["query", "value"]}}
+    cfg = _study(tmp_path, tiny_bert, sentiment_csv, search=huge)
+    ((key, message),) = memory_problems(cfg, "cpu", here)
+    assert key == "search.rank" and "rank 100000000 on qv needs about" in message
+    assert f"more than the {here:.1f} GB available on this machine now" in message
+    assert "set `launch.max_memory_gb`" in message  # the way out when it runs elsewhere
+    assert memory_problems(_study(tmp_path, tiny_bert, sentiment_csv), "cpu", here) == []
+    launch = {"device": "cpu", "max_memory_gb": 10_000.0}  # a limit set in the file wins
+    assert memory_problems(_study(tmp_path, tiny_bert, sentiment_csv, search=huge, launch=launch),
+                           "cpu", here) == []  # fmt: skip
+    study_file = write_study(tmp_path / "huge.yaml", tiny_bert, sentiment_csv, search=huge)
+    r = run_cli("validate", "--study", str(study_file), cwd=tmp_path)
+    assert r.returncode == 2 and "`search.rank`: rank 100000000 on qv" in r.stderr
