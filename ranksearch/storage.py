@@ -28,7 +28,9 @@ def _engine_kwargs(url: str) -> dict:
     if url.startswith("sqlite"):
         # several orchestrators on one SQLite file wait for the lock instead of failing
         return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True}
+    # An orchestrator uses a connection or two at a time (its loop, the heartbeat, the study
+    # lock): a small pool keeps many workers on one server far from its max_connections.
+    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4}
 
 
 def check_storage(url: str) -> None:
