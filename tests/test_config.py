@@ -169,3 +169,24 @@ def test_mixed_precision_no_survives_yaml(tmp_path):
     assert load_study(path)[0].training.mixed_precision == "no"
     cfg, _ = load_study(path, ["training.mixed_precision=no"])
     assert cfg.training.mixed_precision == "no"
+
+
+def test_causal_lm_formats_name_the_missing_or_malformed_key(tmp_path):
+    data = {"source": "d.csv", "format": "prompt-completion", "prompt": "Tweet: {text"}
+    path = _write(tmp_path, {**BASE, "task": "causal-lm", "data": data})
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    problems = dict(err.value.problems)
+    assert "needs `completion`" in problems["data.completion"]
+    assert "not a valid template" in problems["data.prompt"]
+    chat = {"source": "d.csv", "format": "messages", "messages": [{"role": "user", "content": "q"}]}
+    path = _write(tmp_path, {**BASE, "data": chat, "training": {"packing": True}})
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    problems = dict(err.value.problems)
+    assert "need task: causal-lm" in problems["data.format"]
+    assert "packing is for task: causal-lm" in problems["training.packing"]
+    path = _write(tmp_path, {**BASE, "task": "causal-lm", "data": chat})
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    assert "no assistant turn" in dict(err.value.problems)["data.messages"]
