@@ -57,13 +57,11 @@ def converted_dir(gguf: Path) -> Path:
 
 
 def convert(gguf: Path, out: Path) -> None:
-    """Dequantize `gguf` into a float32 Hugging Face folder at `out`."""
+    """Dequantize `gguf` into a float32 Hugging Face folder at `out` (transformers shows its
+    progress: about 20 s for a 135M model, once per file)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' dequantization progress bar
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
