@@ -307,22 +307,6 @@ def _load_checked(
     return cfg, storage_url, path
 
 
-def packed_memory(cfg: StudyConfig, device: str) -> dict[str, float]:
-    """With trials_per_gpu > 1: one GPU's memory and the largest configuration's estimate."""
-    if device != "cuda" or cfg.launch.trials_per_gpu == 1:
-        return {"trials_per_gpu": cfg.launch.trials_per_gpu}
-    import torch
-
-    from ranksearch.estimate import estimate_space
-
-    worst = max(e.memory_estimate_mb for e in estimate_space(cfg))
-    return {
-        "trials_per_gpu": cfg.launch.trials_per_gpu,
-        "gpu_memory_gb": torch.cuda.get_device_properties(0).total_memory / 2**30,
-        "trial_memory_gb": worst / 1024,
-    }
-
-
 def cmd_validate(args, console: Console) -> int:
     warnings: list[str] = []
     cfg, _, _ = _load_checked(args, args.schema_only, warnings)
@@ -340,7 +324,7 @@ def _orchestrator(args, console: Console):
     from ranksearch.data import prepare
     from ranksearch.packing import plan_slots, visible_gpus
     from ranksearch.study import Orchestrator
-    from ranksearch.validate import empty_warnings, resolve_device
+    from ranksearch.validate import empty_warnings, packed_memory, resolve_device
     from ranksearch.view import PlainView, make_view
 
     cfg, storage_url, study_file = _load_checked(args)

@@ -178,9 +178,9 @@ def _causal_frame(
     cfg: DataConfig, frame: pd.DataFrame, where: str
 ) -> tuple[pd.DataFrame, dict[str, int], dict[str, int]]:
     """prompt-completion / messages: the columns the templates name exist; empty rows dropped."""
-    from ranksearch.sft import columns_used
+    from ranksearch.sft import columns_key, columns_used
 
-    key = "data.messages" if cfg.format == "messages" else "data.prompt"
+    key = columns_key(cfg)
     missing = [c for c in columns_used(cfg) if c not in frame.columns]
     if missing:
         raise DataError(

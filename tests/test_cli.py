@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from .conftest import free_port, run_cli, write_study
+from .conftest import CHAT_TURNS, free_port, run_cli, write_study
 
 FIXED = {
     "rank": [2, 4],
@@ -399,10 +399,7 @@ def test_chat_sft_study_reports_answer_accuracy(tmp_path, tiny_llama, sentiment_
     data = {
         "source": str(sentiment_csv),
         "format": "messages",
-        "messages": [
-            {"role": "user", "content": "Sentiment of: {review}"},
-            {"role": "assistant", "content": "{sentiment}"},
-        ],
+        "messages": CHAT_TURNS,
         "label_column": "sentiment",
         "labels": {"neg": 0, "pos": 1},  # neutral rows dropped, the split stratified
         "max_length": 96,

@@ -12,7 +12,7 @@ from ranksearch.validate import (
     resource_problems,
 )
 
-from .conftest import make_rows, run_cli, write_study
+from .conftest import CHAT_TURNS, make_rows, run_cli, write_study
 
 
 def _study(tmp_path, model_dir, data_file, **overrides):
@@ -119,14 +119,13 @@ def test_bad_storage_urls(tmp_path, tiny_bert, sentiment_csv, url):
     assert "--storage" in problems
 
 
-CHAT = [
-    {"role": "user", "content": "Sentiment of: {review}"},
-    {"role": "assistant", "content": "{sentiment}"},
-]
-
-
 def _sft(tmp_path, model_dir, data_file, **data):
-    base = {"source": str(data_file), "format": "messages", "messages": CHAT, "max_length": 96}
+    base = {
+        "source": str(data_file),
+        "format": "messages",
+        "messages": CHAT_TURNS,
+        "max_length": 96,
+    }
     search = {"target_modules": {"qv": ["q_proj", "v_proj"]}}
     return _study(tmp_path, model_dir, data_file, task="causal-lm", data={**base, **data},
                   search=search)  # fmt: skip
