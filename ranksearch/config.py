@@ -193,6 +193,9 @@ class LaunchConfig(_Strict):
     trials_per_gpu: int = Field(1, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stop_grace_seconds: float = Field(5.0, ge=0)  # after SIGTERM, before SIGKILL
+    # One process per slot imports and loads the base model once and trains trial after trial
+    # (one-process, unquantized trials; others always start cold).
+    reuse_workers: bool = True
     trial_timeout_minutes: float | None = Field(None, gt=0)
     max_memory_gb: float | None = Field(None, gt=0)  # refuse configurations estimated above it
     heartbeat_seconds: float = Field(10.0, gt=0)  # a running trial's heartbeat in the storage

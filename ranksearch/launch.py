@@ -104,15 +104,50 @@ def single_process_plan(plan: LaunchPlan) -> LaunchPlan:
     return LaunchPlan([plan.argv[0], *argv[1:]], {**added, **plan.env}, plan.command_line())
 
 
+class TrialFiles:
+    """A trial's log file and report channel, read as the worker writes them."""
+
+    def __init__(self, log_path: Path, reports_path: Path):
+        self.log_path = log_path
+        self.reports_path = reports_path
+        self._offset = 0
+        self._output_start = 0
+
+    def start_log(self, header: str) -> None:
+        """Write the log's header; what the worker writes comes after it."""
+        with open(self.log_path, "ab") as log:
+            log.write(header.encode())
+            self._output_start = log.tell()
+
+    def read_reports(self) -> list[dict]:
+        """Every complete new line of the report channel since the last call."""
+        try:
+            with open(self.reports_path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self._offset += end
+        return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last non-blank lines the worker wrote (the header above them left out)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._output_start)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
 class WorkerProcess:
     """A running trial: its process group, its log file and its report channel."""
 
     def __init__(self, plan: LaunchPlan, log_path: Path, reports_path: Path):
         self.plan = plan
-        self.log_path = log_path
-        self.reports_path = reports_path
-        self._offset = 0
-        self._output_start = 0
+        self.files = TrialFiles(log_path, reports_path)
         self._proc: subprocess.Popen | None = None
 
     def start(self) -> WorkerProcess:
@@ -122,12 +157,11 @@ class WorkerProcess:
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
-        with open(self.log_path, "ab") as log:
-            if self.plan.launcher:  # started directly, as accelerate's simple launcher does
-                log.write(f"# accelerate launch, single process: {self.plan.launcher}\n".encode())
-            log.write(f"$ {self.plan.command_line()}\n".encode())
-            log.flush()
-            self._output_start = log.tell()  # what the worker writes comes after this header
+        header = f"$ {self.plan.command_line()}\n"
+        if self.plan.launcher:  # started directly, as accelerate's simple launcher does
+            header = f"# accelerate launch, single process: {self.plan.launcher}\n" + header
+        self.files.start_log(header)
+        with open(self.files.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self.plan.argv,
                 stdout=log,
@@ -147,19 +181,11 @@ class WorkerProcess:
         return self._proc.poll() if self._proc else None
 
     def read_reports(self) -> list[dict]:
-        """Every complete new line of the report channel since the last call."""
-        try:
-            with open(self.reports_path, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
-        self._offset += end
-        return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+        return self.files.read_reports()
 
-    def stop(self, grace_seconds: float) -> None:
-        """SIGTERM the whole group, wait up to `grace_seconds`, then SIGKILL what is left."""
+    def stop(self, grace_seconds: float, retire: bool = True) -> None:
+        """SIGTERM the whole group, wait up to `grace_seconds`, then SIGKILL what is left.
+        (`retire`: a cold worker always ends; the argument is a warm worker's.)"""
         if self._proc is None:
             return
         self._signal_group(signal.SIGTERM)
@@ -178,11 +204,4 @@ class WorkerProcess:
             os.killpg(self._proc.pid, sig)
 
     def log_tail(self, lines: int = 15) -> str:
-        """The last non-blank lines the worker wrote (the command header above them left out)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._output_start)
-                text = f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+        return self.files.log_tail(lines)

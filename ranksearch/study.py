@@ -23,6 +23,7 @@ from ranksearch import space
 from ranksearch.config import StudyConfig, StudyError
 from ranksearch.data import PreparedData, model_location
 from ranksearch.launch import (
+    TrialFiles,
     WorkerProcess,
     accelerate_argv,
     resolve_mixed_precision,
@@ -35,6 +36,7 @@ from ranksearch.sampling import create_pruner, create_sampler, search_budget
 from ranksearch.storage import open_storage, study_lock, trials_without_heartbeat
 from ranksearch.supervise import Outcome, TrialRun
 from ranksearch.tracking import NullTracker, Tracker
+from ranksearch.warm import WarmPool, WarmTrial, serve_plan
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 0.2
@@ -135,6 +137,7 @@ class Orchestrator:
         self._failures: list[str] = []  # reasons of the failures in a row, newest last
         self._waiting = False  # told the user we wait for trials running elsewhere
         self._active: list[TrialRun] = []  # this process's running trials
+        self._warm = WarmPool(study_dir / "warm-workers.log")  # idle warm workers
         self.study = open_study(cfg, storage_url)
         self.replay_duplicates = True  # a configuration the study finished is not retrained
         self.budget = search_budget(cfg)
@@ -259,6 +262,7 @@ class Orchestrator:
                 requeue(self.study, self.cfg, frozen)  # the next `ranksearch run` trains it first
             raise
         finally:
+            self._warm.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.tracker.finish_study(
@@ -384,10 +388,19 @@ class Orchestrator:
         plan = single_process_plan(plan) if ranks == 1 else plan
         if gpus:
             trial.set_user_attr("gpus", ",".join(gpus))
-        worker = WorkerProcess(plan, trial_dir / "worker.log", trial_dir / "reports.jsonl")
-        return TrialRun(
-            trial, config, worker.start(), self.cfg, self.tracker, self.view, gpus, port
-        )
+        log, reports = trial_dir / "worker.log", trial_dir / "reports.jsonl"
+        warm = serve_plan(plan, self.study_dir) if self._reuse_workers(ranks) else None
+        if warm is not None:
+            worker = self._warm.take(warm).run(spec_path, TrialFiles(log, reports), plan.launcher)
+        else:
+            worker = WorkerProcess(plan, log, reports).start()
+        return TrialRun(trial, config, worker, self.cfg, self.tracker, self.view, gpus, port)
+
+    def _reuse_workers(self, ranks: int) -> bool:
+        """Warm workers for one-process trials of an unquantized model (a 4-bit base is not
+        restored between trials)."""
+        launch = self.cfg.launch
+        return launch.reuse_workers and ranks == 1 and self.cfg.model.quantization == "none"
 
     def _release(self, run: TrialRun, outcome: Outcome) -> None:
         """Record how the trial ended and give its GPUs and port back."""
@@ -397,6 +410,8 @@ class Orchestrator:
             trial.set_user_attr("fail_reason", outcome.reason[-2000:])
         value = outcome.value if outcome.state == TrialState.COMPLETE else None
         self._tell(trial, value, outcome.state)
+        if isinstance(run.worker, WarmTrial):
+            self._warm.give_back(run.worker)
         if run.gpus:
             self.gpu_pool.give_back(run.gpus)
         self._ports.discard(run.port)

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from ranksearch.config import StudyConfig
 from ranksearch.launch import WorkerProcess
+from ranksearch.warm import WarmTrial
 
 EXIT_GRACE_SECONDS = 20  # after a worker's final report, before it is stopped
 REASON_CHARS = 2000  # a fail reason's length, as stored on the trial
@@ -57,7 +58,7 @@ class TrialRun:
 
     trial: optuna.Trial
     config: dict[str, Any]
-    worker: WorkerProcess
+    worker: WorkerProcess | WarmTrial
     cfg: StudyConfig
     tracker: Any
     view: Any
@@ -74,8 +75,9 @@ class TrialRun:
         if timeout:
             self._deadline = time.monotonic() + timeout * 60
 
-    def stop(self) -> None:
-        self.worker.stop(self.cfg.launch.stop_grace_seconds)
+    def stop(self, retire: bool = False) -> None:
+        """Stop the trial's worker (`retire`: and never reuse it, when its state is in doubt)."""
+        self.worker.stop(self.cfg.launch.stop_grace_seconds, retire=retire)
 
     def poll(self) -> Outcome | None:
         """Take in what the worker reported since the last call; the outcome once it is over."""
@@ -102,11 +104,11 @@ class TrialRun:
         if rc is None and now - self._ended > EXIT_GRACE_SECONDS:
             # The result is in; a rank stuck in its distributed shutdown must not hold the
             # study. Stop the group and keep the result.
-            self.stop()
+            self.stop(retire=True)
             trial.set_user_attr("note", "worker stopped after its final report (hung at exit)")
             rc = 0
         if rc is None and now > self._deadline:
-            self.stop()
+            self.stop(retire=True)
             return Outcome(
                 TrialState.FAIL, reason=f"timed out after {launch.trial_timeout_minutes} minutes"
             )

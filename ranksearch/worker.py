@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +59,17 @@ class Reporter:
         self._file.write(json.dumps({"time": time.time(), **record}) + "\n")
         self._file.flush()
 
+    def close(self) -> None:
+        self._file.close()
+
 
 class NullReporter:
     """What ranks other than the main process report to: nothing."""
 
     def emit(self, **record: Any) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -225,8 +234,9 @@ def get_dataloaders(spec: dict, seed: int) -> tuple[DataLoader, DataLoader]:
     return train_dl, eval_dl
 
 
-def load_model(spec: dict, accelerator: Accelerator) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def load_base(spec: dict, accelerator: Accelerator) -> torch.nn.Module:
+    """The base model as the trial needs it (head, quantization, checkpointing), without LoRA."""
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     model_spec, train = spec["model"], spec["training"]
@@ -262,7 +272,89 @@ def load_model(spec: dict, accelerator: Accelerator) -> torch.nn.Module:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-    return get_peft_model(model, LoraConfig(**spec["lora"]))
+    return model
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "random": random.getstate(),
+             "numpy": np.random.get_state()}  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class KeptBase:
+    """The base model a warm worker keeps between trials, and the random state right after it
+    was loaded.
+
+    A trial on the same base (same model, head, checkpointing and seed) gets it back as a cold
+    start would have it: the same weights (LoRA never changes them, and `strip_lora` puts back
+    the very modules PEFT wrapped, a classification head's untrained original included) and
+    the same random state, so the LoRA initialization, dropout and data order that follow are
+    those of a cold start, bit for bit. Anything else loads the base again.
+    """
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.model: torch.nn.Module | None = None
+        self.rng: dict[str, Any] = {}
+
+    def get(self, spec: dict, accelerator: Accelerator) -> torch.nn.Module:
+        data, train = spec["data"], spec["training"]
+        key = json.dumps(
+            [spec["task"], spec["model"], data["num_labels"], data["pad_token_id"],
+             train["gradient_checkpointing"], train["seed"]],
+            sort_keys=True,
+        )  # fmt: skip
+        if key == self.key:
+            _set_rng_state(self.rng)
+            return self.model
+        self.key, self.model = None, None  # free the old base before loading the new one
+        self.model = load_base(spec, accelerator)
+        self.key, self.rng = key, _rng_state()
+        return self.model
+
+
+def strip_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """The base model of a PEFT model as it was before `get_peft_model`: every LoRA layer
+    replaced by the layer it wraps, every `modules_to_save` copy by its untouched original."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    base = model.get_base_model()
+    done: list[str] = []
+    for name, module in list(base.named_modules()):
+        if any(name.startswith(d + ".") for d in done):
+            continue  # inside a wrapper already replaced
+        if isinstance(module, BaseTunerLayer):
+            original = module.get_base_layer()
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            original = module.original_module
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, original)
+        done.append(name)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in base.__dict__:
+            delattr(base, attr)
+    return base
 
 
 def target_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
@@ -320,6 +412,8 @@ def evaluate(model, eval_dl, accelerator: Accelerator, spec: dict) -> dict[str, 
     parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
         for batch in eval_dl:
+            if STOP_REQUESTED[0]:
+                raise TrialStopped
             parts.append(accelerator.gather_for_metrics(batch_loss(model, batch, causal)))
     model.train()
     loss_sum, count, preds, labels = (torch.cat(p) for p in zip(*parts, strict=True))
@@ -358,7 +452,17 @@ class OrphanedError(RuntimeError):
     """The orchestrator that started this trial is gone; nobody reads the reports any more."""
 
 
-def check_orchestrator(pid: int | None) -> None:
+class TrialStopped(Exception):
+    """A warm worker was asked to stop its trial (SIGUSR1: pruned or interrupted)."""
+
+
+STOP_REQUESTED: list[bool] = [False]  # set by a warm worker's SIGUSR1 handler
+
+
+def check_continue(pid: int | None) -> None:
+    """Between steps: stop if asked to, or if the orchestrator that started the trial is gone."""
+    if STOP_REQUESTED[0]:
+        raise TrialStopped
     if pid is None:  # run by hand
         return
     try:
@@ -369,7 +473,10 @@ def check_orchestrator(pid: int | None) -> None:
         pass
 
 
-def training_function(spec: dict) -> None:
+def training_function(spec: dict, kept: KeptBase | None = None) -> None:
+    """Train one configuration and report on it. `kept`: a warm worker's base model, reused
+    and given back without LoRA; None loads the base for this trial alone."""
+    from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
     train = spec["training"]
@@ -377,9 +484,12 @@ def training_function(spec: dict) -> None:
     reporter = Reporter(spec["reports"]) if accelerator.is_main_process else NullReporter()
     set_seed(train["seed"])  # same seed in every trial: configurations differ, not luck
     started = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # a warm worker's peak is this trial's
 
     train_dl, eval_dl = get_dataloaders(spec, train["seed"])
-    model = load_model(spec, accelerator)
+    base = kept.get(spec, accelerator) if kept else load_base(spec, accelerator)
+    model = get_peft_model(base, LoraConfig(**spec["lora"]))
     trainable, total = model.get_nb_trainable_parameters()
     reporter.emit(
         event="start",
@@ -406,6 +516,24 @@ def training_function(spec: dict) -> None:
         num_training_steps=max_steps,
     )
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    try:
+        _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, eval_dl, started)
+    except TrialStopped:  # raised between steps: the base is intact, the LoRA goes
+        if kept:
+            strip_lora(accelerator.unwrap_model(model))
+        raise
+    finally:
+        reporter.close()
+        accelerator.free_memory()  # the prepared model, optimizer and loaders
+    if kept:
+        strip_lora(accelerator.unwrap_model(model))
+
+
+def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, eval_dl, started):
+    """The loop: optimizer steps, an evaluation and a report every `eval_every`, the adapter
+    saved at the end."""
+    train = spec["training"]
+    max_steps = train["max_steps"]
 
     step, epoch, losses, train_seconds, eval_seconds = 0, 0, [], 0.0, 0.0
     model.train()
@@ -426,7 +554,7 @@ def training_function(spec: dict) -> None:
                 continue
             scheduler.step()
             step += 1
-            check_orchestrator(spec.get("orchestrator_pid"))
+            check_continue(spec.get("orchestrator_pid"))
             if step % train["eval_every"] == 0 or step == max_steps:
                 train_seconds += time.time() - tick
                 tick = time.time()
@@ -464,12 +592,95 @@ def training_function(spec: dict) -> None:
         torch.distributed.destroy_process_group()  # without it a gloo rank can abort at exit
 
 
-def main(argv: list[str] | None = None) -> None:
+def _request_stop(signum, frame) -> None:
+    STOP_REQUESTED[0] = True
+
+
+def _resident_mb() -> float | None:
+    """This process's resident memory now (Linux), None where it cannot be read."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _grown(now: float | None, first: float | None, slack_mb: float = 512) -> bool:
+    """Memory past what the first trial left by a quarter plus `slack_mb`: state in doubt."""
+    return now is not None and first is not None and now > 1.25 * first + slack_mb
+
+
+def serve() -> int:
+    """A warm worker: imports and loads the base model once, then trains the trials it is
+    handed, one at a time, each as a cold start would.
+
+    Each line on stdin is a job, `{"spec": <spec.json>, "log": <the trial's log>}`; stdout and
+    stderr go to that log while it runs. SIGUSR1 stops the running trial at its next step (a
+    pruned or interrupted trial) and the worker waits for the next job. Every job ends with an
+    `exit` event on the trial's report channel: `rc` (0, or 1 with the traceback in its log),
+    `stopped`, and `retire`, set when the worker's state is in doubt (a failed trial, memory
+    grown past what the first trial left), after which it exits and the orchestrator starts a
+    fresh one. End of stdin (the orchestrator is gone or done) ends the worker.
+    """
+    signal.signal(signal.SIGUSR1, _request_stop)
+    kept = KeptBase()
+    home = os.dup(1)  # the worker's own log, between trials
+    first: dict[str, float | None] = {}
+    for line in sys.stdin:
+        job = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        log = os.open(job["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        STOP_REQUESTED[0] = False
+        rc, stopped, retire = 0, False, False
+        spec = resolve_spec(Path(job["spec"]))
+        try:
+            training_function(spec, kept)
+        except TrialStopped:
+            stopped = True
+        except BaseException:  # noqa: BLE001 - the trial fails; the worker is replaced
+            traceback.print_exc()
+            rc, retire = 1, True
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(home, 1)
+        os.dup2(home, 2)
+        os.close(log)
+        gc.collect()
+        memory = {"rss_mb": _resident_mb()}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            memory["cuda_mb"] = torch.cuda.memory_allocated() / 2**20
+        if not first:
+            first = memory
+        retire = retire or any(_grown(memory[k], first.get(k)) for k in memory)
+        reporter = Reporter(spec["reports"])
+        reporter.emit(event="exit", rc=rc, stopped=stopped, retire=retire, **memory)
+        reporter.close()
+        if retire:
+            break
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train one LoRA configuration from a spec file.")
-    parser.add_argument("spec", type=Path, help="the trial's spec.json written by ranksearch")
+    parser.add_argument("spec", type=Path, nargs="?", help="the trial's spec.json")
+    parser.add_argument(
+        "--serve",
+        metavar="STUDY_DIR",
+        help="a warm worker for the study in STUDY_DIR (named so `ps` tells whose it is): "
+        "train the trials named on stdin",
+    )
     args = parser.parse_args(argv)
+    if (args.spec is None) == (args.serve is None):
+        parser.error("give a spec file, or --serve")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.serve is not None:
+        return serve()
     training_function(resolve_spec(args.spec))  # its paths are relative to its folder
+    return 0
 
 
 if __name__ == "__main__":

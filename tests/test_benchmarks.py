@@ -73,6 +73,15 @@ def test_trial_cost_quick(tmp_path, tiny_bert, sentiment_csv):
                                        "trainer_group_by_length"))  # fmt: skip
 
 
+def test_warm_cost_quick(tmp_path, tiny_bert, sentiment_csv):
+    study = write_study(tmp_path / "tiny.yaml", tiny_bert, sentiment_csv)
+    _run("warm_cost.py", "--out", str(tmp_path / "w"), "--study", str(study), cwd=tmp_path)
+    result = json.loads((tmp_path / "w" / "result.json").read_text())
+    assert [r["warm"] for r in result["runs"]] == [True, False]
+    assert all(r["fixed_seconds"] for r in result["runs"])  # every mode trained trials
+    assert len(result["rss_mb"]) == 3  # one reading per warm trial
+
+
 def test_parallel_trials_quick(tmp_path, tiny_bert, sentiment_csv):
     study = write_study(tmp_path / "tiny.yaml", tiny_bert, sentiment_csv)
     _run("parallel_trials.py", "--out", str(tmp_path), "--study", str(study), cwd=tmp_path)
