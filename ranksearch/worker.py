@@ -10,6 +10,9 @@ ranksearch starts it for every trial, and it can be run by hand on a trial's spe
 Reports go to the JSON-lines file named in the spec (`reports`), one line per evaluation, written
 by the main process only; stdout and stderr are left to the libraries and end in the trial log.
 This module imports neither Optuna nor MLflow: the orchestrator owns those.
+
+`--serve` makes it a warm worker (see `serve`): one process that trains trial after trial on a
+base model it loads once, each trial as a cold start would train it.
 """
 
 from __future__ import annotations
