@@ -192,7 +192,7 @@ class LaunchConfig(_Strict):
     # GPU mostly idle); checked against the estimated memory of the largest configuration.
     trials_per_gpu: int = Field(1, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    stop_grace_seconds: float = Field(5.0, ge=0)  # after SIGTERM, before SIGKILL
+    stop_grace_seconds: float = Field(5.0, ge=0)  # after SIGTERM (warm: SIGUSR1), before SIGKILL
     # One process per slot imports and loads the base model once and trains trial after trial
     # (one-process, unquantized trials; others always start cold).
     reuse_workers: bool = True
