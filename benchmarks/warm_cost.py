@@ -45,13 +45,22 @@ def study_run(study: str, out: Path, warm: bool, overrides: dict[str, str]) -> d
     trials = optuna.load_study(
         study_name="warm-cost", storage=f"sqlite:///{out / 'optuna.db'}"
     ).trials
-    fixed = [
-        a["wall_seconds"] - a["train_seconds"] - a.get("eval_seconds", 0.0)
-        for a in (t.user_attrs for t in trials)
-        if a.get("wall_seconds") and "train_seconds" in a  # trained here, not replayed
-    ]
     states = [t.state.name for t in trials]
-    return {"warm": warm, "wall_seconds": wall, "fixed_seconds": fixed, "states": states}
+    return {"warm": warm, "wall_seconds": wall, "fixed_seconds": fixed_costs(out, trials),
+            "states": states}  # fmt: skip
+
+
+def fixed_costs(out: Path, trials) -> list[float]:
+    """Each trained trial's wall time minus the training and evaluation time of its last
+    report (a pruned trial's includes its stop)."""
+    fixed = []
+    for t in trials:
+        if not t.user_attrs.get("wall_seconds"):
+            continue  # replayed from a finished twin, or never started
+        lines = (out / "trials" / str(t.number) / "reports.jsonl").read_text().splitlines()
+        last = [r for r in map(json.loads, lines) if "val_loss" in r][-1]
+        fixed.append(t.user_attrs["wall_seconds"] - last["train_seconds"] - last["eval_seconds"])
+    return fixed
 
 
 def resident_memory(out: Path) -> list[float]:
