@@ -20,7 +20,7 @@ from rich.text import Text
 
 from ranksearch.config import StudyConfig, StudyError, parse_study
 from ranksearch.data import DataError
-from ranksearch.paths import BUILTIN_STUDIES, PathError, redact_url, study_dir
+from ranksearch.paths import BUILTIN_STUDIES, PathError, study_dir
 from ranksearch.storage import StorageError
 from ranksearch.tracking import TrackingError, make_tracker, rebase_artifacts, tracking_uri
 
@@ -290,7 +290,7 @@ def _orchestrator(args, console: Console):
     from ranksearch.data import prepare
     from ranksearch.study import Orchestrator
     from ranksearch.validate import empty_warnings
-    from ranksearch.view import PlainView, make_view
+    from ranksearch.view import PlainView, data_line, make_view, study_lines
 
     checked = _checked(args)
     cfg, out, device, slots = checked.cfg, checked.out, checked.device, checked.slots
@@ -302,21 +302,8 @@ def _orchestrator(args, console: Console):
         raise StudyError([problem], str(study_file)) from None
     view = PlainView(console) if args.plain else make_view(args.quiet, console)
     tracker = make_tracker(cfg, out, args.tracking_uri, args.no_mlflow)
-    if not args.quiet:
-        console.print(
-            Text(
-                f"study {cfg.study_name}: {out} (storage {redact_url(storage_url)}, "
-                f"device {device}, {slots.parallel} trial{'s' if slots.parallel > 1 else ''} "
-                "at a time)"
-            )
-        )
-        if tracker.uri:
-            console.print(
-                Text(
-                    f"MLflow: {redact_url(tracker.uri)} (browse: ranksearch ui "
-                    f"--study {args.study})"
-                )
-            )
+    for line in [] if args.quiet else study_lines(checked, tracker.uri, args.study):
+        console.print(Text(line))
     data = prepare(cfg, out)
     if not args.quiet:
         console.print(Text(data_line(data.counts)))
@@ -327,25 +314,6 @@ def _orchestrator(args, console: Console):
         cfg, out, storage_url, data, view, device, bf16, tracker, study_file, slots, checked.gpus
     )
     return cfg, orchestrator, view
-
-
-DROP_REASONS = {
-    "dropped_empty": "empty",
-    "dropped_unmapped": "label not in data.labels",
-    "train_dropped_truncated": "answer cut by max_length (train)",
-    "validation_dropped_truncated": "answer cut by max_length (validation)",
-}
-
-
-def data_line(counts: dict[str, int]) -> str:
-    """`data: 20,826 train / 384 validation rows; dropped: 15,018 label not in data.labels`."""
-    dropped = [
-        f"{counts[k] + counts.get('validation_' + k, 0):,} {why}"
-        for k, why in DROP_REASONS.items()
-        if counts.get(k, 0) + counts.get("validation_" + k, 0)
-    ]
-    line = f"data: {counts['train']:,} train / {counts['validation']:,} validation rows"
-    return line + (f"; dropped: {', '.join(dropped)}" if dropped else "")
 
 
 def _drive(work, view, console: Console) -> int:
@@ -455,145 +423,72 @@ def open_existing(args) -> tuple[StudyConfig, optuna.Study]:
 def cmd_report(args, console: Console) -> int:
     import json
 
-    from ranksearch.report import build_report, rank_table, rows_table, summary_lines, to_markdown
+    from ranksearch.report import build_report, to_markdown
+    from ranksearch.view import print_report
 
     cfg, study = open_existing(args)
     report = build_report(study, cfg.report.tolerance, args.sort)
+    in_mlflow = False
     if not args.no_plots:
-        report["plots"] = [str(p) for p in write_plots(args, cfg, study)]
+        files, in_mlflow = write_plots(args, cfg, study)
+        report["plots"] = [str(p) for p in files]
     if args.format == "json":
         print(json.dumps(report, indent=2, default=str))
     elif args.format == "markdown":
         print(to_markdown(report), end="")
     else:
-        console.print(rows_table(report))
-        console.print(rank_table(report))
-        for line in summary_lines(report):
-            console.print(Text(line))
-        if report.get("plots"):
-            mlflow = getattr(args, "plots_in_mlflow", False)
-            where = " and on the study's MLflow parent run" if mlflow else ""
-            folder = Path(report["plots"][0]).parent
-            console.print(Text(f"Plots:       {len(report['plots'])} files in {folder}{where}"))
+        print_report(console, report, in_mlflow)
     return 0
 
 
-def write_plots(args, cfg: StudyConfig, study: optuna.Study) -> list[Path]:
-    """Plots into <out>/plots, and onto the study's MLflow parent run when it has one."""
+def write_plots(args, cfg: StudyConfig, study: optuna.Study) -> tuple[list[Path], bool]:
+    """Plots into <out>/plots, and onto the study's MLflow parent run when it has one; the
+    files, and whether MLflow has them too."""
     from ranksearch.plots import make_plots
     from ranksearch.tracking import log_plots
 
-    out = study_dir(cfg.study_name, args.out) / "plots"
-    files = make_plots(study, out)
+    out = study_dir(cfg.study_name, args.out)
+    files = make_plots(study, out / "plots")
     tracked = "mlflow_parent_run_id" in study.user_attrs  # by this node or another one
-    if files and tracked and cfg.tracking.enabled:
-        uri = tracking_uri(cfg, study_dir(cfg.study_name, args.out), args.tracking_uri)
-        experiment = cfg.tracking.experiment or cfg.study_name
-        args.plots_in_mlflow = log_plots(uri, experiment, cfg.study_name, out)
-    return files
+    if not (files and tracked and cfg.tracking.enabled):
+        return files, False
+    uri = tracking_uri(cfg, out, args.tracking_uri)
+    experiment = cfg.tracking.experiment or cfg.study_name
+    return files, log_plots(uri, experiment, cfg.study_name, out / "plots")
 
 
 def cmd_estimate(args, console: Console) -> int:
     import json
 
-    from rich.table import Table
+    from ranksearch.estimate import estimate_space, measure
+    from ranksearch.view import print_estimate
 
-    from ranksearch.estimate import estimate_space
-
-    cfg, path, problems = parse_study(args.study, args.overrides)
+    cfg, _, _ = parse_study(args.study, args.overrides)
     rows = estimate_space(cfg, args.rank, args.targets)
-    measured = None
-    if args.measure:
-        from ranksearch.estimate import measure
-
-        measured = measure(cfg, max(rows, key=lambda r: r.memory_estimate_mb))
+    largest = max(rows, key=lambda r: r.memory_estimate_mb)
+    measured = measure(cfg, largest) if args.measure else None
     if args.format == "json":
-        print(
-            json.dumps(
-                {"configurations": [r.to_json() for r in rows], "measured": measured}, indent=2
-            )
-        )
+        configurations = [r.to_json() for r in rows]
+        print(json.dumps({"configurations": configurations, "measured": measured}, indent=2))
         return 0
-    table = Table(
-        title=f"{cfg.study_name}: batch {cfg.training.batch_size} x {cfg.data.max_length} tokens",
-        title_justify="left",
-    )
-    for col in (
-        "rank",
-        "modules",
-        "dora",
-        "adapted",
-        "trainable",
-        "fraction",
-        "adapter MB",
-        "optimizer MB",
-        "memory MB (est.)",
-        "compression",
-    ):
-        table.add_column(col, justify="left" if col == "modules" else "right")
-    for r in rows:
-        table.add_row(
-            str(r.rank),
-            r.target_modules,
-            "yes" if r.use_dora else "no",
-            str(r.adapted_modules),
-            f"{r.trainable_params:,}",
-            f"{r.trainable_fraction:.3%}",
-            f"{r.adapter_mb:.2f}",
-            f"{r.optimizer_state_mb:.2f}",
-            f"{r.memory_estimate_mb:.0f}",
-            f"{r.compression:,.0f}x",
-        )
-    console.print(table)
-    if measured:
-        console.print(
-            Text(
-                f"measured: rank {measured['rank']} {measured['target_modules']}, one step on "
-                f"{measured['device']}: {measured['measured_mb']:.0f} MB ({measured['method']}) vs "
-                f"{measured['estimate_mb']:.0f} MB estimated"
-            )
-        )
+    title = f"{cfg.study_name}: batch {cfg.training.batch_size} x {cfg.data.max_length} tokens"
+    print_estimate(console, title, rows, measured)
     return 0
 
 
 def cmd_status(args, console: Console) -> int:
     import json
 
-    from rich.table import Table
-
     from ranksearch.report import study_status
     from ranksearch.sampling import search_budget
+    from ranksearch.view import print_status
 
     cfg, study = open_existing(args)
     status = study_status(study, search_budget(cfg), cfg.report.tolerance)
     if args.format == "json":
         print(json.dumps(status, indent=2))
-        return 0
-    c = status["counts"]
-    console.print(
-        Text(
-            f"study {status['study']}: {c['complete']} complete, {c['pruned']} "
-            f"pruned, {c['fail']} failed, {c['running']} running, "
-            f"{status['to_go']} to go of {status['n_trials']}"
-        )
-    )
-    if status["best"] is not None:
-        console.print(
-            Text(f"best: trial {status['best']}, recommended: trial {status['recommended']}")
-        )
-    table = Table(title="by worker host", title_justify="left")
-    for col in ("host", "complete", "pruned", "failed", "running"):
-        table.add_column(col, justify="left" if col == "host" else "right")
-    for host, n in status["hosts"].items():
-        table.add_row(host, str(n["complete"]), str(n["pruned"]), str(n["fail"]), str(n["running"]))
-    console.print(table)
-    for r in status["running"]:
-        console.print(
-            Text(
-                f"running: trial {r['trial']} on {r['host']} (pid {r['pid']}), "
-                f"step {r['last_step']}, started {r['started']}"
-            )
-        )
+    else:
+        print_status(console, status)
     return 0
 
 
