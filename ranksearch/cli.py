@@ -20,16 +20,9 @@ from rich.text import Text
 
 from ranksearch.config import StudyConfig, StudyError, parse_study
 from ranksearch.data import DataError
-from ranksearch.paths import BUILTIN_STUDIES, PathError, out_problems, redact_url
-from ranksearch.storage import StorageError, default_storage_url
-from ranksearch.tracking import (
-    TrackingError,
-    check_tracking,
-    default_tracking_uri,
-    make_tracker,
-    rebase_artifacts,
-    tracking_uri,
-)
+from ranksearch.paths import BUILTIN_STUDIES, PathError, study_dir
+from ranksearch.storage import StorageError
+from ranksearch.tracking import TrackingError, make_tracker, rebase_artifacts, tracking_uri
 
 if TYPE_CHECKING:
     import optuna
@@ -246,13 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def study_dir(cfg: StudyConfig, out: Path | None) -> Path:
-    """`--out`, else runs/<study>; absolute, so that workers and MLflow find it from any working
-    directory. Nothing a study stores depends on it: trials record their folders relative to it,
-    and every command resolves them from the directory it is given (a study can be moved)."""
-    return (out if out is not None else Path("runs") / cfg.study_name).absolute()
-
-
 def quiet_libraries() -> None:
     """Library chatter (load reports, progress bars, deprecations) stays out of the view."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -273,47 +259,27 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
 
 
-def _load_checked(
-    args, schema_only: bool = False, warnings: list[str] | None = None
-) -> tuple[StudyConfig, str, Path]:
-    """The study, checked as a whole: every problem (schema, model, data, storage) at once;
-    what passes but is worth saying goes to `warnings`."""
-    from ranksearch.validate import (
-        available_memory_gb,
-        memory_problems,
-        resolve_device,
-        resource_problems,
-    )
+def _checked(args, schema_only: bool = False):
+    """The study as `validate.check_study` passes it, from the common options."""
+    from ranksearch.validate import check_study
 
-    cfg, path, problems = parse_study(args.study, args.overrides)
-    out = study_dir(cfg, args.out)
-    storage_url = args.storage or default_storage_url(out)
-    if not schema_only:
-        problems += out_problems(out)
-        problems += resource_problems(cfg, storage_url if args.storage else None, warnings)
-        uri = tracking_uri(cfg, out, args.tracking_uri)
-        # a store inside a bad --out is --out's fault, said once
-        in_bad_out = uri == default_tracking_uri(out) and any(k == "--out" for k, _ in problems)
-        if cfg.tracking.enabled and not getattr(args, "no_mlflow", False) and not in_bad_out:
-            try:
-                check_tracking(uri)
-            except TrackingError as e:
-                problems.append(("tracking.uri", str(e).removeprefix("`tracking.uri` ")))
-        if not any(k == "model.path" for k, _ in problems):
-            device = resolve_device(cfg.launch.device)
-            problems += memory_problems(cfg, device, available_memory_gb(device))
-    if problems:
-        raise StudyError(problems, str(path))
-    return cfg, storage_url, path
+    return check_study(
+        args.study,
+        args.overrides,
+        out=args.out,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        mlflow=not getattr(args, "no_mlflow", False),
+        schema_only=schema_only,
+    )
 
 
 def cmd_validate(args, console: Console) -> int:
-    warnings: list[str] = []
-    cfg, _, _ = _load_checked(args, args.schema_only, warnings)
-    for line in warnings:
+    checked = _checked(args, args.schema_only)
+    for line in checked.warnings:
         console.print(Text("warning: ", style="yellow") + Text(line))
     what = "schema" if args.schema_only else "schema, model modules, data, tracking"
-    console.print(f"[green]ok[/green]: study {cfg.study_name} ({what}) is valid")
+    console.print(f"[green]ok[/green]: study {checked.cfg.study_name} ({what}) is valid")
     return 0
 
 
@@ -322,50 +288,22 @@ def _orchestrator(args, console: Console):
     import torch
 
     from ranksearch.data import prepare
-    from ranksearch.packing import plan_slots, visible_gpus
     from ranksearch.study import Orchestrator
-    from ranksearch.validate import empty_warnings, packed_memory, resolve_device
-    from ranksearch.view import PlainView, make_view
+    from ranksearch.validate import empty_warnings
+    from ranksearch.view import PlainView, data_line, make_view, study_lines
 
-    cfg, storage_url, study_file = _load_checked(args)
-    out = study_dir(cfg, args.out)
+    checked = _checked(args)
+    cfg, out, device, slots = checked.cfg, checked.out, checked.device, checked.slots
+    storage_url, study_file = checked.storage_url, checked.path
     try:  # judged writable above; creating it is the proof (root may "write" to /proc)
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         problem = ("--out", f"{out}: cannot create it ({e.strerror}); give a writable directory")
         raise StudyError([problem], str(study_file)) from None
-    device = resolve_device(cfg.launch.device)
-    gpus = visible_gpus(os.environ, torch.cuda.device_count()) if device == "cuda" else []
-    try:
-        slots = plan_slots(
-            device=device,
-            gpus=gpus,
-            gpus_per_trial=cfg.launch.gpus_per_trial,
-            parallel_trials=cfg.launch.parallel_trials,
-            num_processes=cfg.launch.num_processes,
-            cpu_count=os.cpu_count() or 1,
-            **packed_memory(cfg, device),
-        )
-    except ValueError as e:
-        key, _, message = str(e).partition(": ")
-        raise StudyError([(key, message)], str(study_file)) from None
     view = PlainView(console) if args.plain else make_view(args.quiet, console)
     tracker = make_tracker(cfg, out, args.tracking_uri, args.no_mlflow)
-    if not args.quiet:
-        console.print(
-            Text(
-                f"study {cfg.study_name}: {out} (storage {redact_url(storage_url)}, "
-                f"device {device}, {slots.parallel} trial{'s' if slots.parallel > 1 else ''} "
-                "at a time)"
-            )
-        )
-        if tracker.uri:
-            console.print(
-                Text(
-                    f"MLflow: {redact_url(tracker.uri)} (browse: ranksearch ui "
-                    f"--study {args.study})"
-                )
-            )
+    for line in [] if args.quiet else study_lines(checked, tracker.uri, args.study):
+        console.print(Text(line))
     data = prepare(cfg, out)
     if not args.quiet:
         console.print(Text(data_line(data.counts)))
@@ -373,28 +311,9 @@ def _orchestrator(args, console: Console):
         view.message(f"warning: {line}")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     orchestrator = Orchestrator(
-        cfg, out, storage_url, data, view, device, bf16, tracker, study_file, slots, gpus
+        cfg, out, storage_url, data, view, device, bf16, tracker, study_file, slots, checked.gpus
     )
     return cfg, orchestrator, view
-
-
-DROP_REASONS = {
-    "dropped_empty": "empty",
-    "dropped_unmapped": "label not in data.labels",
-    "train_dropped_truncated": "answer cut by max_length (train)",
-    "validation_dropped_truncated": "answer cut by max_length (validation)",
-}
-
-
-def data_line(counts: dict[str, int]) -> str:
-    """`data: 20,826 train / 384 validation rows; dropped: 15,018 label not in data.labels`."""
-    dropped = [
-        f"{counts[k] + counts.get('validation_' + k, 0):,} {why}"
-        for k, why in DROP_REASONS.items()
-        if counts.get(k, 0) + counts.get("validation_" + k, 0)
-    ]
-    line = f"data: {counts['train']:,} train / {counts['validation']:,} validation rows"
-    return line + (f"; dropped: {', '.join(dropped)}" if dropped else "")
 
 
 def _drive(work, view, console: Console) -> int:
@@ -473,7 +392,7 @@ def cmd_ui(args, console: Console) -> int:
     from ranksearch.ui import serve_ui
 
     cfg, _, _ = parse_study(args.study, args.overrides)
-    out = study_dir(cfg, args.out)
+    out = study_dir(cfg.study_name, args.out)
     uri = tracking_uri(cfg, out, args.tracking_uri)
     rebase_artifacts(uri, out)  # a copied or moved study serves its own artifacts
     return serve_ui(
@@ -488,174 +407,88 @@ def cmd_ui(args, console: Console) -> int:
 
 def open_existing(args) -> tuple[StudyConfig, optuna.Study]:
     """The study `run` wrote, found from the same --study/--out/--storage options."""
-    import optuna
+    from ranksearch.storage import open_existing as open_study
 
-    from ranksearch.storage import check_storage, open_storage
-
-    cfg, path, problems = parse_study(args.study, args.overrides)
-    url = args.storage or default_storage_url(study_dir(cfg, args.out))
-    if not args.storage and not (study_dir(cfg, args.out) / "optuna.db").is_file():
-        raise StudyError(
-            [
-                (
-                    "--out",
-                    f"no study in {study_dir(cfg, args.out)}; run it first "
-                    f"(ranksearch run --study {args.study}) or pass --out/--storage",
-                )
-            ],
-            str(path),
-        )
-    check_storage(url)  # StorageError naming `--storage`, as `run` gives
-    try:
-        return cfg, optuna.load_study(study_name=cfg.study_name, storage=open_storage(url))
-    except KeyError:
-        raise StudyError(
-            [("--storage", f"no study {cfg.study_name!r} in {redact_url(url)}")], str(path)
-        ) from None
+    cfg, path, _ = parse_study(args.study, args.overrides)
+    study = open_study(
+        cfg.study_name,
+        study_dir(cfg.study_name, args.out),
+        args.storage,
+        source=str(path),
+        run_first=f"ranksearch run --study {args.study}",
+    )
+    return cfg, study
 
 
 def cmd_report(args, console: Console) -> int:
     import json
 
-    from ranksearch.report import build_report, rank_table, rows_table, summary_lines, to_markdown
+    from ranksearch.report import build_report, to_markdown
+    from ranksearch.view import print_report
 
     cfg, study = open_existing(args)
     report = build_report(study, cfg.report.tolerance, args.sort)
+    in_mlflow = False
     if not args.no_plots:
-        report["plots"] = [str(p) for p in write_plots(args, cfg, study)]
+        files, in_mlflow = write_plots(args, cfg, study)
+        report["plots"] = [str(p) for p in files]
     if args.format == "json":
         print(json.dumps(report, indent=2, default=str))
     elif args.format == "markdown":
         print(to_markdown(report), end="")
     else:
-        console.print(rows_table(report))
-        console.print(rank_table(report))
-        for line in summary_lines(report):
-            console.print(Text(line))
-        if report.get("plots"):
-            mlflow = getattr(args, "plots_in_mlflow", False)
-            where = " and on the study's MLflow parent run" if mlflow else ""
-            folder = Path(report["plots"][0]).parent
-            console.print(Text(f"Plots:       {len(report['plots'])} files in {folder}{where}"))
+        print_report(console, report, in_mlflow)
     return 0
 
 
-def write_plots(args, cfg: StudyConfig, study: optuna.Study) -> list[Path]:
-    """Plots into <out>/plots, and onto the study's MLflow parent run when it has one."""
+def write_plots(args, cfg: StudyConfig, study: optuna.Study) -> tuple[list[Path], bool]:
+    """Plots into <out>/plots, and onto the study's MLflow parent run when it has one; the
+    files, and whether MLflow has them too."""
     from ranksearch.plots import make_plots
     from ranksearch.tracking import log_plots
 
-    out = study_dir(cfg, args.out) / "plots"
-    files = make_plots(study, out)
+    out = study_dir(cfg.study_name, args.out)
+    files = make_plots(study, out / "plots")
     tracked = "mlflow_parent_run_id" in study.user_attrs  # by this node or another one
-    if files and tracked and cfg.tracking.enabled:
-        uri = tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri)
-        experiment = cfg.tracking.experiment or cfg.study_name
-        args.plots_in_mlflow = log_plots(uri, experiment, cfg.study_name, out)
-    return files
+    if not (files and tracked and cfg.tracking.enabled):
+        return files, False
+    uri = tracking_uri(cfg, out, args.tracking_uri)
+    experiment = cfg.tracking.experiment or cfg.study_name
+    return files, log_plots(uri, experiment, cfg.study_name, out / "plots")
 
 
 def cmd_estimate(args, console: Console) -> int:
     import json
 
-    from rich.table import Table
+    from ranksearch.estimate import estimate_space, measure
+    from ranksearch.view import print_estimate
 
-    from ranksearch.estimate import estimate_space
-
-    cfg, path, problems = parse_study(args.study, args.overrides)
+    cfg, _, _ = parse_study(args.study, args.overrides)
     rows = estimate_space(cfg, args.rank, args.targets)
-    measured = None
-    if args.measure:
-        from ranksearch.estimate import measure
-
-        measured = measure(cfg, max(rows, key=lambda r: r.memory_estimate_mb))
+    largest = max(rows, key=lambda r: r.memory_estimate_mb)
+    measured = measure(cfg, largest) if args.measure else None
     if args.format == "json":
-        print(
-            json.dumps(
-                {"configurations": [r.to_json() for r in rows], "measured": measured}, indent=2
-            )
-        )
+        configurations = [r.to_json() for r in rows]
+        print(json.dumps({"configurations": configurations, "measured": measured}, indent=2))
         return 0
-    table = Table(
-        title=f"{cfg.study_name}: batch {cfg.training.batch_size} x {cfg.data.max_length} tokens",
-        title_justify="left",
-    )
-    for col in (
-        "rank",
-        "modules",
-        "dora",
-        "adapted",
-        "trainable",
-        "fraction",
-        "adapter MB",
-        "optimizer MB",
-        "memory MB (est.)",
-        "compression",
-    ):
-        table.add_column(col, justify="left" if col == "modules" else "right")
-    for r in rows:
-        table.add_row(
-            str(r.rank),
-            r.target_modules,
-            "yes" if r.use_dora else "no",
-            str(r.adapted_modules),
-            f"{r.trainable_params:,}",
-            f"{r.trainable_fraction:.3%}",
-            f"{r.adapter_mb:.2f}",
-            f"{r.optimizer_state_mb:.2f}",
-            f"{r.memory_estimate_mb:.0f}",
-            f"{r.compression:,.0f}x",
-        )
-    console.print(table)
-    if measured:
-        console.print(
-            Text(
-                f"measured: rank {measured['rank']} {measured['target_modules']}, one step on "
-                f"{measured['device']}: {measured['measured_mb']:.0f} MB ({measured['method']}) vs "
-                f"{measured['estimate_mb']:.0f} MB estimated"
-            )
-        )
+    title = f"{cfg.study_name}: batch {cfg.training.batch_size} x {cfg.data.max_length} tokens"
+    print_estimate(console, title, rows, measured)
     return 0
 
 
 def cmd_status(args, console: Console) -> int:
     import json
 
-    from rich.table import Table
-
     from ranksearch.report import study_status
     from ranksearch.sampling import search_budget
+    from ranksearch.view import print_status
 
     cfg, study = open_existing(args)
     status = study_status(study, search_budget(cfg), cfg.report.tolerance)
     if args.format == "json":
         print(json.dumps(status, indent=2))
-        return 0
-    c = status["counts"]
-    console.print(
-        Text(
-            f"study {status['study']}: {c['complete']} complete, {c['pruned']} "
-            f"pruned, {c['fail']} failed, {c['running']} running, "
-            f"{status['to_go']} to go of {status['n_trials']}"
-        )
-    )
-    if status["best"] is not None:
-        console.print(
-            Text(f"best: trial {status['best']}, recommended: trial {status['recommended']}")
-        )
-    table = Table(title="by worker host", title_justify="left")
-    for col in ("host", "complete", "pruned", "failed", "running"):
-        table.add_column(col, justify="left" if col == "host" else "right")
-    for host, n in status["hosts"].items():
-        table.add_row(host, str(n["complete"]), str(n["pruned"]), str(n["fail"]), str(n["running"]))
-    console.print(table)
-    for r in status["running"]:
-        console.print(
-            Text(
-                f"running: trial {r['trial']} on {r['host']} (pid {r['pid']}), "
-                f"step {r['last_step']}, started {r['started']}"
-            )
-        )
+    else:
+        print_status(console, status)
     return 0
 
 
@@ -666,7 +499,9 @@ def cmd_export(args, console: Console) -> int:
     try:
         trial = pick_trial(study, args.trial, cfg.report.tolerance)
         _, path, _ = parse_study(args.study, args.overrides)
-        manifest = export(study, trial, args.to, path, args.overrides, study_dir(cfg, args.out))
+        manifest = export(
+            study, trial, args.to, path, args.overrides, study_dir(cfg.study_name, args.out)
+        )
     except ExportError as e:
         raise StudyError([("--trial", str(e))], args.study) from None
     how = "retrained from its spec" if manifest["retrained"] else "copied"

@@ -2,7 +2,7 @@
 
 Every problem in a study file is collected into one `StudyError` that names each key path and
 how to fix it, so a user fixes the file in one pass. Nothing is launched or written before this
-passes. Checks that need the model or the data (module names, columns) live in `validate.py`.
+passes. `validate.check_study` adds what needs the model, the data and the machine.
 """
 
 from __future__ import annotations
@@ -22,40 +22,13 @@ from pydantic import (
 )
 
 from ranksearch.paths import resolve_study_file
-
-
-class StudyError(Exception):
-    """One or more problems with a study, each as (key path, message)."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str = "study file"):
-        self.problems = problems
-        self.source = source
-        lines = [f"{len(problems)} problem(s) in {source}:"]
-        lines += [f"  - `{key}`: {msg}" if key else f"  - {msg}" for key, msg in problems]
-        super().__init__("\n".join(lines))
+from ranksearch.problems import Problem, StudyError
+from ranksearch.sft import format_problems
+from ranksearch.space import Range, space_problems
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Range(_Strict):
-    """A numeric range for Optuna: `{low: 1.0e-4, high: 3.0e-3, log: true}`."""
-
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Range:
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high}); swap them")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log range needs low > 0, got {self.low}; raise low or drop `log`")
-        if self.log and self.step is not None:
-            raise ValueError("`step` and `log: true` cannot be combined; choose one")
-        return self
 
 
 Scalar = bool | int | float | str
@@ -261,9 +234,10 @@ class StudyConfig(_Strict):
         return data
 
 
-def _check_cross_fields(cfg: StudyConfig) -> list[tuple[str, str]]:
-    """Rules that span sections; each returns (key path, message with the fix)."""
-    problems: list[tuple[str, str]] = []
+def file_problems(cfg: StudyConfig) -> list[Problem]:
+    """What the file alone shows: rules that span sections, the causal-LM formats and the
+    search space (`space.space_problems`)."""
+    problems: list[Problem] = []
     t, p = cfg.training, cfg.pruner
     if t.eval_every > t.max_steps:
         problems.append(
@@ -281,8 +255,6 @@ def _check_cross_fields(cfg: StudyConfig) -> list[tuple[str, str]]:
                 "the first rung; set it to a multiple of eval_every",
             )
         )
-    from ranksearch.sft import format_problems  # avoids an import cycle
-
     problems += format_problems(cfg)
     if cfg.data.labels is not None and len(set(cfg.data.labels.values())) < 2:
         problems.append(("data.labels", "map at least two classes, e.g. {neg: 0, pos: 1}"))
@@ -300,13 +272,11 @@ def _check_cross_fields(cfg: StudyConfig) -> list[tuple[str, str]]:
         )
     if cfg.launch.device == "cpu" and cfg.model.quantization == "4bit":
         problems.append(("model.quantization", "4bit needs CUDA; use `none` on CPU"))
-    from ranksearch.space import space_problems  # avoids an import cycle
-
     problems += space_problems(cfg)
     return problems
 
 
-def _format_pydantic(err: ValidationError) -> list[tuple[str, str]]:
+def _format_pydantic(err: ValidationError) -> list[Problem]:
     problems = []
     for e in err.errors():
         # Drop the union-branch names pydantic inserts ("list[...]", "Range") from the path.
@@ -320,7 +290,7 @@ def _format_pydantic(err: ValidationError) -> list[tuple[str, str]]:
             msg = "unknown key; check the spelling or remove it (see search_spaces/cls-task.yaml)"
         elif e["type"] == "missing":
             msg = "required key is missing; add it"
-        problems.append((".".join(loc), msg))
+        problems.append(Problem(".".join(loc), msg))
     # A union reports one error per branch; keep each distinct (path, message) once.
     return list(dict.fromkeys(problems))
 
@@ -361,12 +331,12 @@ def _yaml_value(key: str, raw: str) -> Any:
         ) from None
 
 
-def parse_study(
+def read_study(
     study: str | Path, overrides: list[str] = (), search_dirs: list[Path] | None = None
-) -> tuple[StudyConfig, Path, list[tuple[str, str]]]:
-    """Resolve, read and type-check a study file; return it with its cross-field problems.
+) -> tuple[dict[str, Any], Path]:
+    """Resolve and read a study file with its `--set` overrides: the raw mapping and its path.
 
-    Raises `StudyError` when the file cannot be typed at all (YAML, unknown keys, wrong types).
+    Raises `StudyError` when the file is not a YAML mapping or an override is malformed.
     """
     path = resolve_study_file(str(study), search_dirs)
     try:
@@ -380,17 +350,67 @@ def parse_study(
     data.setdefault("study_name", path.stem)
     for assignment in overrides:
         set_override(data, assignment)
+    return data, path
+
+
+def typed_as_far_as_possible(data: dict[str, Any]) -> tuple[StudyConfig | None, list[Problem]]:
+    """The study typed, and its schema problems. Keys at fault fall back to their defaults, so
+    that the checks after the schema still run and every problem is said at once; None when a
+    required key is at fault (nothing sensible to check then)."""
+    problems: list[Problem] = []
+    for _ in range(4):  # each pass removes the keys at fault; a default never fails twice
+        try:
+            return StudyConfig.model_validate(data), problems
+        except ValidationError as e:
+            problems += [p for p in _format_pydantic(e) if p not in problems]
+            data = _without(data, [err["loc"] for err in e.errors()])
+            if data is None:
+                return None, problems
+    return None, problems
+
+
+def _without(data: dict[str, Any], locs: list[tuple]) -> dict[str, Any] | None:
+    """`data` without the deepest mapping key of each error location; None when a location
+    names no key that is there (a required key is missing)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for loc in locs:
+        node, key = data, None
+        for part in loc:
+            if not isinstance(node, dict) or str(part) not in node:
+                break
+            parent, key, node = node, str(part), node[str(part)]
+        if key is None or key in REQUIRED:
+            return None
+        parent.pop(key, None)
+    return data
+
+
+REQUIRED = {"model", "data", "study_name"}  # without them no later check means anything
+
+
+def parse_study(
+    study: str | Path, overrides: list[str] = (), search_dirs: list[Path] | None = None
+) -> tuple[StudyConfig, Path, list[Problem]]:
+    """Resolve, read and type-check a study file; return it with the problems the file alone
+    shows (`file_problems`).
+
+    Raises `StudyError` when the file cannot be typed at all (YAML, unknown keys, wrong types).
+    """
+    data, path = read_study(study, overrides, search_dirs)
     try:
         cfg = StudyConfig.model_validate(data)
     except ValidationError as e:
         raise StudyError(_format_pydantic(e), str(path)) from None
-    return cfg, path, _check_cross_fields(cfg)
+    return cfg, path, file_problems(cfg)
 
 
 def load_study(
     study: str | Path, overrides: list[str] = (), search_dirs: list[Path] | None = None
 ) -> tuple[StudyConfig, Path]:
-    """Resolve, read and validate a study file; raise `StudyError` listing every problem."""
+    """Resolve, read and validate a study file; raise `StudyError` listing every problem the
+    file alone shows (`validate.check_study` adds the model, the data and the machine)."""
     cfg, path, problems = parse_study(study, overrides, search_dirs)
     if problems:
         raise StudyError(problems, str(path))

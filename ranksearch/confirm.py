@@ -1,5 +1,7 @@
 """The confirmation round: the top configurations again, with more seeds, at the full budget.
 
+Unlike recommend.py (the answer from one seed per trial), this retrains the top ones to be sure.
+
 A search compares configurations on one seed each, so its winner is partly luck. Here each
 candidate (the top-k by val loss, plus the recommendation) gets `seeds` samples in all: its search
 trial plus `seeds - 1` new trainings with other seeds. The confirmed recommendation is the

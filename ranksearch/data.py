@@ -38,7 +38,7 @@ class DataError(Exception):
     """Data that cannot be used as the study file describes; names the key and the fix."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"`{key}`: {message}")
 
 

@@ -1,5 +1,7 @@
 """Build the `accelerate launch` command of a trial (pure) and supervise the process it starts.
 
+Unlike supervise.py (a running trial's reports, pruning, heartbeat), this starts and stops it.
+
 Each trial is its own process group (a new session), so a pruned, timed-out or interrupted trial
 is stopped as a whole: SIGTERM to every rank, a grace period, then SIGKILL. No rank is orphaned
 and no rendezvous port stays bound.

@@ -1,8 +1,10 @@
-"""Packing trials onto one machine: how many run at once, which GPUs and port each one gets.
+"""Packing trials onto this machine's devices: how many run at once, with which GPUs and port.
 
-Pure functions and a small pool, so the rules are tested without a GPU: each running trial holds
-a disjoint set of `gpus_per_trial` GPUs and its own main process port; a finished or pruned trial
-gives them back for the next. On CPU, parallel trials share the cores.
+Not sequence packing (`training.packing`, in sft.py and worker.py), which fills training rows
+with several examples. Here: the device `launch.device` resolves to, the GPUs this process may
+use, and the slots (`plan_slots`, pure, so the rules are tested without a GPU): each running
+trial holds a disjoint set of `gpus_per_trial` GPUs and its own main process port; a finished or
+pruned trial gives them back for the next. On CPU, parallel trials share the cores.
 """
 
 from __future__ import annotations
@@ -10,6 +12,106 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ranksearch.problems import Problem
+
+if TYPE_CHECKING:
+    from ranksearch.config import StudyConfig
+
+
+class SlotError(ValueError):
+    """The GPUs cannot hold the trials as `launch` asks; `key` names the setting to change."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+        super().__init__(f"{key}: {message}")
+
+
+def resolve_device(device: str) -> str:
+    """`launch.device` as trials get it: `auto` is cuda when a GPU is visible, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_gpus(device: str) -> list[str]:
+    """The GPUs this process may give trials on `device` (none on CPU)."""
+    if device != "cuda":
+        return []
+    import os
+
+    import torch
+
+    return visible_gpus(os.environ, torch.cuda.device_count())
+
+
+def available_memory_gb(device: str) -> float | None:
+    """The memory a trial can have here: one GPU's (the first visible), or on CPU what the
+    kernel reports available now (MemAvailable); None where it cannot be read."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():  # `launch.device: cuda` here: plan_slots says so
+            return None
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
+def packed_memory(cfg: StudyConfig, device: str) -> dict[str, float]:
+    """What `plan_slots` checks `launch.trials_per_gpu` against: one GPU's memory and the
+    largest configuration's estimate (nothing to check unless trials share a GPU)."""
+    if device != "cuda" or cfg.launch.trials_per_gpu == 1:
+        return {"trials_per_gpu": cfg.launch.trials_per_gpu}
+    from ranksearch.estimate import estimate_space
+
+    worst = max(e.memory_estimate_mb for e in estimate_space(cfg))
+    return {
+        "trials_per_gpu": cfg.launch.trials_per_gpu,
+        "gpu_memory_gb": available_memory_gb(device),
+        "trial_memory_gb": worst / 1024,
+    }
+
+
+def memory_problems(cfg: StudyConfig, device: str, available_gb: float | None) -> list[Problem]:
+    """Refuse a study whose largest configuration would not fit: `launch.max_memory_gb` when
+    set, else `available_gb` (CPU trials run side by side share it)."""
+    from ranksearch.estimate import estimate_space
+
+    limit = cfg.launch.max_memory_gb or available_gb
+    if limit is None:
+        return []
+    worst = max(estimate_space(cfg), key=lambda e: e.memory_estimate_mb)
+    parallel = (cfg.launch.parallel_trials or 1) if device == "cpu" and available_gb else 1
+    need = worst.memory_estimate_mb / 1024 * (1 if cfg.launch.max_memory_gb else parallel)
+    if need <= limit:
+        return []
+    what = (
+        f"rank {worst.rank} on {worst.target_modules} needs about "
+        f"{worst.memory_estimate_mb / 1024:.1f} GB to train at batch "
+        f"{cfg.training.batch_size} x {cfg.data.max_length} tokens (ranksearch estimate)"
+    )
+    smaller = "lower the largest rank, the batch size or max_length"
+    if cfg.launch.max_memory_gb:
+        return [Problem("launch.max_memory_gb", f"{what}; {smaller}, or raise the limit")]
+    times = f" x {parallel} parallel trials" if parallel > 1 else ""
+    where = "on the GPU" if device == "cuda" else "available on this machine now"
+    return [
+        Problem(
+            "search.rank",
+            f"{what}{times}, more than the {limit:.1f} GB {where}; {smaller}, or set "
+            "`launch.max_memory_gb` to check against the machine that will run it",
+        )
+    ]
 
 
 def visible_gpus(env: Mapping[str, str], device_count: int) -> list[str]:
@@ -58,38 +160,43 @@ def plan_slots(
 
     `trials_per_gpu` packs several one-GPU trials onto each GPU (fractional GPUs), checked
     against the memory one trial is estimated to need. Raises ValueError naming the key and
-    the fix when the GPUs cannot hold one trial, the packed trials, or the parallel trials.
+    the fix (a `SlotError`) when the GPUs cannot hold one trial, the packed trials, or the
+    parallel trials.
     """
     if device == "cpu":
         parallel = parallel_trials or 1
         threads = max(1, cpu_count // (parallel * num_processes))
         return Slots(parallel, 0, threads)
     if gpus_per_trial > len(gpus):
-        raise ValueError(
-            f"launch.gpus_per_trial: {gpus_per_trial} GPUs per trial but {len(gpus)} visible "
-            f"({','.join(gpus) or 'none'}); lower gpus_per_trial or make more GPUs visible"
+        raise SlotError(
+            "launch.gpus_per_trial",
+            f"{gpus_per_trial} GPUs per trial but {len(gpus)} visible "
+            f"({','.join(gpus) or 'none'}); lower gpus_per_trial or make more GPUs visible",
         )
     if trials_per_gpu > 1 and gpus_per_trial > 1:
-        raise ValueError(
-            f"launch.trials_per_gpu: {trials_per_gpu} trials per GPU with {gpus_per_trial} "
+        raise SlotError(
+            "launch.trials_per_gpu",
+            f"{trials_per_gpu} trials per GPU with {gpus_per_trial} "
             "GPUs per trial; packing shares single GPUs, so set gpus_per_trial: 1 or "
-            "trials_per_gpu: 1"
+            "trials_per_gpu: 1",
         )
     if trials_per_gpu > 1 and gpu_memory_gb and trial_memory_gb:
         room = int(0.9 * gpu_memory_gb // trial_memory_gb)  # a tenth left for the allocator
         if trials_per_gpu > room:
-            raise ValueError(
-                f"launch.trials_per_gpu: {trials_per_gpu} trials of about {trial_memory_gb:.1f} "
+            raise SlotError(
+                "launch.trials_per_gpu",
+                f"{trials_per_gpu} trials of about {trial_memory_gb:.1f} "
                 f"GB (ranksearch estimate, largest configuration) do not fit a "
-                f"{gpu_memory_gb:.0f} GB GPU; use trials_per_gpu <= {max(room, 1)}"
+                f"{gpu_memory_gb:.0f} GB GPU; use trials_per_gpu <= {max(room, 1)}",
             )
     fits = len(gpus) // gpus_per_trial * trials_per_gpu
     parallel = parallel_trials or fits
     if parallel > fits:
-        raise ValueError(
-            f"launch.parallel_trials: {parallel} trials x {gpus_per_trial} GPUs need "
+        raise SlotError(
+            "launch.parallel_trials",
+            f"{parallel} trials x {gpus_per_trial} GPUs need "
             f"{parallel * gpus_per_trial} GPUs but {len(gpus)} are visible; "
-            f"use parallel_trials <= {fits} (or leave it out)"
+            f"use parallel_trials <= {fits} (or leave it out)",
         )
     threads = max(1, cpu_count // (parallel * gpus_per_trial))
     return Slots(parallel, gpus_per_trial, threads, trials_per_gpu)

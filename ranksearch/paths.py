@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from ranksearch.problems import Problem
+
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
@@ -80,6 +82,13 @@ def local_path(source: str) -> Path | None:
     return None
 
 
+def study_dir(study_name: str, out: Path | None) -> Path:
+    """`--out`, else runs/<study>; absolute, so that workers and MLflow find it from any working
+    directory. Nothing a study stores depends on it: trials record their folders relative to it,
+    and every command resolves them from the directory it is given (a study can be moved)."""
+    return (out if out is not None else Path("runs") / study_name).absolute()
+
+
 def trial_dir(study_dir: Path, trial: FrozenTrial) -> Path:
     """A trial's folder, found from the study directory it is read from.
 
@@ -101,12 +110,12 @@ def creatable_dir(path: Path) -> bool:
     return False
 
 
-def out_problems(out: Path) -> list[tuple[str, str]]:
+def out_problems(out: Path) -> list[Problem]:
     """`--out` must be a directory this process can write, or one it can create."""
     if out.exists() and not out.is_dir():
-        return [("--out", f"{out} is a file, not a directory; give a directory path")]
+        return [Problem("--out", f"{out} is a file, not a directory; give a directory path")]
     if not creatable_dir(out):
-        return [("--out", f"{out} is not a directory that can be written or created")]
+        return [Problem("--out", f"{out} is not a directory that can be written or created")]
     return []
 
 

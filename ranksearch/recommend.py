@@ -1,5 +1,7 @@
 """The answer of a study: the best trial, and the smallest configuration as good as the best.
 
+Unlike report.py (tables and JSON for people) and confirm.py (more seeds), this only decides.
+
 "As good as the best" is the one-standard-error rule (Hastie, Tibshirani and Friedman, The
 Elements of Statistical Learning, 7.10): among completed configurations whose val loss is within
 one standard error of the best's, take the one with the fewest trainable parameters. The standard

@@ -1,4 +1,7 @@
-"""Tables of a study's trials, read back from the Optuna storage."""
+"""Tables of a study's trials, read back from the Optuna storage.
+
+Unlike recommend.py (which trial is the answer) and confirm.py (more seeds), this presents.
+"""
 
 from __future__ import annotations
 

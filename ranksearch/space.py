@@ -11,7 +11,9 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from ranksearch.config import Range, SearchConfig
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from ranksearch.problems import Problem
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -20,7 +22,29 @@ if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
     from optuna.trial import FrozenTrial
 
-    from ranksearch.config import StudyConfig
+    from ranksearch.config import SearchConfig, StudyConfig
+
+
+class Range(BaseModel):
+    """A numeric range for Optuna: `{low: 1.0e-4, high: 3.0e-3, log: true}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high}); swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}; raise low or drop `log`")
+        if self.log and self.step is not None:
+            raise ValueError("`step` and `log: true` cannot be combined; choose one")
+        return self
+
 
 # study-file key -> Optuna parameter name, in display order
 PARAM_NAMES = {
@@ -112,9 +136,7 @@ def distributions(search: SearchConfig) -> dict[str, BaseDistribution]:
     return dists
 
 
-def changed_dimensions(
-    trials: Sequence[FrozenTrial], search: SearchConfig
-) -> list[tuple[str, str]]:
+def changed_dimensions(trials: Sequence[FrozenTrial], search: SearchConfig) -> list[Problem]:
     """(key, message) for each dimension the study's trials searched otherwise than `search`.
 
     A study keeps the space it started with: Optuna refuses other choices for a parameter, and
@@ -129,7 +151,7 @@ def changed_dimensions(
     for key, name in PARAM_NAMES.items():
         if now.get(name) != then.get(name):
             problems.append(
-                (
+                Problem(
                     f"search.{key}",
                     f"the study's trials used {_shown(then.get(name))}, this file asks for "
                     f"{_shown(now.get(name))}; a study keeps its search space: restore it, or "
@@ -213,19 +235,19 @@ def _values(dim: Any) -> list[Any]:
     return list(dim) if isinstance(dim, list) else [dim]
 
 
-def _number_problems(key: str, dim: Any, ok, fix: str) -> list[tuple[str, str]]:
+def _number_problems(key: str, dim: Any, ok, fix: str) -> list[Problem]:
     bad = [v for v in _values(dim) if isinstance(v, bool) or not isinstance(v, int | float)]
     if bad:
-        return [(f"search.{key}", f"expected numbers, got {bad!r}")]
+        return [Problem(f"search.{key}", f"expected numbers, got {bad!r}")]
     bad = [v for v in _values(dim) if not ok(v)]
-    return [(f"search.{key}", f"{bad!r} out of range: {fix}")] if bad else []
+    return [Problem(f"search.{key}", f"{bad!r} out of range: {fix}")] if bad else []
 
 
-def space_problems(cfg: StudyConfig) -> list[tuple[str, str]]:
+def space_problems(cfg: StudyConfig) -> list[Problem]:
     """Value ranges of the search space, sampler compatibility and `enqueue` entries."""
     s = cfg.search
     dims = dimensions(s)
-    problems: list[tuple[str, str]] = []
+    problems: list[Problem] = []
     problems += _number_problems(
         "rank", s.rank, lambda v: v > 0 and float(v).is_integer(), "ranks are integers >= 1"
     )
@@ -240,35 +262,35 @@ def space_problems(cfg: StudyConfig) -> list[tuple[str, str]]:
             problems += _number_problems(key, getattr(s, key), lambda v: v > 0, "must be > 0")
     for key in ("use_rslora", "use_dora"):
         if any(not isinstance(v, bool) for v in _values(getattr(s, key))):
-            problems.append((f"search.{key}", "expected true/false or a list of them"))
+            problems.append(Problem(f"search.{key}", "expected true/false or a list of them"))
     if isinstance(s.target_modules, dict) and not s.target_modules:
         problems.append(
-            ("search.target_modules", "name at least one set, e.g. {qv: [query, value]}")
+            Problem("search.target_modules", "name at least one set, e.g. {qv: [query, value]}")
         )
     if cfg.sampler.type in ("grid", "bruteforce"):
         for key, dim in dims.items():
             if isinstance(dim, Range) and is_searched(dim):
                 mid = math.sqrt(dim.low * dim.high) if dim.log else (dim.low + dim.high) / 2
                 problems.append(
-                    (
+                    Problem(
                         f"search.{key}",
                         f"`sampler: {cfg.sampler.type}` needs a list of choices, not a range; "
                         f"e.g. [{dim.low:g}, {mid:g}, {dim.high:g}]",
                     )
                 )
     if cfg.sampler.type == "grid" and cfg.enqueue:
-        problems.append(("enqueue", "`sampler: grid` runs every combination already; remove it"))
+        problems.append(
+            Problem("enqueue", "`sampler: grid` runs every combination already; remove it")
+        )
     for i, entry in enumerate(cfg.enqueue):
         problems += _enqueue_problems(f"enqueue.{i}", s, dims, entry)
     return problems
 
 
-def _enqueue_problems(
-    where: str, s: SearchConfig, dims: dict, entry: dict
-) -> list[tuple[str, str]]:
+def _enqueue_problems(where: str, s: SearchConfig, dims: dict, entry: dict) -> list[Problem]:
     allowed = set(dims) | ({"alpha"} if "alpha_ratio" in dims else set())
     problems = [
-        (f"{where}.{k}", f"not a search key; use one of {sorted(allowed)}")
+        Problem(f"{where}.{k}", f"not a search key; use one of {sorted(allowed)}")
         for k in entry
         if k not in allowed
     ]
@@ -278,7 +300,8 @@ def _enqueue_problems(
         key = next(k for k, v in PARAM_NAMES.items() if v == name)
         dim = dims[key]
         if isinstance(dim, list) and value not in dim:
-            problems.append((f"{where}.{key}", f"{value!r} is not one of the choices {dim}"))
+            problems.append(Problem(f"{where}.{key}", f"{value!r} is not one of the choices {dim}"))
         if isinstance(dim, Range) and not dim.low <= value <= dim.high:
-            problems.append((f"{where}.{key}", f"{value!r} is outside [{dim.low}, {dim.high}]"))
+            outside = f"{value!r} is outside [{dim.low}, {dim.high}]"
+            problems.append(Problem(f"{where}.{key}", outside))
     return problems

@@ -1,4 +1,5 @@
-"""Optuna storage: open it with heartbeats, and check it is reachable before anything runs."""
+"""Optuna storage: open it with heartbeats, check it is reachable before anything runs, and
+find the study `run` wrote for the commands that read it (`report`, `status`, `export`)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,41 @@ from pathlib import Path
 import optuna
 
 from ranksearch.paths import creatable_dir, redact_url
+from ranksearch.problems import StudyError
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a RUNNING trial without a heartbeat for this long is failed by any worker
 
 
 class StorageError(Exception):
-    """The storage URL cannot be used; the message carries the redacted URL and the fix."""
+    """The storage URL cannot be used; `message` carries the redacted URL and the fix, `key`
+    the option to change."""
+
+    def __init__(self, message: str, key: str = "--storage"):
+        self.key, self.message = key, message
+        super().__init__(f"`{key}` {message}")
 
 
 def default_storage_url(study_dir: Path) -> str:
     return f"sqlite:///{study_dir.resolve() / 'optuna.db'}"
+
+
+def open_existing(
+    study_name: str, study_dir: Path, url: str | None, *, source: str, run_first: str
+) -> optuna.Study:
+    """The study `run` wrote, in `url` or else in `study_dir`'s optuna.db. Raises StudyError
+    naming `--out` or `--storage` when it is not there (`run_first`: the command that makes
+    it), StorageError when the storage cannot be reached."""
+    if url is None and not (study_dir / "optuna.db").is_file():
+        problem = f"no study in {study_dir}; run it first ({run_first}) or pass --out/--storage"
+        raise StudyError([("--out", problem)], source)
+    url = url or default_storage_url(study_dir)
+    check_storage(url)
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(url))
+    except KeyError:
+        problem = f"no study {study_name!r} in {redact_url(url)}"
+        raise StudyError([("--storage", problem)], source) from None
 
 
 def _engine_kwargs(url: str) -> dict:
@@ -42,14 +67,14 @@ def check_storage(url: str) -> None:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         raise StorageError(
-            f"`--storage` {shown}: not a database URL; use e.g. sqlite:///runs/x/optuna.db or "
+            f"{shown}: not a database URL; use e.g. sqlite:///runs/x/optuna.db or "
             "postgresql://user:password@host:5432/db"
         ) from None
     if parsed.get_backend_name() == "sqlite":
         parent = Path(parsed.database or ".").expanduser().resolve().parent
         if not creatable_dir(parent):
             raise StorageError(
-                f"`--storage` {shown}: {parent} is not a directory that can be written or created"
+                f"{shown}: {parent} is not a directory that can be written or created"
             )
         return
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
@@ -60,13 +85,13 @@ def check_storage(url: str) -> None:
         engine.dispose()
     except ModuleNotFoundError as e:
         raise StorageError(
-            f"`--storage` {shown}: driver {e.name!r} is not installed; "
+            f"{shown}: driver {e.name!r} is not installed; "
             "pip install 'ranksearch[postgres]' (psycopg) or the driver for your database"
         ) from None
     except Exception as e:  # noqa: BLE001 - drivers raise their own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(
-            f"`--storage` {shown}: cannot connect ({first.replace(url, shown)}). "
+            f"{shown}: cannot connect ({first.replace(url, shown)}). "
             "Check that the server runs and the URL, user and database are right."
         ) from None
 

@@ -1,5 +1,7 @@
 """One running trial: its worker process group, its reports, and how it ends.
 
+Unlike launch.py (builds the command, starts and stops the process), this watches a trial run.
+
 The orchestrator polls every running trial in turn (one thread, however many run at once):
 `poll()` moves the worker's new reports into Optuna and MLflow, asks the pruner, beats the
 trial's heartbeat, and returns an `Outcome` once the trial is over.

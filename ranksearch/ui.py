@@ -1,4 +1,7 @@
-"""`ranksearch ui`: the MLflow UI on a study's tracking store, opened at the study's experiment."""
+"""`ranksearch ui`: the MLflow UI on a study's tracking store, opened at the study's experiment.
+
+Unlike view.py (what the terminal shows while a study runs), this serves MLflow's web UI.
+"""
 
 from __future__ import annotations
 

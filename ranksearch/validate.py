@@ -1,18 +1,34 @@
-"""Checks that need the model, the data or the storage; run before anything is launched.
+"""Every check of a study before anything runs: `check_study` gathers them into one StudyError.
 
-The model is built from its config on the `meta` device (no weights are read), so checking that
-every target module exists as a Linear layer takes a second even for large models.
+The file's own rules come from `config.py` (schema, cross-field rules) and `space.py` (the search
+space); this module adds what needs the model, the data, the storage, the tracking store and the
+machine (memory, GPU slots). The model is built from its config on the `meta` device (no weights
+are read), so checking that every target module exists as a Linear layer takes a second even
+for large models.
 """
 
 from __future__ import annotations
 
-from ranksearch.config import StudyConfig
-from ranksearch.data import DataError, label_frame, read_frame
-from ranksearch.paths import PathError
-from ranksearch.space import module_sets
-from ranksearch.storage import StorageError, check_storage
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-Problem = tuple[str, str]
+from ranksearch.config import StudyConfig, file_problems, read_study, typed_as_far_as_possible
+from ranksearch.data import DataError, label_frame, read_frame
+from ranksearch.packing import (
+    SlotError,
+    Slots,
+    available_memory_gb,
+    local_gpus,
+    memory_problems,
+    packed_memory,
+    plan_slots,
+    resolve_device,
+)
+from ranksearch.paths import PathError, out_problems, study_dir
+from ranksearch.problems import Problem, StudyError
+from ranksearch.space import module_sets
+from ranksearch.storage import StorageError, check_storage, default_storage_url
 
 
 def linear_modules(cfg: StudyConfig) -> dict[str, str]:
@@ -37,7 +53,7 @@ def module_problems(cfg: StudyConfig, modules: dict[str, str]) -> list[Problem]:
             key = f"search.target_modules.{set_name}"
             if not hits:
                 problems.append(
-                    (
+                    Problem(
                         key,
                         f"`{name}` is not a module of the model; Linear layers "
                         f"are: {', '.join(linear_leaves)}",
@@ -45,7 +61,7 @@ def module_problems(cfg: StudyConfig, modules: dict[str, str]) -> list[Problem]:
                 )
             elif not any(_is_linear(c) for c in hits):
                 problems.append(
-                    (
+                    Problem(
                         key,
                         f"`{name}` is a {hits[0]}, not a Linear layer; use one of "
                         f"{', '.join(linear_leaves)}",
@@ -58,11 +74,11 @@ def model_problems(cfg: StudyConfig) -> list[Problem]:
     try:
         modules = linear_modules(cfg)
     except PathError as e:
-        return [("model.path", str(e))]
+        return [Problem("model.path", str(e))]
     except Exception as e:  # noqa: BLE001 - from_pretrained raises many types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         return [
-            (
+            Problem(
                 "model.path",
                 f"cannot load the model config from {cfg.model.path!r}: {first}. "
                 "Give a local directory, package://pkg/dir, or a hub id (needs network)",
@@ -74,7 +90,7 @@ def model_problems(cfg: StudyConfig) -> list[Problem]:
 
         if not torch.cuda.is_available():
             problems.append(
-                (
+                Problem(
                     "model.quantization",
                     "4bit (QLoRA) needs a CUDA GPU and none is "
                     "visible here; set `model.quantization: none` on CPU",
@@ -97,7 +113,7 @@ def data_problems(
                 cfg.data, read_frame(cfg.data, source, key), cfg.task, key
             )
         except DataError as e:
-            problems.append((e.key, str(e).split(": ", 1)[1]))
+            problems.append(Problem(e.key, e.message))
             continue
         problem, warning = empty_rows(cfg, counts, key)
         problems += [problem] if problem else []
@@ -135,7 +151,7 @@ def empty_rows(
         f"more than {MAX_EMPTY_SHARE:.0%} of the rows: point `{key}` at the column that holds "
         "the texts, or remove the empty rows from the file"
     )
-    return (key, f"{said}; {fix}"), said
+    return Problem(key, f"{said}; {fix}"), said
 
 
 def empty_warnings(cfg: StudyConfig, counts: dict[str, int]) -> list[str]:
@@ -158,12 +174,12 @@ def example_problems(cfg: StudyConfig, frame, where: str, sample: int = 500) -> 
             for pos, row in enumerate(frame[[cfg.data.messages]].to_dict("records")):
                 conversation(cfg.data, row, f"{where} row {pos}")
         except ExampleError as e:
-            return [(e.key, str(e))]
+            return [Problem(e.key, str(e))]
 
     tok = load_tokenizer(cfg)
     if cfg.data.format == "messages" and not tok.chat_template:
         return [
-            (
+            Problem(
                 "data.format",
                 f"the tokenizer of {cfg.model.path} has no chat template to render messages "
                 "with; use format prompt-completion, or a model that ships a chat template",
@@ -173,9 +189,9 @@ def example_problems(cfg: StudyConfig, frame, where: str, sample: int = 500) -> 
     try:
         examples = build_examples(cfg.data, rows, tok, where)
     except ExampleError as e:
-        return [(e.key, str(e))]
+        return [Problem(e.key, str(e))]
     message = truncation_problem(cfg.data, examples, len(rows))
-    return [("data.max_length", message)] if message else []
+    return [Problem("data.max_length", message)] if message else []
 
 
 def resource_problems(
@@ -190,78 +206,106 @@ def resource_problems(
         try:
             check_storage(storage_url)
         except StorageError as e:
-            problems.append(("--storage", str(e).removeprefix("`--storage` ")))
+            problems.append(Problem(e.key, e.message))
     return problems
 
 
-def resolve_device(device: str) -> str:
-    """`launch.device` as trials get it: `auto` is cuda when a GPU is visible, else cpu."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def available_memory_gb(device: str) -> float | None:
-    """The memory a trial can have here: one GPU's (the first visible), or on CPU what the
-    kernel reports available now (MemAvailable); None where it cannot be read."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory / 2**30
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return None
-
-
-def packed_memory(cfg: StudyConfig, device: str) -> dict[str, float]:
-    """What `plan_slots` checks `launch.trials_per_gpu` against: one GPU's memory and the
-    largest configuration's estimate (nothing to check unless trials share a GPU)."""
-    if device != "cuda" or cfg.launch.trials_per_gpu == 1:
-        return {"trials_per_gpu": cfg.launch.trials_per_gpu}
-    from ranksearch.estimate import estimate_space
-
-    worst = max(e.memory_estimate_mb for e in estimate_space(cfg))
-    return {
-        "trials_per_gpu": cfg.launch.trials_per_gpu,
-        "gpu_memory_gb": available_memory_gb(device),
-        "trial_memory_gb": worst / 1024,
-    }
-
-
-def memory_problems(cfg: StudyConfig, device: str, available_gb: float | None) -> list[Problem]:
-    """Refuse a study whose largest configuration would not fit: `launch.max_memory_gb` when
-    set, else `available_gb` (CPU trials run side by side share it)."""
-    from ranksearch.estimate import estimate_space
-
-    limit = cfg.launch.max_memory_gb or available_gb
-    if limit is None:
-        return []
-    worst = max(estimate_space(cfg), key=lambda e: e.memory_estimate_mb)
-    parallel = (cfg.launch.parallel_trials or 1) if device == "cpu" and available_gb else 1
-    need = worst.memory_estimate_mb / 1024 * (1 if cfg.launch.max_memory_gb else parallel)
-    if need <= limit:
-        return []
-    what = (
-        f"rank {worst.rank} on {worst.target_modules} needs about "
-        f"{worst.memory_estimate_mb / 1024:.1f} GB to train at batch "
-        f"{cfg.training.batch_size} x {cfg.data.max_length} tokens (ranksearch estimate)"
+def tracking_problems(
+    cfg: StudyConfig, out: Path, uri_option: str | None, out_ok: bool = True
+) -> list[Problem]:
+    """The MLflow store this study logs to must be reachable. A default store inside a bad
+    `--out` is `--out`'s fault, said once (`out_ok` False)."""
+    from ranksearch.tracking import (
+        TrackingError,
+        check_tracking,
+        default_tracking_uri,
+        tracking_uri,
     )
-    smaller = "lower the largest rank, the batch size or max_length"
-    if cfg.launch.max_memory_gb:
-        return [("launch.max_memory_gb", f"{what}; {smaller}, or raise the limit")]
-    times = f" x {parallel} parallel trials" if parallel > 1 else ""
-    where = "on the GPU" if device == "cuda" else "available on this machine now"
-    return [
-        (
-            "search.rank",
-            f"{what}{times}, more than the {limit:.1f} GB {where}; {smaller}, or set "
-            "`launch.max_memory_gb` to check against the machine that will run it",
+
+    uri = tracking_uri(cfg, out, uri_option)
+    if not out_ok and uri == default_tracking_uri(out):
+        return []
+    try:
+        check_tracking(uri)
+    except TrackingError as e:  # its messages start with the key they name
+        return [Problem("tracking.uri", str(e).removeprefix("`tracking.uri` "))]
+    return []
+
+
+@dataclass(frozen=True)
+class CheckedStudy:
+    """A study that passed every check, with what the checks worked out on the way."""
+
+    cfg: StudyConfig
+    path: Path  # the study file
+    out: Path  # the study directory, absolute
+    storage_url: str
+    device: str = "cpu"  # `launch.device` resolved
+    gpus: list[str] = field(default_factory=list)  # the GPUs trials may use here
+    slots: Slots | None = None  # None when only the schema was checked
+    warnings: list[str] = field(default_factory=list)  # accepted, but worth saying
+
+
+def check_study(
+    study: str | Path,
+    overrides: list[str] = (),
+    *,
+    out: Path | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    mlflow: bool = True,
+    schema_only: bool = False,
+) -> CheckedStudy:
+    """Every problem a study has before anything runs, in one `StudyError`: the schema, the
+    file's own rules and search space, `--out`, the model, the data, the storage (when given),
+    the tracking store, the memory and the trial slots. Writes nothing."""
+    data, path = read_study(study, overrides)
+    cfg, problems = typed_as_far_as_possible(data)
+    if cfg is None:
+        raise StudyError(problems, str(path))
+    problems += file_problems(cfg)
+    out = study_dir(cfg.study_name, out)
+    checked = CheckedStudy(cfg, path, out, storage or default_storage_url(out))
+    if not schema_only:
+        checked = _machine_checks(checked, problems, storage, tracking_uri, mlflow)
+    if problems:
+        raise StudyError(list(dict.fromkeys(problems)), str(path))
+    return checked
+
+
+def _machine_checks(
+    checked: CheckedStudy,
+    problems: list[Problem],
+    storage: str | None,
+    uri_option: str | None,
+    mlflow: bool,
+) -> CheckedStudy:
+    """The checks that read the model, the data, the stores and this machine; each problem is
+    added to `problems`. The study with its device, GPUs and slots."""
+    cfg, out, warnings = checked.cfg, checked.out, []
+    problems += out_problems(out)
+    problems += resource_problems(cfg, storage, warnings)
+    if mlflow and cfg.tracking.enabled:
+        out_ok = not any(p.key == "--out" for p in problems)
+        problems += tracking_problems(cfg, out, uri_option, out_ok)
+    device = resolve_device(cfg.launch.device)
+    model_ok = not any(p.key == "model.path" for p in problems)
+    if model_ok:
+        problems += memory_problems(cfg, device, available_memory_gb(device))
+    gpus = local_gpus(device)
+    launch = cfg.launch
+    packed = packed_memory(cfg, device) if model_ok else {"trials_per_gpu": launch.trials_per_gpu}
+    slots = None
+    try:
+        slots = plan_slots(
+            device=device,
+            gpus=gpus,
+            gpus_per_trial=launch.gpus_per_trial,
+            parallel_trials=launch.parallel_trials,
+            num_processes=launch.num_processes,
+            cpu_count=os.cpu_count() or 1,
+            **packed,
         )
-    ]
+    except SlotError as e:
+        problems.append(Problem(e.key, e.message))
+    return replace(checked, device=device, gpus=gpus, slots=slots, warnings=warnings)

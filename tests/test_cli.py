@@ -277,6 +277,28 @@ def test_bad_input_exits_2_before_anything_is_written(tmp_path, tiny_bert, senti
     assert r.returncode == 2 and "may not contain" in r.stderr
 
 
+def test_bad_input_from_every_layer_is_one_error_exit_2(tmp_path, tiny_bert, sentiment_csv):
+    """Schema, search space, data and GPU slots: every problem in one message, nothing written."""
+    data = {"source": str(sentiment_csv), "text_column": "body", "label_column": "sentiment"}
+    study_file = write_study(
+        tmp_path / "layers.yaml",
+        tiny_bert,
+        sentiment_csv,
+        data=data,
+        search={"rank": [0, 4]},
+        training={"max_steps": 12, "eval_every": 2, "batch_size": 0},
+        launch={"device": "cuda", "gpus_per_trial": 64},
+    )
+    out = tmp_path / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    keys = ("training.batch_size", "search.rank", "data.text_column", "launch.gpus_per_trial")
+    for key in keys:
+        assert f"`{key}`" in r.stderr
+    assert r.stderr.count("problem(s) in") == 1 and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
 def test_empty_texts_are_announced_and_mostly_empty_is_refused(tmp_path, tiny_bert):
     from .test_validate import csv_with_empty_texts
 

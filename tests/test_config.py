@@ -190,3 +190,13 @@ def test_causal_lm_formats_name_the_missing_or_malformed_key(tmp_path):
     with pytest.raises(StudyError) as err:
         load_study(path)
     assert "no assistant turn" in dict(err.value.problems)["data.messages"]
+
+
+def test_config_and_space_import_without_a_cycle():
+    """space.py (the search space, its checks) sits below config.py, which imports it."""
+    import subprocess
+    import sys
+
+    code = "import sys, ranksearch.space; print('ranksearch.config' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"

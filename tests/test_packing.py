@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from ranksearch.packing import GpuPool, Slots, free_port, plan_slots, visible_gpus
+from ranksearch.packing import GpuPool, SlotError, Slots, free_port, plan_slots, visible_gpus
 
 
 @pytest.mark.parametrize(
@@ -45,6 +45,9 @@ def test_too_few_gpus_name_the_key_and_the_fix():
         _slots(2, 4)
     with pytest.raises(ValueError, match=r"launch.parallel_trials: 3 trials x 2 GPUs.*<= 2"):
         _slots(4, 2, parallel=3)
+    with pytest.raises(SlotError) as err:  # the key is data for check_study, not text to split
+        _slots(2, 4)
+    assert err.value.key == "launch.gpus_per_trial" and err.value.message.startswith("4 GPUs")
 
 
 def test_cpu_trials_share_the_cores():

@@ -4,13 +4,9 @@ import socket
 
 import pytest
 
-from ranksearch.config import load_study
-from ranksearch.validate import (
-    available_memory_gb,
-    memory_problems,
-    model_problems,
-    resource_problems,
-)
+from ranksearch.config import StudyError, load_study
+from ranksearch.packing import available_memory_gb, memory_problems
+from ranksearch.validate import check_study, model_problems, resource_problems
 
 from .conftest import CHAT_TURNS, make_rows, run_cli, write_study
 
@@ -188,3 +184,38 @@ def test_a_rank_beyond_this_machines_memory_is_refused(tmp_path, tiny_bert, sent
     study_file = write_study(tmp_path / "huge.yaml", tiny_bert, sentiment_csv, search=huge)
     r = run_cli("validate", "--study", str(study_file), cwd=tmp_path)
     assert r.returncode == 2 and "`search.rank`: rank 100000000 on qv" in r.stderr
+
+
+def test_check_study_lists_the_problems_of_every_layer_in_one_error(
+    tmp_path, tiny_bert, sentiment_csv
+):
+    data = {"source": str(sentiment_csv), "text_column": "body", "label_column": "sentiment"}
+    study_file = write_study(
+        tmp_path / "s.yaml",
+        tiny_bert,
+        sentiment_csv,
+        data=data,  # a column the file does not have: the data layer
+        search={"rank": [0, 4], "target_modules": {"x": ["qeury"]}},  # space and model layers
+        training={"max_steps": 12, "eval_every": 2, "batch_size": 0},  # the schema
+        launch={"device": "cuda", "gpus_per_trial": 64},  # what plan_slots refuses
+    )
+    out = tmp_path / "out"
+    with pytest.raises(StudyError) as err:
+        check_study(study_file, out=out, mlflow=False)
+    problems = dict(err.value.problems)  # each problem's key is data, not text to split
+    assert "greater than 0" in problems["training.batch_size"]
+    assert "ranks are integers" in problems["search.rank"]
+    assert "`qeury` is not a module" in problems["search.target_modules.x"]
+    assert "no column 'body'" in problems["data.text_column"]
+    assert "64 GPUs per trial but" in problems["launch.gpus_per_trial"]
+    assert str(err.value).count("problem(s) in") == 1 and not out.exists()
+    checked = check_study(write_study(tmp_path / "ok.yaml", tiny_bert, sentiment_csv), out=out)
+    assert checked.slots is not None and checked.device == "cpu" and not out.exists()
+
+
+def test_a_required_key_at_fault_stops_after_the_schema(tmp_path):
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text("data: {source: x}\ntraining: {batch_size: 0}\n")
+    with pytest.raises(StudyError) as err:
+        check_study(study_file)
+    assert [p.key for p in err.value.problems] == ["model", "training.batch_size"]
