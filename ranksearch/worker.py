@@ -616,6 +616,16 @@ def _resident_mb() -> float | None:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _release_freed_memory() -> None:
+    """Give the memory freed by the last trial back to the system (glibc keeps it otherwise,
+    and a warm worker's resident size would creep up trial after trial)."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _grown(now: float | None, first: float | None, slack_mb: float = 512) -> bool:
     """Memory past what the first trial left by a quarter plus `slack_mb`: state in doubt."""
     return now is not None and first is not None and now > 1.25 * first + slack_mb
@@ -660,6 +670,7 @@ def serve() -> int:
         os.dup2(home, 2)
         os.close(log)
         gc.collect()
+        _release_freed_memory()
         memory = {"rss_mb": _resident_mb()}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

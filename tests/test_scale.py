@@ -129,9 +129,12 @@ def test_parallel_trials_on_cpu_run_at_once(tmp_path, tiny_bert, sentiment_csv):
     ]  # fmt: skip
     assert overlaps, "no two trials ran at the same time"
     threads = max(1, (os.cpu_count() or 1) // 2)  # each trial gets its share of the cores
+    warm = set()
     for t in trained:
         head = (out / "trials" / str(t.number) / "worker.log").read_text().splitlines()[0]
         assert f"OMP_NUM_THREADS={threads}" in head and "--main_process_port" in head
+        warm.add(head.split("warm worker pid ")[1].split(",")[0])
+    assert len(warm) == min(2, len(trained))  # one warm worker per slot, each reused
 
 
 def test_three_processes_share_one_postgres_study_and_survive_a_lost_worker(
