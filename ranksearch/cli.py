@@ -257,6 +257,7 @@ def quiet_libraries() -> None:
     """Library chatter (load reports, progress bars, deprecations) stays out of the view."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our own output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("optuna").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -350,7 +351,7 @@ def _orchestrator(args, console: Console):
         key, _, message = str(e).partition(": ")
         raise StudyError([(key, message)], str(study_file)) from None
     view = PlainView(console) if args.plain else make_view(args.quiet, console)
-    tracker = make_tracker(cfg, out, args.tracking_uri, args.no_mlflow)
+    tracker = make_tracker(cfg, out, args.tracking_uri, args.no_mlflow, args.overrides)
     if not args.quiet:
         console.print(
             Text(

@@ -28,6 +28,12 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 ROLE = "ranksearch.role"
 ANSWER = "ranksearch.answer"  # on the best and recommended trials' runs: best, recommended
+# on the parent run: the logged model of the recommendation, its trial, its registered version
+MODEL_URI, MODEL_TRIAL, MODEL_VERSION = (
+    "ranksearch.model_uri",
+    "ranksearch.model_trial",
+    "ranksearch.registered_model",
+)
 # a pruned trial ended as the study planned: FINISHED, told apart by its `optuna.state` tag
 STATUS = {
     TrialState.COMPLETE: "FINISHED",
@@ -199,17 +205,29 @@ class NullTracker:
 class MlflowTracker:
     """One experiment and one parent run per study, one nested run per trial."""
 
-    def __init__(self, uri: str, experiment: str, log_adapters: str, study_dir: Path):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        log_adapters: str,
+        study_dir: Path,
+        register: str | None = None,
+        overrides: tuple[str, ...] = (),
+    ):
         from mlflow import MlflowClient
 
         self.uri = uri
         rebase_artifacts(uri, study_dir)  # the study may have been copied or moved
+        self._client_uri = _credentials_to_env(uri)
         with init_lock(uri):  # the store's schema is created or migrated on first use
-            self.client = MlflowClient(tracking_uri=_credentials_to_env(uri))
+            self.client = MlflowClient(tracking_uri=self._client_uri)
             self.client.search_experiments(max_results=1)
         self.experiment_name = experiment
         self.log_adapters = log_adapters
+        self.register = register
+        self.overrides = list(overrides)  # `--set`s: the logged model records its command
         self.study_dir = study_dir
+        self.study_file: Path | None = None
         self.experiment_id = ""
         self.parent_id = ""
         self._runs: dict[int, str] = {}
@@ -219,6 +237,7 @@ class MlflowTracker:
 
     def start_study(self, study, cfg, study_file: Path, data) -> None:
         self.study_name = study.study_name
+        self.study_file = study_file
         keys = (
             "max_steps",
             "eval_every",
@@ -474,7 +493,39 @@ class MlflowTracker:
             tags.append(RunTag("confirmed_recommended_trial", str(confirmed)))
         _retry(self.client.log_batch, self.parent_id, metrics=metrics, tags=tags)
         self._mark_answer(ans)
+        if ans.recommended is not None and self.log_adapters != "none":
+            chosen = trials[confirmed] if confirmed is not None else ans.recommended
+            try:
+                self._log_model(study, chosen)
+            except Exception as e:  # noqa: BLE001 - the study's results stand without it
+                _log.warning("the recommended model was not logged to MLflow: %s", e)
         _retry(self.client.set_terminated, self.parent_id, "FINISHED")
+
+    def _log_model(self, study, trial: FrozenTrial) -> None:
+        """The recommendation's adapter, as `ranksearch export` writes it, logged as the MLflow
+        model `recommended` of the parent run (mlmodel.py) and registered as `tracking.register`
+        names it; logged again only when the recommendation changes (resume, confirm)."""
+        import tempfile
+
+        from ranksearch.export import export
+        from ranksearch.mlmodel import log_adapter_model
+
+        parent = _retry(self.client.get_run, self.parent_id)
+        if parent.data.tags.get(MODEL_TRIAL) == str(trial.number) or self.study_file is None:
+            return
+        if not (trial_dir(self.study_dir, trial) / "adapter" / "adapter_config.json").is_file():
+            _log.warning("trial %s kept no adapter: no MLflow model logged", trial.number)
+            return
+        with tempfile.TemporaryDirectory(prefix="ranksearch-model-") as tmp:
+            folder = Path(tmp) / "adapter"  # the name MLflow gives it in the model
+            export(study, trial, folder, self.study_file, self.overrides, self.study_dir)
+            with _global_uri(self._client_uri):
+                info = log_adapter_model(self.parent_id, folder, self.register)
+        tags = {MODEL_TRIAL: str(trial.number), MODEL_URI: info.model_uri}
+        if info.registered_model_version is not None:
+            tags[MODEL_VERSION] = f"models:/{self.register}/{info.registered_model_version}"
+        for key, value in tags.items():
+            _retry(self.client.set_tag, self.parent_id, key, value)
 
     def _mark_answer(self, ans: Answer) -> None:
         """Tag the best and recommended trials' runs (`ranksearch.answer`) and keep their
@@ -504,6 +555,22 @@ class MlflowTracker:
         adapter = trial_dir(self.study_dir, trial) / "adapter"
         if adapter.is_dir() and not _retry(self.client.list_artifacts, run_id, "adapter"):
             _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
+
+
+@contextlib.contextmanager
+def _global_uri(uri: str):
+    """MLflow logs models through its global tracking URI (and exports it to the environment,
+    for subprocesses): set for the call, then put back as it was."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def _confirmed_trial(trials: list[FrozenTrial]) -> int | None:
@@ -543,7 +610,9 @@ def log_plots(uri: str, experiment: str, study_name: str, plots_dir: Path) -> bo
     return True
 
 
-def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -> Tracker:
+def make_tracker(
+    cfg, study_dir: Path, uri_option: str | None, disabled: bool, overrides: list[str] = ()
+) -> Tracker:
     """CLI option > study file > MLFLOW_TRACKING_URI > SQLite in the study directory."""
     t = cfg.tracking
     if disabled or not t.enabled:
@@ -553,6 +622,8 @@ def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -
         t.experiment or cfg.study_name,
         t.log_adapters,
         study_dir,
+        t.registered_model,
+        tuple(overrides),
     )
 
 
