@@ -522,8 +522,7 @@ def cmd_report(args, console: Console) -> int:
 
     cfg, study = open_existing(args)
     report = build_report(study, cfg.report.tolerance, args.sort)
-    if not args.no_plots:
-        report["plots"] = [str(p) for p in write_plots(args, cfg, study)]
+    page = write_plots(args, cfg, study, report)
     if args.format == "json":
         print(json.dumps(report, indent=2, default=str))
     elif args.format == "markdown":
@@ -533,27 +532,34 @@ def cmd_report(args, console: Console) -> int:
         console.print(rank_table(report))
         for line in summary_lines(report):
             console.print(Text(line))
+        where = " (and on the study's MLflow parent run)" if args.in_mlflow else ""
         if report.get("plots"):
-            mlflow = getattr(args, "plots_in_mlflow", False)
-            where = " and on the study's MLflow parent run" if mlflow else ""
             folder = Path(report["plots"][0]).parent
-            console.print(Text(f"Plots:       {len(report['plots'])} files in {folder}{where}"))
+            console.print(Text(f"Plots:       {len(report['plots'])} files in {folder}"))
+        console.print(Text(f"Report:      {page}{where}"))
     return 0
 
 
-def write_plots(args, cfg: StudyConfig, study: optuna.Study) -> list[Path]:
-    """Plots into <out>/plots, and onto the study's MLflow parent run when it has one."""
-    from ranksearch.plots import make_plots
-    from ranksearch.tracking import log_plots
+def write_plots(args, cfg: StudyConfig, study: optuna.Study, report: dict) -> Path:
+    """Plots into <out>/plots (listed in `report`, unless --no-plots) and the page
+    <out>/report.html, both onto the study's MLflow parent run when it has one."""
+    from ranksearch.htmlreport import write_html
+    from ranksearch.plots import figures, make_plots
+    from ranksearch.tracking import log_report
 
-    out = study_dir(cfg, args.out) / "plots"
-    files = make_plots(study, out)
+    out = study_dir(cfg, args.out)
+    figs = {} if args.no_plots else figures(study)
+    if not args.no_plots:
+        report["plots"] = [str(p) for p in make_plots(study, out / "plots", figs)]
+    pngs = [Path(p) for p in report.get("plots", []) if p.endswith(".png")]
+    page = write_html(report, figs, pngs, out / "report.html")
     tracked = "mlflow_parent_run_id" in study.user_attrs  # by this node or another one
-    if files and tracked and cfg.tracking.enabled:
-        uri = tracking_uri(cfg, study_dir(cfg, args.out), args.tracking_uri)
+    args.in_mlflow = False
+    if tracked and cfg.tracking.enabled:
+        uri = tracking_uri(cfg, out, args.tracking_uri)
         experiment = cfg.tracking.experiment or cfg.study_name
-        args.plots_in_mlflow = log_plots(uri, experiment, cfg.study_name, out)
-    return files
+        args.in_mlflow = log_report(uri, experiment, cfg.study_name, out)
+    return page
 
 
 def cmd_estimate(args, console: Console) -> int:

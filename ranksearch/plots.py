@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.recommend import distinct_complete
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 
 def pareto_front(points: list[tuple[float, float, FrozenTrial]]) -> list[tuple[float, float]]:
@@ -104,27 +108,42 @@ def _optuna_png(study: optuna.Study, out: Path) -> list[Path]:
     return made
 
 
-def _optuna_html(study: optuna.Study, out: Path) -> list[Path]:
+def figures(study: optuna.Study) -> dict[str, go.Figure]:
+    """The interactive (plotly) views of a study, by name; those it has too few trials for are
+    left out. `make_plots` writes each to HTML, `htmlreport` puts them all in one page."""
     from optuna import visualization as ov
 
+    if not any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials):
+        return {}
+    made = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, draw in (
+            ("curves", ov.plot_intermediate_values),
+            ("parallel_coordinate", ov.plot_parallel_coordinate),
+            ("slice", ov.plot_slice),
+            ("importances", ov.plot_param_importances),
+        ):
+            try:
+                made[name] = draw(study)
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue  # too few trials for this view
+    return made
+
+
+def _optuna_html(figs: dict[str, go.Figure], out: Path) -> list[Path]:
     made = []
-    for name, draw in (
-        ("curves", ov.plot_intermediate_values),
-        ("parallel_coordinate", ov.plot_parallel_coordinate),
-        ("slice", ov.plot_slice),
-        ("importances", ov.plot_param_importances),
-    ):
-        try:
-            fig = draw(study)
-        except (ValueError, RuntimeError, ZeroDivisionError):
-            continue
+    for name, fig in figs.items():
         fig.write_html(out / f"{name}.html", include_plotlyjs=True)  # offline: no CDN
         made.append(out / f"{name}.html")
     return made
 
 
-def make_plots(study: optuna.Study, out: Path) -> list[Path]:
-    """Write every plot the study has enough trials for into `out`; return the files."""
+def make_plots(
+    study: optuna.Study, out: Path, figs: dict[str, go.Figure] | None = None
+) -> list[Path]:
+    """Write every plot the study has enough trials for into `out`; return the files.
+    `figs`: the study's `figures`, when the caller drew them already."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,5 +168,6 @@ def make_plots(study: optuna.Study, out: Path) -> list[Path]:
                 if p.exists()
             ]
         if any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials):
-            made += _optuna_png(study, out) + _optuna_html(study, out)
+            made += _optuna_png(study, out)
+    made += _optuna_html(figures(study) if figs is None else figs, out)
     return made

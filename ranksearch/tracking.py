@@ -592,21 +592,24 @@ def _study_parents(client, experiment_id: str, study_name: str) -> list:
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
-def log_plots(uri: str, experiment: str, study_name: str, plots_dir: Path) -> bool:
-    """Attach a study's plots (what `ranksearch report` draws) to its parent run in the store at
-    `uri`; False, with a warning, where that store has none (the study ran on other nodes).
-    `plots_dir` is `<study dir>/plots`: a default store there is rebased first."""
+def log_report(uri: str, experiment: str, study_name: str, study_dir: Path) -> bool:
+    """Attach what `ranksearch report` wrote (`report.html`, the `plots/` folder) to the study's
+    parent run in the store at `uri`; False, with a warning, where that store has none (the
+    study ran on other nodes). A default store in `study_dir` is rebased first."""
     from mlflow import MlflowClient
 
-    rebase_artifacts(uri, plots_dir.parent)
+    rebase_artifacts(uri, study_dir)
 
     client = MlflowClient(tracking_uri=_credentials_to_env(uri))
     found = client.get_experiment_by_name(experiment)
     parents = _study_parents(client, found.experiment_id, study_name) if found else []
     if not parents:
-        _log.warning("no MLflow parent run of study %s in %s: plots not logged", study_name, uri)
+        _log.warning("no MLflow parent run of study %s in %s: report not logged", study_name, uri)
         return False
-    _retry(client.log_artifacts, parents[0].info.run_id, str(plots_dir), "plots")
+    run_id = parents[0].info.run_id
+    if (study_dir / "plots").is_dir():
+        _retry(client.log_artifacts, run_id, str(study_dir / "plots"), "plots")
+    _retry(client.log_artifact, run_id, str(study_dir / "report.html"))
     return True
 
 

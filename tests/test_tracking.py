@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import io
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -27,7 +26,7 @@ from ranksearch.study import fail_lost, open_study, worker_host
 from ranksearch.tracking import MlflowTracker, NullTracker, Tracker, make_tracker
 from ranksearch.view import PlainView
 
-from .conftest import free_port, mlflow_server_at, run_cli, write_study
+from .conftest import free_port, mlflow_server_at, require_chromium, run_cli, write_study
 from .test_cli import FIXED, _popen_run, _wait_for_report
 from .test_study import _dead_pid
 
@@ -300,23 +299,11 @@ def test_tracking_can_be_turned_off(tmp_path, tiny_bert, sentiment_csv):
     assert not (out / "mlflow.db").exists() and "MLflow:" not in r.stdout
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
     """`ranksearch ui` serves the study; headless Chromium finds every trial run on the page."""
-    reason = None
-    if _chromium() is None:
-        reason = "Debian's chromium is not installed (apt-get install chromium)"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "playwright is not installed (pip install -e '.[dev]')"
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)  # CI installs both: this check must run there
-        pytest.skip(reason)
+    chromium = require_chromium()
+    from playwright.sync_api import sync_playwright
+
     port = free_port()
     ui = subprocess.Popen(
         [
@@ -345,7 +332,7 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
         n_trials = len(_load(tracked_study, "tracked").trials)
         with sync_playwright() as p:
             browser = p.chromium.launch(
-                executable_path=_chromium(),
+                executable_path=chromium,
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
             )
             page = browser.new_page(viewport={"width": 1500, "height": 900})
@@ -371,12 +358,13 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
         assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study):
+def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study, tmp_path):
     study_file = tracked_study.parent / "tracked.yaml"
     r = run_cli(
         "report", "--study", str(study_file), "--out", str(tracked_study), cwd=tracked_study.parent
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    assert f"Report:      {tracked_study / 'report.html'}" in r.stdout
     assert "MLflow parent run" in r.stdout
     plots = tracked_study / "plots"
     for name in (
@@ -391,6 +379,8 @@ def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study):
     _, (parent,), _ = _runs(client, "tracked")
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/val_loss_by_rank.png", "plots/curves.html"} <= logged
+    page = client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path))
+    assert "Recommended: trial" in Path(page).read_text()  # the page, on the parent run
 
 
 def _tracked_trial(study, cfg, tracker, **attrs):
