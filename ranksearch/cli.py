@@ -543,14 +543,15 @@ def cmd_report(args, console: Console) -> int:
 def write_plots(args, cfg: StudyConfig, study: optuna.Study, report: dict) -> Path:
     """Plots into <out>/plots (listed in `report`, unless --no-plots) and the page
     <out>/report.html, both onto the study's MLflow parent run when it has one."""
+    from ranksearch.figures import figures
     from ranksearch.htmlreport import write_html
-    from ranksearch.plots import figures, make_plots
+    from ranksearch.plots import make_plots
     from ranksearch.tracking import log_report
 
-    out = study_dir(cfg, args.out)
-    figs = {} if args.no_plots else figures(study)
+    out, tolerance = study_dir(cfg, args.out), cfg.report.tolerance
+    figs = {} if args.no_plots else figures(study, tolerance)
     if not args.no_plots:
-        report["plots"] = [str(p) for p in make_plots(study, out / "plots", figs)]
+        report["plots"] = [str(p) for p in make_plots(study, out / "plots", figs, tolerance)]
     pngs = [Path(p) for p in report.get("plots", []) if p.endswith(".png")]
     page = write_html(report, figs, pngs, out / "report.html")
     tracked = "mlflow_parent_run_id" in study.user_attrs  # by this node or another one

@@ -7,8 +7,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from plotly.offline import get_plotlyjs
 
+from ranksearch.figures import figures
 from ranksearch.htmlreport import write_html
-from ranksearch.plots import figures, make_plots
+from ranksearch.plots import make_plots
 from ranksearch.report import build_report
 
 from .conftest import require_chromium

@@ -372,7 +372,7 @@ def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study, t
         "pareto_params.png",
         "curves.png",
         "curves.html",
-        "parallel_coordinate.png",
+        "parallel_coordinate.html",
     ):
         assert (plots / name).stat().st_size > 5_000, name
     client = MlflowClient(f"sqlite:///{tracked_study / 'mlflow.db'}")
