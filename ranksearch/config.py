@@ -208,6 +208,9 @@ class TrackingConfig(_Strict):
     # the recommended trial's adapter is also logged as an MLflow model under the parent run
     # (unless log_adapters is none); a NAME here registers it in the Model Registry
     registered_model: str | None = Field(None, alias="register")  # `register: NAME`
+    # MLflow system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on every trial
+    # run, sampled this often; null turns them off
+    system_metrics_seconds: float | None = Field(2.0, gt=0)
 
     @field_validator("registered_model")
     @classmethod

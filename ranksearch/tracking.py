@@ -213,6 +213,7 @@ class MlflowTracker:
         study_dir: Path,
         register: str | None = None,
         overrides: tuple[str, ...] = (),
+        system_metrics_seconds: float | None = None,
     ):
         from mlflow import MlflowClient
 
@@ -231,6 +232,8 @@ class MlflowTracker:
         self.experiment_id = ""
         self.parent_id = ""
         self._runs: dict[int, str] = {}
+        self.system_metrics_seconds = system_metrics_seconds
+        self._monitors: dict[int, Any] = {}  # trial number -> its SystemMetricsMonitor
         self.fixed_params: dict[str, Any] = {}
 
     # -- the study ---------------------------------------------------------------------------
@@ -424,7 +427,25 @@ class MlflowTracker:
                 self.client.log_batch, run_id, params=[Param(k, str(v)) for k, v in params.items()]
             )
         self._runs[trial_number] = run_id
+        self._watch(trial_number, run_id, resume=bool(existing))
         return run_id
+
+    def _watch(self, trial_number: int, run_id: str, resume: bool) -> None:
+        """MLflow's system metrics on the trial's run while it trains (`system/cpu_...`,
+        `system/system_memory_usage_megabytes`, disk, network, and `system/gpu_...` where
+        nvidia-ml-py finds a GPU): the whole machine's, every `tracking.system_metrics_seconds`."""
+        if not self.system_metrics_seconds:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=self.system_metrics_seconds,
+            resume_logging=resume,  # a re-attached run continues its steps
+            tracking_uri=self._client_uri,
+        )
+        monitor.start()
+        self._monitors[trial_number] = monitor
 
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -441,6 +462,9 @@ class MlflowTracker:
         from mlflow.entities import Metric, RunTag
 
         started_here = self._runs.pop(trial.number, None)
+        monitor = self._monitors.pop(trial.number, None)
+        if monitor is not None:
+            monitor.finish()  # its last samples, before the run closes
         run_id = run_id or started_here
         if run_id is None:
             return
@@ -645,6 +669,7 @@ def make_tracker(
         study_dir,
         t.registered_model,
         tuple(overrides),
+        t.system_metrics_seconds,
     )
 
 

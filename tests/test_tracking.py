@@ -51,6 +51,7 @@ def _tiny(tmp_path: Path, tiny_bert, sentiment_csv, name: str = "tracked", **ove
     defaults = {
         "budget": {"n_trials": 4},
         "sampler": {"type": "tpe", "seed": 3, "n_startup_trials": 2},
+        "tracking": {"system_metrics_seconds": 0.5},  # tiny trials last seconds
     }
     return write_study(
         tmp_path / f"{name}.yaml", tiny_bert, sentiment_csv, **{**defaults, **overrides}
@@ -99,8 +100,10 @@ def check_readback(client: MlflowClient, study: optuna.Study) -> None:
         assert {m.step: m.value for m in history} == pytest.approx(t.intermediate_values)
         if t.state == TrialState.PRUNED and "duplicate_of" not in t.user_attrs:
             assert run.data.metrics["pruned_at_step"] == t.user_attrs["pruned_at_step"]
-        if "duplicate_of" not in t.user_attrs and t.state != TrialState.FAIL:
+        if "duplicate_of" not in t.user_attrs and t.state != TrialState.FAIL:  # it trained
             assert run.data.metrics["trainable_params"] == t.user_attrs["trainable_params"]
+            for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+                assert client.get_metric_history(run.info.run_id, f"system/{name}"), t.number
         if t.state == TrialState.COMPLETE:  # the final loss of complete trials only
             assert run.data.metrics["final_val_loss"] == pytest.approx(t.value)
         else:
