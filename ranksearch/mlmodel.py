@@ -126,38 +126,43 @@ def requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "peft", "pandas")]
 
 
-def log_adapter_model(run_id: str, folder: Path, register: str | None):
-    """Log the exported adapter `folder` as the model `recommended` of run `run_id` (through the
-    global tracking URI, which the caller set); register it as `register` when given."""
+def log_adapter_model(client, run_id: str, folder: Path, register: str | None):
+    """Log the exported adapter `folder` as the model `recommended` of run `run_id`, in that
+    run's experiment (its artifacts where the experiment keeps them), through the global
+    tracking URI, which the caller set to `client`'s; register it as `register` when given."""
+    from mlflow.models import Model
+
     manifest = json.loads((folder / "ranksearch.json").read_text())
     labels = manifest.get("id2label") or {}
+    # created here: MLflow would put a model logged outside an active run in the Default
+    # experiment, with its artifacts under ./mlruns of whatever directory the command ran in
+    model = client.create_logged_model(
+        client.get_run(run_id).info.experiment_id,
+        name=NAME,
+        source_run_id=run_id,
+        tags={"ranksearch.trial": str(manifest["trial"]), "study": manifest["study"]},
+    )
     with warnings.catch_warnings():
         # an input example would make MLflow load the base model while logging; the explicit
         # signature says what it would
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
-        return _log(run_id, folder, register, manifest, labels)
-
-
-def _log(run_id: str, folder: Path, register: str | None, manifest: dict, labels: dict):
-    from mlflow.models import Model
-
-    return Model.log(
-        artifact_path=None,
-        name=NAME,
-        flavor=mlflow.pyfunc,
-        python_model=__file__,  # models from code: this file, no pickled object
-        artifacts={"adapter": str(folder)},
-        signature=signature(manifest["task"]),
-        pip_requirements=requirements(),
-        metadata={
-            "ranksearch.trial": manifest["trial"],
-            "base_model": manifest["base_model_reference"],
-            "labels": [labels[k] for k in sorted(labels, key=int)],
-        },
-        tags={"ranksearch.trial": str(manifest["trial"]), "study": manifest["study"]},
-        registered_model_name=register,
-        run_id=run_id,
-    )
+        return Model.log(
+            artifact_path=None,
+            name=NAME,
+            flavor=mlflow.pyfunc,
+            python_model=__file__,  # models from code: this file, no pickled object
+            artifacts={"adapter": str(folder)},
+            signature=signature(manifest["task"]),
+            pip_requirements=requirements(),
+            metadata={
+                "ranksearch.trial": manifest["trial"],
+                "base_model": manifest["base_model_reference"],
+                "labels": [labels[k] for k in sorted(labels, key=int)],
+            },
+            registered_model_name=register,
+            run_id=run_id,
+            model_id=model.model_id,
+        )
 
 
 # what MLflow finds when it loads this file as the model's code

@@ -72,6 +72,7 @@ ARTIFACT_COLUMNS = (
     ("experiments", "artifact_location"),
     ("runs", "artifact_uri"),
     ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),  # registered versions of the logged models
 )
 
 
@@ -544,7 +545,7 @@ class MlflowTracker:
             folder = Path(tmp) / "adapter"  # the name MLflow gives it in the model
             export(study, trial, folder, self.study_file, self.overrides, self.study_dir)
             with _global_uri(self._client_uri):
-                info = log_adapter_model(self.parent_id, folder, self.register)
+                info = log_adapter_model(self.client, self.parent_id, folder, self.register)
         tags = {MODEL_TRIAL: str(trial.number), MODEL_URI: info.model_uri}
         if info.registered_model_version is not None:
             tags[MODEL_VERSION] = f"models:/{self.register}/{info.registered_model_version}"

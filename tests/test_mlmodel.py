@@ -38,6 +38,7 @@ def registered(tmp_path_factory, tiny_bert, sentiment_csv):
     out = tmp / "out"
     r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert not (tmp / "mlruns").exists()  # nothing written where the command ran
     study = optuna.load_study(study_name="reg", storage=f"sqlite:///{out / 'optuna.db'}")
     return out, study, MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
 
@@ -90,6 +91,9 @@ def test_the_recommended_model_loads_with_one_call_and_scores(registered, tiny_b
     # what it carries: the export folder, with the label names and the base model's reference
     logged = client.get_logged_model(parent.data.tags["ranksearch.model_uri"].split("/")[-1])
     assert logged.source_run_id == parent.info.run_id
+    # in the study's experiment, its files in the study directory (a moved study keeps them)
+    assert logged.experiment_id == parent.info.experiment_id
+    assert logged.artifact_location.startswith((out / "mlartifacts").resolve().as_uri())
     assert logged.tags["ranksearch.trial"] == str(recommended.number)
     assert (files / "artifacts/adapter/adapter_model.safetensors").is_file()
     manifest = json.loads((files / "artifacts/adapter/ranksearch.json").read_text())
