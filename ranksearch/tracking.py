@@ -176,6 +176,17 @@ def _retry(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     raise AssertionError("unreachable")
 
 
+def _set_tag(client, run_id: str, key: str, value: str) -> None:
+    """set_tag where another orchestrator of the study may set the same tag at the same moment:
+    the store then refuses the second insert (a UNIQUE constraint); set again, it updates."""
+    try:
+        _retry(client.set_tag, run_id, key, value)
+    except Exception as e:  # noqa: BLE001 - the store's integrity error, whatever its type
+        if "unique constraint" not in str(e).lower():
+            raise
+        _retry(client.set_tag, run_id, key, value)
+
+
 class Tracker(Protocol):
     """What the orchestrator logs a study through: `MlflowTracker`, or `NullTracker` when
     tracking is off. Two implementations, neither inheriting from the other; a test holds
@@ -550,7 +561,7 @@ class MlflowTracker:
         if info.registered_model_version is not None:
             tags[MODEL_VERSION] = f"models:/{self.register}/{info.registered_model_version}"
         for key, value in tags.items():
-            _retry(self.client.set_tag, self.parent_id, key, value)
+            _set_tag(self.client, self.parent_id, key, value)
 
     def _mark_answer(self, ans: Answer) -> None:
         """Tag the best and recommended trials' runs (`ranksearch.answer`) and keep their
@@ -572,7 +583,7 @@ class MlflowTracker:
             run_id = trial.user_attrs.get("mlflow_run_id")
             if not run_id or not self._has_run(run_id, f"trial {trial.number} of the answer"):
                 continue
-            _retry(self.client.set_tag, run_id, ANSWER, ",".join(roles[trial.number]))
+            _set_tag(self.client, run_id, ANSWER, ",".join(roles[trial.number]))
             if keep & set(roles[trial.number]):
                 self._log_adapter(trial, run_id)
 
