@@ -243,7 +243,9 @@ def quiet_libraries() -> None:
     """Library chatter (load reports, progress bars, deprecations) stays out of the view."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our own output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop notes
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import datasets
@@ -301,7 +303,7 @@ def _orchestrator(args, console: Console):
         problem = ("--out", f"{out}: cannot create it ({e.strerror}); give a writable directory")
         raise StudyError([problem], str(study_file)) from None
     view = PlainView(console) if args.plain else make_view(args.quiet, console)
-    tracker = make_tracker(cfg, out, args.tracking_uri, args.no_mlflow)
+    tracker = make_tracker(cfg, out, args.tracking_uri, args.no_mlflow, args.overrides)
     for line in [] if args.quiet else study_lines(checked, tracker.uri, args.study):
         console.print(Text(line))
     data = prepare(cfg, out)
@@ -428,33 +430,37 @@ def cmd_report(args, console: Console) -> int:
 
     cfg, study = open_existing(args)
     report = build_report(study, cfg.report.tolerance, args.sort)
-    in_mlflow = False
-    if not args.no_plots:
-        files, in_mlflow = write_plots(args, cfg, study)
-        report["plots"] = [str(p) for p in files]
+    page, in_mlflow = write_plots(args, cfg, study, report)
     if args.format == "json":
         print(json.dumps(report, indent=2, default=str))
     elif args.format == "markdown":
         print(to_markdown(report), end="")
     else:
-        print_report(console, report, in_mlflow)
+        print_report(console, report, in_mlflow, page)
     return 0
 
 
-def write_plots(args, cfg: StudyConfig, study: optuna.Study) -> tuple[list[Path], bool]:
-    """Plots into <out>/plots, and onto the study's MLflow parent run when it has one; the
-    files, and whether MLflow has them too."""
+def write_plots(args, cfg: StudyConfig, study: optuna.Study, report: dict) -> tuple[Path, bool]:
+    """Plots into <out>/plots (listed in `report`, unless --no-plots) and the page
+    <out>/report.html, both onto the study's MLflow parent run when it has one; the page, and
+    whether MLflow has them too."""
+    from ranksearch.figures import figures
+    from ranksearch.htmlreport import write_html
     from ranksearch.plots import make_plots
-    from ranksearch.tracking import log_plots
+    from ranksearch.tracking import log_report
 
-    out = study_dir(cfg.study_name, args.out)
-    files = make_plots(study, out / "plots")
+    out, tolerance = study_dir(cfg.study_name, args.out), cfg.report.tolerance
+    figs = {} if args.no_plots else figures(study, tolerance)
+    if not args.no_plots:
+        report["plots"] = [str(p) for p in make_plots(study, out / "plots", figs, tolerance)]
+    pngs = [Path(p) for p in report.get("plots", []) if p.endswith(".png")]
+    page = write_html(report, figs, pngs, out / "report.html")
     tracked = "mlflow_parent_run_id" in study.user_attrs  # by this node or another one
-    if not (files and tracked and cfg.tracking.enabled):
-        return files, False
+    if not (tracked and cfg.tracking.enabled):
+        return page, False
     uri = tracking_uri(cfg, out, args.tracking_uri)
     experiment = cfg.tracking.experiment or cfg.study_name
-    return files, log_plots(uri, experiment, cfg.study_name, out / "plots")
+    return page, log_report(uri, experiment, cfg.study_name, out)
 
 
 def cmd_estimate(args, console: Console) -> int:

@@ -181,6 +181,22 @@ class TrackingConfig(_Strict):
     experiment: str | None = None  # default: the study name
     # trained adapters kept in MLflow: `answer` = the best and the recommended trial's
     log_adapters: Literal["answer", "best", "all", "none"] = "answer"
+    # the recommended trial's adapter is also logged as an MLflow model under the parent run
+    # (unless log_adapters is none); a NAME here registers it in the Model Registry
+    registered_model: str | None = Field(None, alias="register")  # `register: NAME`
+    # MLflow system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on every trial
+    # run, sampled this often; null turns them off
+    system_metrics_seconds: float | None = Field(2.0, gt=0)
+
+    @field_validator("registered_model")
+    @classmethod
+    def _model_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name.strip() or "/" in name or ":" in name):
+            raise ValueError(
+                f"{name!r} is not a registered model name: give a non-empty name without "
+                "'/' or ':', e.g. register: cls-task-lora"
+            )
+        return name
 
 
 class ReportConfig(_Strict):
@@ -268,6 +284,14 @@ def file_problems(cfg: StudyConfig) -> list[Problem]:
                 "launch.stale_after_seconds",
                 f"{cfg.launch.stale_after_seconds:g} must exceed twice heartbeat_seconds "
                 f"({cfg.launch.heartbeat_seconds:g}), or live trials would be failed as lost",
+            )
+        )
+    if cfg.tracking.registered_model and cfg.tracking.log_adapters == "none":
+        problems.append(
+            (
+                "tracking.register",
+                "registers the logged model, but `tracking.log_adapters: none` logs none; "
+                "set log_adapters to answer, or drop register",
             )
         )
     if cfg.launch.device == "cpu" and cfg.model.quantization == "4bit":

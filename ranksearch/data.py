@@ -237,11 +237,14 @@ def cache_key(cfg: StudyConfig) -> str:
 
 
 def load_tokenizer(cfg: StudyConfig):
+    return tokenizer_at(model_location(cfg.model.path), cfg.model.trust_remote_code)
+
+
+def tokenizer_at(location: str, trust_remote_code: bool = False):
+    """The tokenizer of a model location, padding as the study trained with."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        model_location(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code
-    )
+    tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS, masked out of the loss
         tok.pad_token = tok.eos_token
     return tok

@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from ranksearch.launch import WorkerProcess, accelerate_argv
-from ranksearch.paths import trial_dir
+from ranksearch.paths import model_reference, trial_dir
 from ranksearch.recommend import accuracy
 
 
@@ -105,9 +105,11 @@ def export(
         retrained = retrain(spec_path, out, out / "retrain.log")
     else:
         shutil.copytree(source, out, dirs_exist_ok=True)
+    from ranksearch.config import parse_study
     from ranksearch.worker import resolve_spec
 
     spec = resolve_spec(spec_path)
+    cfg = parse_study(study_file, overrides)[0]
     (out / "lora_config.json").write_text(json.dumps(spec["lora"], indent=2) + "\n")
     shutil.copy(study_file, out / "study.yaml")
     command = ["ranksearch", "run", "--study", "study.yaml"]
@@ -121,6 +123,11 @@ def export(
         "accuracy": accuracy(trial.user_attrs),
         "config": {k: v for k, v in trial.user_attrs.get("config", {}).items() if k != "modules"},
         "base_model": spec["model"]["path"],
+        # as the study names it: a package:// path or hub id resolves where it is loaded
+        "base_model_reference": model_reference(cfg.model.path),
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "max_length": cfg.data.max_length,
+        "data_format": spec["data"].get("format", "text"),
         # PEFT's adapter_config.json takes no label names (it warns on unknown keys): the README
         # shows from_pretrained(base_model, id2label=..., label2id=...) with these
         **label_maps(spec),

@@ -89,6 +89,15 @@ def study_dir(study_name: str, out: Path | None) -> Path:
     return (out if out is not None else Path("runs") / study_name).absolute()
 
 
+def model_reference(source: str) -> str:
+    """How a study's `model` is named for use elsewhere: a `package://` path or a hub id as
+    given (resolved where it is loaded), a local path made absolute."""
+    if source.startswith(PACKAGE_SCHEME):
+        return source
+    path = local_path(source)
+    return source if path is None else str(path.absolute())
+
+
 def trial_dir(study_dir: Path, trial: FrozenTrial) -> Path:
     """A trial's folder, found from the study directory it is read from.
 

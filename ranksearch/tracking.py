@@ -28,6 +28,12 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 ROLE = "ranksearch.role"
 ANSWER = "ranksearch.answer"  # on the best and recommended trials' runs: best, recommended
+# on the parent run: the logged model of the recommendation, its trial, its registered version
+MODEL_URI, MODEL_TRIAL, MODEL_VERSION = (
+    "ranksearch.model_uri",
+    "ranksearch.model_trial",
+    "ranksearch.registered_model",
+)
 # a pruned trial ended as the study planned: FINISHED, told apart by its `optuna.state` tag
 STATUS = {
     TrialState.COMPLETE: "FINISHED",
@@ -66,6 +72,7 @@ ARTIFACT_COLUMNS = (
     ("experiments", "artifact_location"),
     ("runs", "artifact_uri"),
     ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),  # registered versions of the logged models
 )
 
 
@@ -169,6 +176,17 @@ def _retry(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     raise AssertionError("unreachable")
 
 
+def _set_tag(client, run_id: str, key: str, value: str) -> None:
+    """set_tag where another orchestrator of the study may set the same tag at the same moment:
+    the store then refuses the second insert (a UNIQUE constraint); set again, it updates."""
+    try:
+        _retry(client.set_tag, run_id, key, value)
+    except Exception as e:  # noqa: BLE001 - the store's integrity error, whatever its type
+        if "unique constraint" not in str(e).lower():
+            raise
+        _retry(client.set_tag, run_id, key, value)
+
+
 class Tracker(Protocol):
     """What the orchestrator logs a study through: `MlflowTracker`, or `NullTracker` when
     tracking is off. Two implementations, neither inheriting from the other; a test holds
@@ -199,26 +217,42 @@ class NullTracker:
 class MlflowTracker:
     """One experiment and one parent run per study, one nested run per trial."""
 
-    def __init__(self, uri: str, experiment: str, log_adapters: str, study_dir: Path):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        log_adapters: str,
+        study_dir: Path,
+        register: str | None = None,
+        overrides: tuple[str, ...] = (),
+        system_metrics_seconds: float | None = None,
+    ):
         from mlflow import MlflowClient
 
         self.uri = uri
         rebase_artifacts(uri, study_dir)  # the study may have been copied or moved
+        self._client_uri = _credentials_to_env(uri)
         with init_lock(uri):  # the store's schema is created or migrated on first use
-            self.client = MlflowClient(tracking_uri=_credentials_to_env(uri))
+            self.client = MlflowClient(tracking_uri=self._client_uri)
             self.client.search_experiments(max_results=1)
         self.experiment_name = experiment
         self.log_adapters = log_adapters
+        self.register = register
+        self.overrides = list(overrides)  # `--set`s: the logged model records its command
         self.study_dir = study_dir
+        self.study_file: Path | None = None
         self.experiment_id = ""
         self.parent_id = ""
         self._runs: dict[int, str] = {}
+        self.system_metrics_seconds = system_metrics_seconds
+        self._monitors: dict[int, Any] = {}  # trial number -> its SystemMetricsMonitor
         self.fixed_params: dict[str, Any] = {}
 
     # -- the study ---------------------------------------------------------------------------
 
     def start_study(self, study, cfg, study_file: Path, data) -> None:
         self.study_name = study.study_name
+        self.study_file = study_file
         keys = (
             "max_steps",
             "eval_every",
@@ -348,7 +382,7 @@ class MlflowTracker:
                 # entity infers the schema, is for model signatures: nothing a user can act on
                 warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
                 dataset = mlflow.data.from_huggingface(
-                    ds, path=cfg.data.source, name=f"{cfg.study_name}-{split}"
+                    ds, name=f"{cfg.study_name}-{split}", **_dataset_source(cfg, split)
                 )
                 entity = dataset._to_mlflow_entity()
             tags = [InputTag("mlflow.data.context", split)]
@@ -405,7 +439,25 @@ class MlflowTracker:
                 self.client.log_batch, run_id, params=[Param(k, str(v)) for k, v in params.items()]
             )
         self._runs[trial_number] = run_id
+        self._watch(trial_number, run_id, resume=bool(existing))
         return run_id
+
+    def _watch(self, trial_number: int, run_id: str, resume: bool) -> None:
+        """MLflow's system metrics on the trial's run while it trains (`system/cpu_...`,
+        `system/system_memory_usage_megabytes`, disk, network, and `system/gpu_...` where
+        nvidia-ml-py finds a GPU): the whole machine's, every `tracking.system_metrics_seconds`."""
+        if not self.system_metrics_seconds:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=self.system_metrics_seconds,
+            resume_logging=resume,  # a re-attached run continues its steps
+            tracking_uri=self._client_uri,
+        )
+        monitor.start()
+        self._monitors[trial_number] = monitor
 
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -422,6 +474,9 @@ class MlflowTracker:
         from mlflow.entities import Metric, RunTag
 
         started_here = self._runs.pop(trial.number, None)
+        monitor = self._monitors.pop(trial.number, None)
+        if monitor is not None:
+            monitor.finish()  # its last samples, before the run closes
         run_id = run_id or started_here
         if run_id is None:
             return
@@ -474,7 +529,39 @@ class MlflowTracker:
             tags.append(RunTag("confirmed_recommended_trial", str(confirmed)))
         _retry(self.client.log_batch, self.parent_id, metrics=metrics, tags=tags)
         self._mark_answer(ans)
+        if ans.recommended is not None and self.log_adapters != "none":
+            chosen = trials[confirmed] if confirmed is not None else ans.recommended
+            try:
+                self._log_model(study, chosen)
+            except Exception as e:  # noqa: BLE001 - the study's results stand without it
+                _log.warning("the recommended model was not logged to MLflow: %s", e)
         _retry(self.client.set_terminated, self.parent_id, "FINISHED")
+
+    def _log_model(self, study, trial: FrozenTrial) -> None:
+        """The recommendation's adapter, as `ranksearch export` writes it, logged as the MLflow
+        model `recommended` of the parent run (mlmodel.py) and registered as `tracking.register`
+        names it; logged again only when the recommendation changes (resume, confirm)."""
+        import tempfile
+
+        from ranksearch.export import export
+        from ranksearch.mlmodel import log_adapter_model
+
+        parent = _retry(self.client.get_run, self.parent_id)
+        if parent.data.tags.get(MODEL_TRIAL) == str(trial.number) or self.study_file is None:
+            return
+        if not (trial_dir(self.study_dir, trial) / "adapter" / "adapter_config.json").is_file():
+            _log.warning("trial %s kept no adapter: no MLflow model logged", trial.number)
+            return
+        with tempfile.TemporaryDirectory(prefix="ranksearch-model-") as tmp:
+            folder = Path(tmp) / "adapter"  # the name MLflow gives it in the model
+            export(study, trial, folder, self.study_file, self.overrides, self.study_dir)
+            with _global_uri(self._client_uri):
+                info = log_adapter_model(self.client, self.parent_id, folder, self.register)
+        tags = {MODEL_TRIAL: str(trial.number), MODEL_URI: info.model_uri}
+        if info.registered_model_version is not None:
+            tags[MODEL_VERSION] = f"models:/{self.register}/{info.registered_model_version}"
+        for key, value in tags.items():
+            _set_tag(self.client, self.parent_id, key, value)
 
     def _mark_answer(self, ans: Answer) -> None:
         """Tag the best and recommended trials' runs (`ranksearch.answer`) and keep their
@@ -496,7 +583,7 @@ class MlflowTracker:
             run_id = trial.user_attrs.get("mlflow_run_id")
             if not run_id or not self._has_run(run_id, f"trial {trial.number} of the answer"):
                 continue
-            _retry(self.client.set_tag, run_id, ANSWER, ",".join(roles[trial.number]))
+            _set_tag(self.client, run_id, ANSWER, ",".join(roles[trial.number]))
             if keep & set(roles[trial.number]):
                 self._log_adapter(trial, run_id)
 
@@ -504,6 +591,40 @@ class MlflowTracker:
         adapter = trial_dir(self.study_dir, trial) / "adapter"
         if adapter.is_dir() and not _retry(self.client.list_artifacts, run_id, "adapter"):
             _retry(self.client.log_artifacts, run_id, str(adapter), "adapter")
+
+
+def _dataset_source(cfg, split: str) -> dict[str, Any]:
+    """Where a split came from, for MLflow: a local file (a `package://` path resolved) as its
+    file:// URI, a hub dataset by its id. The validation split is `data.validation` when that is
+    a file, else it came from `data.source`."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    from ranksearch.paths import local_path
+
+    path = local_path(cfg.data.source)
+    if split == "validation" and cfg.data.validation:  # a file, or a hub dataset's split
+        path = local_path(cfg.data.validation) or path
+    if path is None:
+        return {"path": cfg.data.source}  # a hub dataset: MLflow links to it
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice
+        warnings.filterwarnings("ignore", message="The specified dataset source can be")
+        return {"source": resolve_dataset_source(path.resolve().as_uri())}
+
+
+@contextlib.contextmanager
+def _global_uri(uri: str):
+    """MLflow logs models through its global tracking URI (and exports it to the environment,
+    for subprocesses): set for the call, then put back as it was."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def _confirmed_trial(trials: list[FrozenTrial]) -> int | None:
@@ -525,25 +646,30 @@ def _study_parents(client, experiment_id: str, study_name: str) -> list:
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
-def log_plots(uri: str, experiment: str, study_name: str, plots_dir: Path) -> bool:
-    """Attach a study's plots (what `ranksearch report` draws) to its parent run in the store at
-    `uri`; False, with a warning, where that store has none (the study ran on other nodes).
-    `plots_dir` is `<study dir>/plots`: a default store there is rebased first."""
+def log_report(uri: str, experiment: str, study_name: str, study_dir: Path) -> bool:
+    """Attach what `ranksearch report` wrote (`report.html`, the `plots/` folder) to the study's
+    parent run in the store at `uri`; False, with a warning, where that store has none (the
+    study ran on other nodes). A default store in `study_dir` is rebased first."""
     from mlflow import MlflowClient
 
-    rebase_artifacts(uri, plots_dir.parent)
+    rebase_artifacts(uri, study_dir)
 
     client = MlflowClient(tracking_uri=_credentials_to_env(uri))
     found = client.get_experiment_by_name(experiment)
     parents = _study_parents(client, found.experiment_id, study_name) if found else []
     if not parents:
-        _log.warning("no MLflow parent run of study %s in %s: plots not logged", study_name, uri)
+        _log.warning("no MLflow parent run of study %s in %s: report not logged", study_name, uri)
         return False
-    _retry(client.log_artifacts, parents[0].info.run_id, str(plots_dir), "plots")
+    run_id = parents[0].info.run_id
+    if (study_dir / "plots").is_dir():
+        _retry(client.log_artifacts, run_id, str(study_dir / "plots"), "plots")
+    _retry(client.log_artifact, run_id, str(study_dir / "report.html"))
     return True
 
 
-def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -> Tracker:
+def make_tracker(
+    cfg, study_dir: Path, uri_option: str | None, disabled: bool, overrides: list[str] = ()
+) -> Tracker:
     """CLI option > study file > MLFLOW_TRACKING_URI > SQLite in the study directory."""
     t = cfg.tracking
     if disabled or not t.enabled:
@@ -553,6 +679,9 @@ def make_tracker(cfg, study_dir: Path, uri_option: str | None, disabled: bool) -
         t.experiment or cfg.study_name,
         t.log_adapters,
         study_dir,
+        t.registered_model,
+        tuple(overrides),
+        t.system_metrics_seconds,
     )
 
 

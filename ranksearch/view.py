@@ -221,18 +221,23 @@ def study_lines(checked: Any, mlflow_uri: str | None, study_arg: str) -> list[st
     return lines
 
 
-def print_report(console: Console, report: dict[str, Any], plots_in_mlflow: bool) -> None:
-    """`ranksearch report` as tables: the trials, by rank, the answer, where the plots went."""
+def print_report(
+    console: Console, report: dict[str, Any], in_mlflow: bool, page: Path | None = None
+) -> None:
+    """`ranksearch report` as tables: the trials, by rank, the answer, where the plots and the
+    page `report.html` went."""
     from ranksearch.report import rank_table, rows_table, summary_lines
 
     console.print(rows_table(report))
     console.print(rank_table(report))
     for line in summary_lines(report):
         console.print(Text(line))
+    where = " and on the study's MLflow parent run" if in_mlflow else ""
     if report.get("plots"):
-        where = " and on the study's MLflow parent run" if plots_in_mlflow else ""
         folder = Path(report["plots"][0]).parent
         console.print(Text(f"Plots:       {len(report['plots'])} files in {folder}{where}"))
+    if page is not None:
+        console.print(Text(f"Report:      {page}{where}"))
 
 
 ESTIMATE_COLUMNS = (

