@@ -209,9 +209,11 @@ class TrackingConfig(_Strict):
 
 class ReportConfig(_Strict):
     # "As good as the best": within `tolerance` of the best val loss. `1se` (the default) is
-    # one standard error of the best trial's val loss, measured on the validation split; a
-    # number is an absolute val-loss margin.
-    tolerance: Literal["1se"] | Annotated[float, Field(ge=0)] = "1se"
+    # one standard error of the difference (candidate - best), paired over the same validation
+    # examples, plus seed noise once a confirmation round measured it; `1se-mean` is one
+    # standard error of the best trial's mean val loss (the earlier rule); a number is an
+    # absolute val-loss margin.
+    tolerance: Literal["1se", "1se-mean"] | Annotated[float, Field(ge=0)] = "1se"
 
 
 class ConfirmConfig(_Strict):

@@ -31,6 +31,9 @@ EVENT_ATTRS = (
     "peak_memory_mb",
     "train_seconds",
     "eval_seconds",
+    # the final evaluation's per-example losses (rounded), for paired comparisons: in the
+    # storage, because on several nodes the trial folders are not shared and the report is
+    "val_losses",
 )
 REPORT_ATTRS = (
     "val_loss",
