@@ -174,6 +174,10 @@ class SamplerConfig(_Strict):
     type: Literal["tpe", "random", "grid", "bruteforce"] = "tpe"
     seed: int = 0
     n_startup_trials: int = Field(5, ge=0)  # TPE: random trials before modelling
+    # tpe: a new study first runs the configuration published LoRA guidance favours
+    # (all-linear, alpha = 2 x rank, rank 16 or 8, the log-middle learning rate), snapped to
+    # the space and skipped when outside it; then the `enqueue:` baselines, then the sampler.
+    informed_start: bool = True
 
 
 class BudgetConfig(_Strict):

@@ -193,11 +193,13 @@ def answer(trials: Sequence[FrozenTrial], tolerance: str | float = "1se") -> Ans
 
 
 def baselines(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials of the study file's `enqueue:` list (Optuna marks enqueued trials)."""
+    """Trials of the study file's `enqueue:` list (Optuna marks enqueued trials; the informed
+    first trial is enqueued too, but it is a guess at a good configuration, not a baseline)."""
     return [
         t
         for t in trials
         if "fixed_params" in t.system_attrs
+        and not t.user_attrs.get("informed_start")
         and "retry_of" not in t.user_attrs
         and not t.user_attrs.get("confirmation")
     ]

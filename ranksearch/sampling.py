@@ -18,7 +18,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
 from ranksearch import space
-from ranksearch.config import StudyConfig
+from ranksearch.config import Range, SearchConfig, StudyConfig
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
@@ -113,3 +113,53 @@ def search_budget(cfg: StudyConfig) -> int:
     if cfg.sampler.type in ("grid", "bruteforce") and size is not None:
         return min(size, cfg.budget.n_trials)
     return cfg.budget.n_trials
+
+
+# -- the informed first trial ------------------------------------------------------------------
+
+GUIDED_RANKS = (16, 8)  # published guidance: rank 8 or 16 (16 where both are in the space)
+
+
+def informed_params(search: SearchConfig) -> dict[str, Any] | None:
+    """Optuna params of the configuration published LoRA guidance favours, snapped to the space:
+    all-linear targets (else the largest module set), lora_alpha = 2 x rank, rank 16 or 8, and
+    the middle of the learning-rate range in log space. None when no guided rank is in the space.
+    Dimensions it says nothing of (dropout, ...) are left to the sampler."""
+    dims = space.dimensions(search)
+    rank = next((r for r in GUIDED_RANKS if _contains(dims["rank"], r)), None)
+    if rank is None:
+        return None
+    sets = space.module_sets(search)
+    modules = max(sets, key=lambda n: math.inf if sets[n] == "all-linear" else len(sets[n]))
+    values: dict[str, Any] = {"rank": rank, "target_modules": modules}
+    if "alpha_ratio" in dims:
+        values["alpha_ratio"] = _snap(dims["alpha_ratio"], 2.0)
+    else:
+        values["alpha"] = _snap(dims["alpha"], 2.0 * rank)
+    lr = dims["learning_rate"]
+    ends = [lr.low, lr.high] if isinstance(lr, Range) else lr if isinstance(lr, list) else [lr]
+    values["learning_rate"] = _snap(lr, math.sqrt(min(ends) * max(ends)))
+    return {space.PARAM_NAMES[k]: v for k, v in values.items() if space.is_searched(dims[k])}
+
+
+def informed_start(cfg: StudyConfig) -> dict[str, Any] | None:
+    """The informed first trial's params when the study wants one: `sampler.informed_start` on
+    and a TPE sampler (random search stays random; a grid runs every point anyway)."""
+    if not cfg.sampler.informed_start or cfg.sampler.type != "tpe":
+        return None
+    return informed_params(cfg.search)
+
+
+def _contains(dim: Any, value: float) -> bool:
+    if isinstance(dim, Range):
+        on_step = dim.step is None or (value - dim.low) % dim.step == 0
+        return dim.low <= value <= dim.high and on_step
+    return value in (dim if isinstance(dim, list) else [dim])
+
+
+def _snap(dim: Any, value: float) -> Any:
+    """The space's value nearest `value` in log scale (a range: clamped into it)."""
+    if isinstance(dim, Range):
+        return min(max(value, dim.low), dim.high)
+    choices = dim if isinstance(dim, list) else [dim]
+    return min(choices, key=lambda c: abs(math.log(c / value)))
