@@ -307,9 +307,27 @@ def _load_checked(
     return cfg, storage_url, path
 
 
+def _rung_warning(cfg: StudyConfig, args, storage_url: str) -> str | None:
+    """`sampling.rung_warning` on the study's own trials, when the study exists already."""
+    import optuna
+
+    from ranksearch.sampling import rung_warning
+    from ranksearch.storage import open_storage
+
+    if not args.storage and not (study_dir(cfg, args.out) / "optuna.db").is_file():
+        return None
+    try:
+        study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(storage_url))
+    except KeyError:  # a storage without this study
+        return None
+    return rung_warning(cfg, study.get_trials(deepcopy=False))
+
+
 def cmd_validate(args, console: Console) -> int:
     warnings: list[str] = []
-    cfg, _, _ = _load_checked(args, args.schema_only, warnings)
+    cfg, storage_url, _ = _load_checked(args, args.schema_only, warnings)
+    if not args.schema_only and (rung := _rung_warning(cfg, args, storage_url)):
+        warnings.append(rung)
     for line in warnings:
         console.print(Text("warning: ", style="yellow") + Text(line))
     what = "schema" if args.schema_only else "schema, model modules, data, tracking"
@@ -323,6 +341,7 @@ def _orchestrator(args, console: Console):
 
     from ranksearch.data import prepare
     from ranksearch.packing import plan_slots, visible_gpus
+    from ranksearch.sampling import rung_warning
     from ranksearch.study import Orchestrator
     from ranksearch.validate import empty_warnings, packed_memory, resolve_device
     from ranksearch.view import PlainView, make_view
@@ -375,6 +394,9 @@ def _orchestrator(args, console: Console):
     orchestrator = Orchestrator(
         cfg, out, storage_url, data, view, device, bf16, tracker, study_file, slots, gpus
     )
+    rung = rung_warning(cfg, orchestrator.study.get_trials(deepcopy=False))
+    if rung:  # a resumed study whose own curves say its first rung prunes too early
+        view.message(f"warning: {rung}")
     return cfg, orchestrator, view
 
 

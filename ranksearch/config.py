@@ -166,7 +166,9 @@ class TrainingConfig(_Strict):
 
 class PrunerConfig(_Strict):
     type: Literal["hyperband", "successive-halving", "median", "none"] = "hyperband"
-    min_steps: int = Field(25, gt=0)  # first rung (hyperband/SH) or warmup (median), in steps
+    # first rung (hyperband/SH) or warmup (median), in optimizer steps; default: derived,
+    # max_steps / reduction_factor rounded up to an evaluation step (sampling.first_rung)
+    min_steps: int | None = Field(None, gt=0)
     reduction_factor: int = Field(3, ge=2)
 
 
@@ -272,11 +274,11 @@ def _check_cross_fields(cfg: StudyConfig) -> list[tuple[str, str]]:
         problems.append(
             ("training.eval_every", f"{t.eval_every} > max_steps {t.max_steps}; lower it")
         )
-    if p.type != "none" and p.min_steps > t.max_steps:
+    if p.type != "none" and p.min_steps is not None and p.min_steps > t.max_steps:
         problems.append(
             ("pruner.min_steps", f"{p.min_steps} > training.max_steps {t.max_steps}; lower it")
         )
-    if p.type != "none" and p.min_steps < t.eval_every:
+    if p.type != "none" and p.min_steps is not None and p.min_steps < t.eval_every:
         problems.append(
             (
                 "pruner.min_steps",

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch import space
 from ranksearch.config import Range, SearchConfig, StudyConfig
@@ -80,27 +81,34 @@ def create_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
 def create_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     """Pruners whose resource is optimizer steps, taken from the study file (never `auto`)."""
     p, t = cfg.pruner, cfg.training
+    rung = min_steps(cfg)
     if p.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_steps, max_resource=t.max_steps, reduction_factor=p.reduction_factor
+            min_resource=rung, max_resource=t.max_steps, reduction_factor=p.reduction_factor
         )
     if p.type == "successive-halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_steps, reduction_factor=p.reduction_factor
+            min_resource=rung, reduction_factor=p.reduction_factor
         )
     if p.type == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=3, n_warmup_steps=p.min_steps, interval_steps=t.eval_every
+            n_startup_trials=3, n_warmup_steps=rung, interval_steps=t.eval_every
         )
     return optuna.pruners.NopPruner()
+
+
+def min_steps(cfg: StudyConfig) -> int:
+    """The first rung: `pruner.min_steps`, or derived from the budget when the study leaves it
+    out."""
+    t, p = cfg.training, cfg.pruner
+    return p.min_steps or first_rung(t.max_steps, t.eval_every, p.reduction_factor)
 
 
 def space_size(cfg: StudyConfig) -> int | None:
     """Number of distinct configurations, or None when a dimension is continuous."""
     sizes = [len(d) if isinstance(d, list) else 1 for d in space.dimensions(cfg.search).values()]
     if any(
-        isinstance(d, space.Range) and space.is_searched(d)
-        for d in space.dimensions(cfg.search).values()
+        isinstance(d, Range) and space.is_searched(d) for d in space.dimensions(cfg.search).values()
     ):
         return None
     return math.prod(sizes)
@@ -163,3 +171,61 @@ def _snap(dim: Any, value: float) -> Any:
         return min(max(value, dim.low), dim.high)
     choices = dim if isinstance(dim, list) else [dim]
     return min(choices, key=lambda c: abs(math.log(c / value)))
+
+
+def first_rung(max_steps: int, eval_every: int, reduction_factor: int) -> int:
+    """The first rung when a study does not set `pruner.min_steps`: max_steps / reduction_factor,
+    rounded up to an evaluation step. LoRA learning curves cross late; a rung at a fifth of the
+    budget cut eventual winners in BENCHMARKS.md's replays, one at a third to 40 % did not."""
+    steps = math.ceil(max_steps / reduction_factor / eval_every) * eval_every
+    return min(max_steps, steps)
+
+
+# below this rank correlation between first-rung and final val loss, the first rung came before
+# the curves separated. On BENCHMARKS.md's SST-2 grids (all 36 configurations) it is 0.76 and
+# 0.87 at a 20 % rung; a study's complete trials are the ones pruning kept, whose range is
+# narrower and correlation lower, so the bar sits well below those.
+MIN_RUNG_CORRELATION = 0.5
+MIN_RUNG_TRIALS = 6
+
+
+def rung_agreement(trials: Sequence[FrozenTrial], rung: int) -> tuple[float, int] | None:
+    """Spearman's rank correlation between val loss at the first rung (the last report at or
+    before it) and at the end, over the trained complete search trials; with their count.
+    None with fewer than MIN_RUNG_TRIALS of them."""
+    from scipy.stats import spearmanr
+
+    pairs = []
+    for t in trials:
+        if (
+            t.state != TrialState.COMPLETE
+            or "duplicate_of" in t.user_attrs
+            or t.user_attrs.get("confirmation")
+        ):
+            continue
+        early = [step for step in t.intermediate_values if step <= rung]
+        if early:
+            pairs.append((t.intermediate_values[max(early)], t.value))
+    if len(pairs) < MIN_RUNG_TRIALS:
+        return None
+    rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs])[0]
+    return (float(rho), len(pairs)) if math.isfinite(rho) else None
+
+
+def rung_warning(cfg: StudyConfig, trials: Sequence[FrozenTrial]) -> str | None:
+    """A warning when this study's own trials say its first rung prunes too early."""
+    if cfg.pruner.type == "none":
+        return None
+    rung = min_steps(cfg)
+    found = rung_agreement(trials, rung)
+    if found is None or found[0] >= MIN_RUNG_CORRELATION:
+        return None
+    rho, n = found
+    later = min(cfg.training.max_steps, 2 * rung)
+    return (
+        f"`pruner.min_steps`: on this study's {n} complete trials, val loss at the first rung "
+        f"(step {rung}) ranks them unlike their final val loss (Spearman {rho:.2f} < "
+        f"{MIN_RUNG_CORRELATION}): the learning curves have not separated yet there, so pruning "
+        f"at that rung cuts configurations that would have won. Raise it (e.g. "
+        f"--set pruner.min_steps={later}) for a new study"
+    )
