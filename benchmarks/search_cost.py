@@ -566,13 +566,14 @@ def print_table(table: dict, results: dict) -> None:
         "/ p90 | picked val_loss | picked dev acc | picked, 3 seeds: dev acc (retrained) |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    grid = f"{len(table['configs'])} trials"
     for name, r in results.items():
         method, _, budget = name.partition(" | ")
 
         def f(x, fmt=".2f"):
             return "-" if x is None else format(x, fmt)
 
-        print(f"| {method} | {budget or '36 trials'} | {f(r['cost'])} | "
+        print(f"| {method} | {budget or grid} | {f(r['cost'])} | "
               f"{r['reached_fraction']:.0%} (+-{r.get('reached_ci95', 0):.0%}) | "
               f"{f(r.get('reached_at_min'))} / {f(r.get('reached_at_median'))} / "
               f"{f(r.get('reached_at_p90'))} | {f(r['val_loss_mean'], '.4f')} | "
