@@ -424,8 +424,11 @@ def print_recommendations(results: dict) -> None:
 PER_RANK = {"qv": 6 * 2 * 768, "qkv": 6 * 3 * 768, "all-linear": 6 * (4 * 768 + 2 * 1920) + 768}
 
 
-def trainable(params: dict, num_labels: int) -> int:
-    return params["rank"] * PER_RANK[params["target_modules"]] + 384 * num_labels + num_labels
+def trainable(key: str, num_labels: int) -> int:
+    """A configuration's trainable parameters on MiniLM, from its key (its Optuna params hold
+    the searched dimensions only)."""
+    config = json.loads(key)
+    return config["rank"] * PER_RANK[config["target_modules"]] + 384 * num_labels + num_labels
 
 
 def recommendation(table: dict, keys: list[str], rule: str, confirm_top: int = 0) -> str | None:
@@ -448,7 +451,7 @@ def recommendation(table: dict, keys: list[str], rule: str, confirm_top: int = 0
             distributions={"c": CategoricalDistribution([0])},
             user_attrs={
                 "config_key": key,
-                "trainable_params": trainable(row["params"], labels),
+                "trainable_params": trainable(key, labels),
                 "val_loss_se": row["val_loss_se"],
                 **({"val_losses": row["val_losses"]} if row.get("val_losses") else {}),
                 **attrs,
@@ -490,8 +493,7 @@ def recommendation_gaps(table: dict, complete: list[list[str]]) -> dict:
             if best_acc is not None and acc is not None:
                 gaps.append(best_acc - acc)
             val_gaps.append(configs[rec]["val_loss"] - configs[table["best"]]["val_loss"])
-            n_rec = trainable(configs[rec]["params"], labels)
-            n_best = trainable(configs[best]["params"], labels)
+            n_rec, n_best = trainable(rec, labels), trainable(best, labels)
             saved.append(1 - n_rec / n_best)
             smaller += n_rec < n_best
         out[name] = {
