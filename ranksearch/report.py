@@ -188,9 +188,12 @@ def build_report(
         "recommended": _brief(ans.recommended),
         "tolerance": {
             "rule": ans.tolerance_rule,
-            "val_loss": ans.tolerance,
+            "val_loss": ans.tolerance,  # the recommended trial's margin
             "candidates": ans.candidates,
+            "seed_std": ans.seed_std,
+            "notes": ans.notes,
         },
+        "pruned_never_recommended": counts["pruned"],
         "baselines": base,
         "ranks": rank_view(trials),
         "importances": _importances(study),
@@ -241,8 +244,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{_config_line(best)}",
         f"             cost: {_cost_line(best)}",
     ]
+    seed = f" and seed noise {tol.get('seed_std') or 0:.4f}"
     rule = {
-        "1se": "one standard error of the best",
+        "1se": "one standard error of its difference from the best, paired over the same "
+        "validation examples",
+        "1se+seed": f"one standard error of its difference from the best, paired over the same "
+        f"validation examples{seed}",
+        "1se-mean": "one standard error of the best's mean",
         "absolute": "the study's tolerance",
         "relative": "1% of the best (no standard error recorded)",
     }[tol["rule"]]
@@ -250,9 +258,16 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"Recommended: trial {rec['trial']}  val_loss {rec['val_loss']:.4f}{acc(rec)}  "
         f"{_config_line(rec)}",
         f"             cost: {_cost_line(rec)}",
-        f"             the fewest trainable parameters within {tol['val_loss']:.4f} "
-        f"({rule}) of the best; {len(tol['candidates'])} configuration(s) qualified",
+        f"             the fewest trainable parameters within its margin ({rule}) of the best; "
+        f"{len(tol['candidates'])} configuration(s) qualified; its margin {tol['val_loss']:.4f}",
     ]
+    lines += [f"             note: {n}" for n in tol.get("notes", [])]
+    pruned = report.get("pruned_never_recommended")
+    if pruned:
+        lines.append(
+            f"             {pruned} pruned trial(s) not considered: a trial stopped before the "
+            "full budget is never recommended"
+        )
     for b in report["baselines"]:
         if b.get("best_gain_val_loss") is not None:
             lines.append(

@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch import space
-from ranksearch.config import StudyConfig
+from ranksearch.config import Range, SearchConfig, StudyConfig
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
@@ -80,27 +81,34 @@ def create_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
 def create_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     """Pruners whose resource is optimizer steps, taken from the study file (never `auto`)."""
     p, t = cfg.pruner, cfg.training
+    rung = min_steps(cfg)
     if p.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_steps, max_resource=t.max_steps, reduction_factor=p.reduction_factor
+            min_resource=rung, max_resource=t.max_steps, reduction_factor=p.reduction_factor
         )
     if p.type == "successive-halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_steps, reduction_factor=p.reduction_factor
+            min_resource=rung, reduction_factor=p.reduction_factor
         )
     if p.type == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=3, n_warmup_steps=p.min_steps, interval_steps=t.eval_every
+            n_startup_trials=3, n_warmup_steps=rung, interval_steps=t.eval_every
         )
     return optuna.pruners.NopPruner()
+
+
+def min_steps(cfg: StudyConfig) -> int:
+    """The first rung: `pruner.min_steps`, or derived from the budget when the study leaves it
+    out."""
+    t, p = cfg.training, cfg.pruner
+    return p.min_steps or first_rung(t.max_steps, t.eval_every, p.reduction_factor)
 
 
 def space_size(cfg: StudyConfig) -> int | None:
     """Number of distinct configurations, or None when a dimension is continuous."""
     sizes = [len(d) if isinstance(d, list) else 1 for d in space.dimensions(cfg.search).values()]
     if any(
-        isinstance(d, space.Range) and space.is_searched(d)
-        for d in space.dimensions(cfg.search).values()
+        isinstance(d, Range) and space.is_searched(d) for d in space.dimensions(cfg.search).values()
     ):
         return None
     return math.prod(sizes)
@@ -113,3 +121,111 @@ def search_budget(cfg: StudyConfig) -> int:
     if cfg.sampler.type in ("grid", "bruteforce") and size is not None:
         return min(size, cfg.budget.n_trials)
     return cfg.budget.n_trials
+
+
+# -- the informed first trial ------------------------------------------------------------------
+
+GUIDED_RANKS = (16, 8)  # published guidance: rank 8 or 16 (16 where both are in the space)
+
+
+def informed_params(search: SearchConfig) -> dict[str, Any] | None:
+    """Optuna params of the configuration published LoRA guidance favours, snapped to the space:
+    all-linear targets (else the largest module set), lora_alpha = 2 x rank, rank 16 or 8, and
+    the middle of the learning-rate range in log space. None when no guided rank is in the space.
+    Dimensions it says nothing of (dropout, ...) are left to the sampler."""
+    dims = space.dimensions(search)
+    rank = next((r for r in GUIDED_RANKS if _contains(dims["rank"], r)), None)
+    if rank is None:
+        return None
+    sets = space.module_sets(search)
+    modules = max(sets, key=lambda n: math.inf if sets[n] == "all-linear" else len(sets[n]))
+    values: dict[str, Any] = {"rank": rank, "target_modules": modules}
+    if "alpha_ratio" in dims:
+        values["alpha_ratio"] = _snap(dims["alpha_ratio"], 2.0)
+    else:
+        values["alpha"] = _snap(dims["alpha"], 2.0 * rank)
+    lr = dims["learning_rate"]
+    ends = [lr.low, lr.high] if isinstance(lr, Range) else lr if isinstance(lr, list) else [lr]
+    values["learning_rate"] = _snap(lr, math.sqrt(min(ends) * max(ends)))
+    return {space.PARAM_NAMES[k]: v for k, v in values.items() if space.is_searched(dims[k])}
+
+
+def informed_start(cfg: StudyConfig) -> dict[str, Any] | None:
+    """The informed first trial's params when the study wants one: `sampler.informed_start` on
+    and a TPE sampler (random search stays random; a grid runs every point anyway)."""
+    if not cfg.sampler.informed_start or cfg.sampler.type != "tpe":
+        return None
+    return informed_params(cfg.search)
+
+
+def _contains(dim: Any, value: float) -> bool:
+    if isinstance(dim, Range):
+        on_step = dim.step is None or (value - dim.low) % dim.step == 0
+        return dim.low <= value <= dim.high and on_step
+    return value in (dim if isinstance(dim, list) else [dim])
+
+
+def _snap(dim: Any, value: float) -> Any:
+    """The space's value nearest `value` in log scale (a range: clamped into it)."""
+    if isinstance(dim, Range):
+        return min(max(value, dim.low), dim.high)
+    choices = dim if isinstance(dim, list) else [dim]
+    return min(choices, key=lambda c: abs(math.log(c / value)))
+
+
+def first_rung(max_steps: int, eval_every: int, reduction_factor: int) -> int:
+    """The first rung when a study does not set `pruner.min_steps`: max_steps / reduction_factor,
+    rounded up to an evaluation step. LoRA learning curves cross late; a rung at a fifth of the
+    budget cut eventual winners in BENCHMARKS.md's replays, one at a third to 40 % did not."""
+    steps = math.ceil(max_steps / reduction_factor / eval_every) * eval_every
+    return min(max_steps, steps)
+
+
+# below this rank correlation between first-rung and final val loss, the first rung came before
+# the curves separated. On BENCHMARKS.md's SST-2 grids (all 36 configurations) it is 0.76 and
+# 0.87 at a 20 % rung; a study's complete trials are the ones pruning kept, whose range is
+# narrower and correlation lower, so the bar sits well below those.
+MIN_RUNG_CORRELATION = 0.5
+MIN_RUNG_TRIALS = 6
+
+
+def rung_agreement(trials: Sequence[FrozenTrial], rung: int) -> tuple[float, int] | None:
+    """Spearman's rank correlation between val loss at the first rung (the last report at or
+    before it) and at the end, over the trained complete search trials; with their count.
+    None with fewer than MIN_RUNG_TRIALS of them."""
+    from scipy.stats import spearmanr
+
+    pairs = []
+    for t in trials:
+        if (
+            t.state != TrialState.COMPLETE
+            or "duplicate_of" in t.user_attrs
+            or t.user_attrs.get("confirmation")
+        ):
+            continue
+        early = [step for step in t.intermediate_values if step <= rung]
+        if early:
+            pairs.append((t.intermediate_values[max(early)], t.value))
+    if len(pairs) < MIN_RUNG_TRIALS:
+        return None
+    rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs])[0]
+    return (float(rho), len(pairs)) if math.isfinite(rho) else None
+
+
+def rung_warning(cfg: StudyConfig, trials: Sequence[FrozenTrial]) -> str | None:
+    """A warning when this study's own trials say its first rung prunes too early."""
+    if cfg.pruner.type == "none":
+        return None
+    rung = min_steps(cfg)
+    found = rung_agreement(trials, rung)
+    if found is None or found[0] >= MIN_RUNG_CORRELATION:
+        return None
+    rho, n = found
+    later = min(cfg.training.max_steps, 2 * rung)
+    return (
+        f"`pruner.min_steps`: on this study's {n} complete trials, val loss at the first rung "
+        f"(step {rung}) ranks them unlike their final val loss (Spearman {rho:.2f} < "
+        f"{MIN_RUNG_CORRELATION}): the learning curves have not separated yet there, so pruning "
+        f"at that rung cuts configurations that would have won. Raise it (e.g. "
+        f"--set pruner.min_steps={later}) for a new study"
+    )

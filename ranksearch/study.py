@@ -32,7 +32,7 @@ from ranksearch.launch import (
 from ranksearch.packing import GpuPool, Slots, free_port, plan_slots
 from ranksearch.paths import redact_url
 from ranksearch.recommend import Answer, answer, count_states
-from ranksearch.sampling import create_pruner, create_sampler, search_budget
+from ranksearch.sampling import create_pruner, create_sampler, informed_start, search_budget
 from ranksearch.storage import open_storage, study_lock, trials_without_heartbeat
 from ranksearch.supervise import Outcome, TrialRun
 from ranksearch.tracking import NullTracker, Tracker
@@ -70,6 +70,10 @@ def open_study(cfg: StudyConfig, storage_url: str) -> optuna.Study:
     changed = space.changed_dimensions(study.get_trials(deepcopy=False), cfg.search)
     if changed:  # before any trial is asked: Optuna would refuse it mid-run
         raise StudyError(changed, f"study {cfg.study_name!r} in {redact_url(storage_url)}")
+    if not study.get_trials(deepcopy=False):  # a new study: its informed first trial
+        params = informed_start(cfg)
+        if params:
+            study.enqueue_trial(params, user_attrs={"informed_start": True}, skip_if_exists=True)
     for entry in cfg.enqueue:  # skip_if_exists: a resumed study does not queue them again
         study.enqueue_trial(space.enqueue_params(cfg.search, entry), skip_if_exists=True)
     return study

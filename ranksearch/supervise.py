@@ -34,6 +34,9 @@ EVENT_ATTRS = (
     "peak_memory_mb",
     "train_seconds",
     "eval_seconds",
+    # the final evaluation's per-example losses (rounded), for paired comparisons: kept in the
+    # storage, because on several nodes the trial folders are not shared; the report reads it
+    "val_losses",
 )
 REPORT_ATTRS = (
     "val_loss",

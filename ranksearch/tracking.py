@@ -335,6 +335,8 @@ class MlflowTracker:
     def _describe_study(self, cfg, study_file: Path, data) -> None:
         from mlflow.entities import Param
 
+        from ranksearch.sampling import min_steps
+
         params = {
             "study_file": study_file.name,
             "task": cfg.task,
@@ -344,7 +346,7 @@ class MlflowTracker:
             "sampler": cfg.sampler.type,
             "sampler.seed": cfg.sampler.seed,
             "pruner": cfg.pruner.type,
-            "pruner.min_steps": cfg.pruner.min_steps,
+            "pruner.min_steps": min_steps(cfg),  # the first rung, derived when not set
             "pruner.reduction_factor": cfg.pruner.reduction_factor,
             "training.max_steps": cfg.training.max_steps,
             "training.eval_every": cfg.training.eval_every,

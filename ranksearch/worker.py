@@ -434,6 +434,9 @@ def evaluate(model, eval_dl, accelerator: Accelerator, spec: dict) -> dict[str, 
         if len(per_example) > 1
         else 0.0,
         "eval_examples": len(loss_sum),  # gathered over ranks: the whole split
+        # per example, in the split's order, rounded: what a paired comparison of two trials
+        # on the same examples needs (the final one goes in the `end` event)
+        "val_losses": [round(x, 4) for x in per_example.tolist()],
     }
     if causal:
         metrics["perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
@@ -545,6 +548,7 @@ def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, e
     max_steps = train["max_steps"]
 
     step, epoch, losses, train_seconds, eval_seconds = 0, 0, [], 0.0, 0.0
+    val_losses: list[float] = []
     model.train()
     while step < max_steps:
         tick = time.time()
@@ -570,6 +574,7 @@ def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, e
                 train_seconds += time.time() - tick
                 tick = time.time()
                 metrics = evaluate(model, eval_dl, accelerator, spec)
+                val_losses = metrics.pop("val_losses")
                 eval_seconds += time.time() - tick
                 train_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
                 losses = []
@@ -596,6 +601,7 @@ def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, e
         train_seconds=train_seconds,
         eval_seconds=eval_seconds,
         wall_seconds=time.time() - started,
+        val_losses=val_losses,  # of the final evaluation
     )
     accelerator.wait_for_everyone()
     accelerator.end_training()

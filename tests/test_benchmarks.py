@@ -50,15 +50,19 @@ def test_search_cost_quick(tmp_path, tiny_bert):
     best = table["configs"][table["best"]]
     assert best["seeds"]["val_loss"] == table["best_seeds"]["val_loss"]  # seed 0 first, then 2
     compare = json.loads((out / "compare.json").read_text())
-    assert "ranksearch TPE + Hyperband | equal trials" in compare
-    assert "TPE + Hyperband, first rung 40 % | equal compute" in compare  # a pruner variant
+    assert table["num_labels"] == 2 and all(c["val_losses"] for c in table["configs"].values())
+    assert "old defaults: TPE + Hyperband, rung 20 % | 2 full trials" in compare
+    assert "TPE + Hyperband, derived rung | 2 full trials" in compare  # a variant
+    new = compare["new defaults: TPE + Hyperband, derived rung, informed start | 2 full trials"]
+    assert set(new["recommendation"]) >= {"1se-mean", "1se (paired)"}  # per-example losses kept
+    assert new["reached_at_p90"] is not None and 0 <= new["reached_fraction"] <= 1
     grid_row = compare["grid (exhaustive)"]
     assert grid_row["val_loss_seeds_mean"] == pytest.approx(sum(best["seeds"]["val_loss"]) / 3)
     trainer = json.loads((out / "trainer.json").read_text())
     assert trainer["pick"] in table["configs"]
     # what Trainer's search spent, from its own study: pruned trials cost less than a full one
     assert 0 < trainer["cost"] <= trainer["trials"] and trainer["pruned"] >= 0
-    anytime = compare["TPE, no pruning | equal trials"]["anytime"]
+    anytime = compare["TPE, no pruning | 2 full trials"]["anytime"]
     assert len(anytime) == 2 and all(curve for curve in anytime)  # one curve per sampler seed
     assert (out / "search_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -126,13 +130,73 @@ def _synthetic_grid(search_cost) -> dict:
 def test_replayed_hyperband_searches_are_reproducible():
     search_cost = _search_cost()
     table = _synthetic_grid(search_cost)
-    method = search_cost.METHODS["ranksearch TPE + Hyperband"]
+    method = search_cost.METHODS["old defaults: TPE + Hyperband, rung 20 %"]
     for seed in range(4):
         first = search_cost.replay(table, method, seed, n_trials=12, max_cost=1e9)
         # Hyperband puts trials in brackets by a hash of the study name: a fixed name per seed
         assert search_cost.replay(table, method, seed, n_trials=12, max_cost=1e9) == first
-        trace, cost = first
-        assert trace and 1 <= cost <= 12  # complete trials cost 1, pruned ones less
+        trace, spent = first
+        assert trace and 1 <= spent[-1] <= 12  # complete trials cost 1, pruned ones less
+
+
+@pytest.mark.parametrize("name", ["old defaults: TPE + Hyperband, rung 20 %", "TPE, no pruning"])
+def test_a_smaller_budget_is_the_same_search_cut_earlier(name):
+    """compare replays each seed once, to the largest budget, and cuts it at the smaller ones:
+    exactly the trials a search given the smaller budget runs."""
+    search_cost = _search_cost()
+    table = _synthetic_grid(search_cost)
+    method = search_cost.METHODS[name]
+    for seed in range(4):
+        trace, spent = search_cost.replay(table, method, seed, 10**9, 4.0)
+        long = search_cost.replay(table, method, seed, 10**9, 6.0)
+        assert search_cost.truncate(*long, 4.0) == (trace, spent[-1])
+
+
+def test_the_new_defaults_replay_the_informed_first_trial():
+    search_cost = _search_cost()
+    table = _synthetic_grid(search_cost)
+    method = search_cost.METHODS["new defaults: TPE + Hyperband, derived rung, informed start"]
+    informed = next(k for k in table["configs"] if json.loads(k)["rank"] == 16
+                    and json.loads(k)["target_modules"] == "all-linear"
+                    and json.loads(k)["learning_rate"] == 1e-3)  # fmt: skip
+    for seed in range(3):
+        trace, _ = search_cost.replay(table, method, seed, 10**9, 2.0)
+        assert trace[0] == (1.0, informed)  # trained first, to the full budget
+
+
+def test_compare_reports_reach_costs_and_the_recommendation(tmp_path, capsys):
+    """compare on a stored table, without training: reach rate with its interval, the cost to
+    reach as min / median / p90, and the recommendation by each rule the table allows."""
+    search_cost = _search_cost()
+    table = _synthetic_grid(search_cost)
+    rng = random.Random(1)
+    for key, row in table["configs"].items():
+        row["params"] = {k: json.loads(key)[k] for k in ("rank", "target_modules", "learning_rate")}
+        row["val_losses"] = [round(max(0.0, row["val_loss"] + rng.gauss(0, 0.3)), 4)
+                             for _ in range(50)]  # fmt: skip
+        row["val_loss_se"] = 0.04
+    best = table["configs"][table["best"]]
+    best["seeds"] = {
+        "val_loss": [best["val_loss"], best["val_loss"] + 0.02],
+        "test_accuracy": [0.5, 0.6],
+    }
+    table["best_seeds"].update(val_loss=best["seeds"]["val_loss"], test_accuracy=[0.5, 0.6])
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    results = search_cost.compare(tmp_path, repeats=3, budgets=(2.0, 3.0))
+    new = results["new defaults: TPE + Hyperband, derived rung, informed start | 2 full trials"]
+    assert new["repeats"] == 3 and 0 <= new["reached_fraction"] <= 1
+    assert new["cost"] >= 2.0 and len(new["complete"]) == 3
+    reached = results["TPE, no pruning | 3 full trials"]
+    if reached["reached_at_min"] is not None:
+        assert (
+            reached["reached_at_min"] <= reached["reached_at_median"] <= reached["reached_at_p90"]
+        )
+    rules = new["recommendation"]
+    assert set(rules) == {"1se-mean", "1se (paired)", "1se (paired) + seed, top 3 confirmed"}
+    for g in rules.values():
+        assert 0 <= g["params_saved_mean"] < 1 and g["val_loss_gap_mean"] >= 0
+    assert "| new defaults" in capsys.readouterr().out
+    assert json.loads((tmp_path / "compare.json").read_text()).keys() == results.keys()
 
 
 def _chat_study(tmp_path: Path, model: Path, data: Path) -> Path:

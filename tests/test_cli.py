@@ -368,7 +368,7 @@ def test_default_study_on_the_real_pretrained_model(tmp_path):
         "--out",
         str(out),
         "--set",
-        "budget.n_trials=2",
+        "budget.n_trials=1",
         "--set",
         "training.max_steps=10",
         "--set",
@@ -380,11 +380,23 @@ def test_default_study_on_the_real_pretrained_model(tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    trials = _load(out, "cls-task").trials
-    assert len(trials) == 2 and trials[0].params["rank"] == 8  # the enqueued PEFT default first
-    assert trials[0].user_attrs["config"]["lora_alpha"] == 8
-    # LoRA r=8 on query and value of 6 layers, plus the classifier head PEFT trains
-    assert trials[0].user_attrs["trainable_params"] == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2
+    informed, peft, _ = _load(out, "cls-task").trials  # the two baselines stay queued
+    # first what published guidance favours (rank 16 of [4, 8, 16, 32], alpha 2r, all-linear,
+    # the log-middle of 2e-4 .. 3e-3), then the enqueued PEFT default r=8, alpha 8, qv
+    assert informed.state.is_finished() and informed.user_attrs["informed_start"]
+    assert informed.params["rank"] == 16 and informed.user_attrs["config"]["lora_alpha"] == 32
+    assert informed.params["target_modules"] == "all-linear"
+    assert informed.params["learning_rate"] == pytest.approx((2e-4 * 3e-3) ** 0.5)
+    # LoRA r=16 on the 6 layers' query, key, value, attention output (384 -> 384) and FFN
+    # (384 -> 1536 -> 384), on the pooler, plus the classifier head PEFT trains
+    per_layer = 4 * (384 + 384) + 2 * (384 + 1536)
+    assert informed.user_attrs["trainable_params"] == 16 * (6 * per_layer + 768) + 384 * 2 + 2
+    assert peft.state == TrialState.WAITING
+    assert peft.system_attrs["fixed_params"] == {
+        "rank": 8,
+        "alpha_ratio": 1.0,
+        "target_modules": "qv",
+    }
 
 
 @pytest.mark.parametrize("command", ["status", "report"])

@@ -84,6 +84,13 @@ def test_confirm_trains_more_seeds_and_updates_the_recommendation(
     assert client.get_logged_model(model_id).tags["ranksearch.trial"] == str(
         confirmation["recommended"]
     )
+    # the answer's margin: the paired standard error over the same validation examples, plus
+    # the seed noise the round measured
+    trials = optuna.load_study(study_name="conf", storage=f"sqlite:///{out / 'optuna.db'}").trials
+    assert len({len(t.user_attrs["val_losses"]) for t in trials}) == 1  # the same examples
+    assert len(trials[0].user_attrs["val_losses"]) > 1
+    assert ans.tolerance_rule == "1se+seed" and ans.seed_std > 0
+    assert report["tolerance"]["rule"] == "1se+seed" and report["tolerance"]["notes"] == []
     # `run`'s closing lines, `report`, `status` and the parent name the same trials
     assert report["best"]["trial"] == ans.best.number
     assert f"Best: trial {ans.best.number} " in r.stdout

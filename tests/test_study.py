@@ -103,3 +103,28 @@ def test_an_interrupted_configuration_runs_before_the_queued_baselines(tmp_path)
     assert space.suggest(again, cfg.search)["rank"] == 2
     second = ask_retry_first(study)  # then the other baseline
     assert space.suggest(second, cfg.search)["rank"] == 8
+
+
+def test_a_new_study_runs_the_informed_configuration_before_the_baselines(tmp_path):
+    baselines = [{"rank": 2, "target_modules": "qv"}]
+    sampler = {"type": "tpe", "seed": 0, "n_startup_trials": 2}  # informed_start by default
+    cfg = _cfg(tmp_path, enqueue=baselines, sampler=sampler)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = open_study(cfg, url)
+    first = ask_retry_first(study)
+    config = space.suggest(first, cfg.search)  # rank [2, 4, 8], lr 1e-3 .. 1e-2 (log)
+    assert first.user_attrs["informed_start"]
+    assert (config["rank"], config["lora_alpha"], config["target_modules"]) == (8, 16, "all-linear")
+    assert config["learning_rate"] == pytest.approx(10**-2.5)
+    study.tell(first, 0.5)
+    second = ask_retry_first(study)  # then the study file's baseline
+    assert space.suggest(second, cfg.search)["rank"] == 2
+    study.tell(second, 0.6)
+    # a resumed study does not queue it again
+    study = open_study(cfg, url)
+    assert not [t for t in study.trials if t.state == TrialState.WAITING]
+    # turned off, or a sampler that runs its own sequence: nothing is queued
+    for name, off in (("off", {**sampler, "informed_start": False}), ("rand", "random")):
+        cfg = _cfg(tmp_path, sampler=off)
+        study = open_study(cfg, f"sqlite:///{tmp_path / f'{name}.db'}")
+        assert study.trials == []

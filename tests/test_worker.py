@@ -66,6 +66,14 @@ def test_same_seed_same_curve_and_the_adapter_is_saved(make_spec):
     assert os.path.isfile(os.path.join(a["adapter_dir"], "adapter_config.json"))
     start = _reports(a)[0]
     assert start["event"] == "start" and start["trainable_params"] == 2 * 2 * 4 * 64 + 32 * 2 + 2
+    # the final evaluation's per-example losses, in the split's order, for paired comparisons
+    *_, final, end = _reports(a)
+    assert end["event"] == "end" and len(end["val_losses"]) == final["eval_examples"]
+    assert sum(end["val_losses"]) / final["eval_examples"] == pytest.approx(
+        final["val_loss"], abs=1e-4
+    )
+    assert "val_losses" not in final  # evaluations report the mean only
+    assert end["val_losses"] != _reports(c)[-1]["val_losses"]
 
 
 def test_gradient_checkpointing_trains_the_same_model(make_spec):
