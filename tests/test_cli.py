@@ -474,6 +474,7 @@ def test_sft_smollm2_study_on_the_real_decoder(tmp_path, smollm2_dir):
         "budget.n_trials": 1, "training.max_steps": 2, "training.eval_every": 2,
         "pruner.min_steps": 2, "training.batch_size": 2, "data.max_eval_samples": 8,
         "data.max_train_samples": 64, "tracking": "none",
+        "sampler.informed_start": "false",  # the enqueued PEFT baseline is the one trial
     }  # fmt: skip
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     r = run_cli("run", "--study", "sft-smollm2", "--out", str(out), *args, cwd=tmp_path)
