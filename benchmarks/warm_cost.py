@@ -47,7 +47,7 @@ def study_run(study: str, out: Path, warm: bool, overrides: dict[str, str]) -> d
     ).trials
     states = [t.state.name for t in trials]
     return {"warm": warm, "wall_seconds": wall, "fixed_seconds": fixed_costs(out, trials),
-            "states": states}  # fmt: skip
+            "states": states, "rss_mb": resident_memory(out)}  # fmt: skip
 
 
 def fixed_costs(out: Path, trials) -> list[float]:
@@ -91,7 +91,7 @@ def main() -> None:
     args = p.parse_args()
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.quick:
-        args.repeats, args.memory = 1, 3
+        args.repeats, args.memory = 1, 0  # the warm run's trials report their RSS too
         overrides |= {"budget.n_trials": "3", "training.max_steps": "4", "training.eval_every": "2"}
     args.out.mkdir(parents=True, exist_ok=True)
 
