@@ -12,7 +12,14 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ranksearch.report import COLUMNS, format_row, summary_lines
+from ranksearch.report import (
+    COLUMNS,
+    RANK_COLUMNS,
+    cell,
+    format_row,
+    rank_cells,
+    summary_lines,
+)
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -47,10 +54,6 @@ def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _trials(report: dict[str, Any]) -> str:
     roles = {}
     for role in ("best", "recommended"):
@@ -61,22 +64,7 @@ def _trials(report: dict[str, Any]) -> str:
 
 
 def _ranks(report: dict[str, Any]) -> str:
-    header = ["rank", "trials", "complete", "best val loss", "gain vs previous", "best acc"]
-    rows = [
-        (
-            "",
-            [
-                str(r["rank"]),
-                str(r["trials"]),
-                str(r["complete"]),
-                _fmt(r["best_val_loss"], ".4f"),
-                _fmt(r["gain_vs_previous_rank"], "+.4f"),
-                _fmt(r["best_accuracy"], ".3f"),
-            ],
-        )
-        for r in report["ranks"]
-    ]
-    return _table(header, rows)
+    return _table(list(RANK_COLUMNS), [("", rank_cells(r)) for r in report["ranks"]])
 
 
 def _confirmation(report: dict[str, Any]) -> str:
@@ -89,11 +77,11 @@ def _confirmation(report: dict[str, Any]) -> str:
             "recommended" if r["trial"] == c["recommended"] else "",
             [
                 str(r["trial"]),
-                _fmt(r["trainable_params"], ","),
+                cell(r["trainable_params"], ","),
                 str(r["n"]),
-                _fmt(r["mean_val_loss"], ".4f"),
-                _fmt(r["std_val_loss"], ".4f"),
-                _fmt(r["p_worse_than_best"], ".3f"),
+                cell(r["mean_val_loss"], ".4f"),
+                cell(r["std_val_loss"], ".4f"),
+                cell(r["p_worse_than_best"], ".3f"),
                 "yes" if r["not_worse"] else "no",
             ],
         )

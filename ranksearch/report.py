@@ -62,7 +62,8 @@ def _note(t: FrozenTrial) -> str:
     return ""
 
 
-def _fmt(value: Any, spec: str = "") -> str:
+def cell(value: Any, spec: str = "") -> str:
+    """A table cell: `-` for a missing value, `int` for thousands separators, else `format`."""
     if value is None:
         return "-"
     if spec == "int":
@@ -72,10 +73,10 @@ def _fmt(value: Any, spec: str = "") -> str:
 
 def format_row(r: dict[str, Any]) -> list[str]:
     return [
-        str(r["number"]), r["state"], _fmt(r["rank"]), _fmt(r["lora_alpha"]),
-        _fmt(r["lora_dropout"], ".2f"), _fmt(r["target_modules"]), _fmt(r["learning_rate"], ".1e"),
-        _fmt(r["trainable_params"], "int"), _fmt(r["last_step"]), _fmt(r["val_loss"], ".4f"),
-        _fmt(r["accuracy"], ".3f"), _fmt(r["wall_seconds"], ".0f"), r["note"],
+        str(r["number"]), r["state"], cell(r["rank"]), cell(r["lora_alpha"]),
+        cell(r["lora_dropout"], ".2f"), cell(r["target_modules"]), cell(r["learning_rate"], ".1e"),
+        cell(r["trainable_params"], "int"), cell(r["last_step"]), cell(r["val_loss"], ".4f"),
+        cell(r["accuracy"], ".3f"), cell(r["wall_seconds"], ".0f"), r["note"],
     ]  # fmt: skip
 
 
@@ -214,7 +215,7 @@ def _confirmation(trials) -> dict[str, Any] | None:
 def _cost_line(b: dict[str, Any]) -> str:
     c = b["cost"]
     parts = [
-        f"{_fmt(c['trainable_params'], 'int')} trainable",
+        f"{cell(c['trainable_params'], 'int')} trainable",
         f"{c['trainable_fraction']:.3%} of the model" if c["trainable_fraction"] else None,
         f"adapter {c['adapter_mb']:.2f} MB" if c["adapter_mb"] else None,
         f"peak {c['peak_memory_mb']:.0f} MB" if c["peak_memory_mb"] else None,
@@ -304,27 +305,26 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def rank_table(report: dict[str, Any]) -> Table:
     table = Table(title="by rank", title_justify="left")
-    for col in (
-        "rank",
-        "trials",
-        "complete",
-        "best val loss",
-        "gain vs previous",
-        "best acc",
-        "mean sec",
-    ):
+    for col in (*RANK_COLUMNS, "mean sec"):
         table.add_column(col, justify="right")
     for r in report["ranks"]:
-        table.add_row(
-            str(r["rank"]),
-            str(r["trials"]),
-            str(r["complete"]),
-            _fmt(r["best_val_loss"], ".4f"),
-            _fmt(r["gain_vs_previous_rank"], "+.4f"),
-            _fmt(r["best_accuracy"], ".3f"),
-            _fmt(r["mean_seconds"], ".0f"),
-        )
+        table.add_row(*rank_cells(r), cell(r["mean_seconds"], ".0f"))
     return table
+
+
+RANK_COLUMNS = ("rank", "trials", "complete", "best val loss", "gain vs previous", "best acc")
+
+
+def rank_cells(r: dict[str, Any]) -> list[str]:
+    """One rank's cells under RANK_COLUMNS, for the terminal and the HTML report alike."""
+    return [
+        str(r["rank"]),
+        str(r["trials"]),
+        str(r["complete"]),
+        cell(r["best_val_loss"], ".4f"),
+        cell(r["gain_vs_previous_rank"], "+.4f"),
+        cell(r["best_accuracy"], ".3f"),
+    ]
 
 
 def rows_table(report: dict[str, Any]) -> Table:
@@ -340,14 +340,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     out = [f"# Study {report['study']}", "", *[f"    {x}" for x in summary_lines(report)], ""]
     out += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     out += ["| " + " | ".join(format_row(r)) + " |" for r in report["trials"]]
-    cols = ("rank", "trials", "complete", "best val loss", "gain vs previous", "best acc")
+    cols = RANK_COLUMNS
     out += ["", "## By rank", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in report["ranks"]:
-        out.append(
-            f"| {r['rank']} | {r['trials']} | {r['complete']} | "
-            f"{_fmt(r['best_val_loss'], '.4f')} | {_fmt(r['gain_vs_previous_rank'], '+.4f')}"
-            f" | {_fmt(r['best_accuracy'], '.3f')} |"
-        )
+    out += ["| " + " | ".join(rank_cells(r)) + " |" for r in report["ranks"]]
     return "\n".join(out) + "\n"
 
 
