@@ -162,6 +162,17 @@ def _credentials_to_env(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
+def _finish_watch(monitor) -> None:
+    """Stop a trial's SystemMetricsMonitor and log what it sampled, before the run closes. MLflow's
+    loop drops the samples of its last, unfinished interval, so a trial shorter than
+    `tracking.system_metrics_seconds` (a warm worker's takes under a second) would get none."""
+    monitor.finish()
+    monitor.collect_metrics()  # the trial's end: psutil measures CPU since the sample before
+    if leftover := monitor.aggregate_metrics():
+        monitor.publish_metrics(leftover)
+        monitor.mlflow_logger.flush()
+
+
 def _retry(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call an MLflow client method, waiting out SQLite write locks held by other processes."""
     delay = 0.05
@@ -478,7 +489,7 @@ class MlflowTracker:
         started_here = self._runs.pop(trial.number, None)
         monitor = self._monitors.pop(trial.number, None)
         if monitor is not None:
-            monitor.finish()  # its last samples, before the run closes
+            _finish_watch(monitor)
         run_id = run_id or started_here
         if run_id is None:
             return

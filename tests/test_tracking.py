@@ -275,6 +275,25 @@ def test_both_trackers_implement_the_protocol_with_its_signatures():
     assert not issubclass(MlflowTracker, NullTracker)  # no implementation inheritance
 
 
+def test_a_trial_shorter_than_the_sampling_interval_still_gets_system_metrics(tmp_path):
+    """A warm worker's trial can end in under a second: its run still shows what the machine did."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "short", "none", tmp_path, system_metrics_seconds=60)
+    tracker.study_name = "short"
+    tracker.experiment_id = tracker.client.create_experiment("short")
+    tracker.parent_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    config = {"rank": 4, "target_modules": "attention", "modules": ["query", "value"]}
+    run_id = tracker.start_trial(0, config)
+    study = optuna.create_study()
+    study.enqueue_trial({})
+    trial = study.ask()
+    study.tell(trial, 0.5)
+    tracker.end_trial(study.trials[0])
+    (cpu,) = tracker.client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    (memory,) = tracker.client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+    assert 0 <= cpu.value <= 100 and memory.value > 0
+
+
 def test_unreachable_tracking_server_exits_2_before_anything(tmp_path, tiny_bert, sentiment_csv):
     study_file = _tiny(tmp_path, tiny_bert, sentiment_csv)
     out = tmp_path / "out"
