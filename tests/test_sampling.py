@@ -9,9 +9,11 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import create_trial
 
+from ranksearch import space
 from ranksearch.config import SearchConfig, StudyConfig, load_study
 from ranksearch.sampling import (
     create_pruner,
+    create_sampler,
     first_rung,
     informed_params,
     min_steps,
@@ -144,3 +146,40 @@ def test_validate_warns_on_a_resumed_study_whose_first_rung_is_too_early(
         "validate", "--study", str(study_file), "--out", str(tmp_path / "new"), cwd=tmp_path
     )
     assert r.returncode == 0 and "pruner.min_steps" not in r.stdout  # a new study: no trials
+
+
+def test_tpe_under_hyperband_learns_from_every_bracket(tmp_path):
+    """One model across Hyperband's brackets (BOHB's idea). Optuna hands the sampler a per-bracket
+    view of the study, but TPE reads the trials through `Study._get_trials`, which that view does
+    not filter: given the same history, TPE proposes the same configurations under ranksearch's
+    Hyperband as with no pruner. Should Optuna start filtering, TPE in a 12-trial study would
+    model three or four trials per bracket and draw almost at random."""
+    cfg = load_study(write_study(tmp_path / "s.yaml", tmp_path, tmp_path / "d.csv"))[0]
+    cfg = cfg.model_copy(
+        update={
+            "pruner": cfg.pruner.model_copy(update={"min_steps": 2, "reduction_factor": 2}),
+            "sampler": cfg.sampler.model_copy(update={"n_startup_trials": 3}),
+        }
+    )
+
+    def search(pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, list[dict]]:
+        study = optuna.create_study(
+            study_name="brackets", sampler=create_sampler(cfg), pruner=pruner
+        )
+        drawn = []
+        for _ in range(12):
+            trial = study.ask()
+            drawn.append(space.suggest(trial, cfg.search))
+            # a loss that depends on the configuration; one report before the first rung
+            loss = drawn[-1]["rank"] / 100 + abs(math.log10(drawn[-1]["learning_rate"]) + 3)
+            trial.report(loss + 1, step=1)
+            assert not trial.should_prune()
+            study.tell(trial, loss)
+        return study, drawn
+
+    hyperband = create_pruner(cfg)
+    study, drawn = search(hyperband)
+    brackets = {hyperband._get_bracket_id(study, t) for t in study.trials}
+    assert hyperband._n_brackets == 3 and len(brackets) > 1  # the trials span brackets
+    assert len({str(d) for d in drawn}) > 3  # TPE explored, past its start-up trials
+    assert drawn == search(optuna.pruners.NopPruner())[1]
