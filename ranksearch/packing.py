@@ -9,6 +9,7 @@ pruned trial gives them back for the next. On CPU, parallel trials share the cor
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -142,6 +143,15 @@ class Slots:
     gpus_per_trial: int
     threads: int
     trials_per_gpu: int = 1
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset, a
+    batch scheduler's allocation), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def plan_slots(

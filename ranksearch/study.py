@@ -29,7 +29,7 @@ from ranksearch.launch import (
     resolve_mixed_precision,
     single_process_plan,
 )
-from ranksearch.packing import GpuPool, Slots, free_port, plan_slots
+from ranksearch.packing import GpuPool, Slots, free_port, plan_slots, usable_cpus
 from ranksearch.paths import redact_url
 from ranksearch.recommend import Answer, answer, count_states
 from ranksearch.sampling import create_pruner, create_sampler, informed_start, search_budget
@@ -134,7 +134,7 @@ class Orchestrator:
             gpus_per_trial=cfg.launch.gpus_per_trial,
             parallel_trials=cfg.launch.parallel_trials,
             num_processes=cfg.launch.num_processes,
-            cpu_count=os.cpu_count() or 1,
+            cpu_count=usable_cpus(),
         )
         self.gpu_pool = GpuPool(list(gpus), self.slots.gpus_per_trial, self.slots.trials_per_gpu)
         self._ports: set[int] = set()  # main process ports of this process's running trials

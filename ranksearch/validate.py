@@ -9,7 +9,6 @@ for large models.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ranksearch.packing import (
     packed_memory,
     plan_slots,
     resolve_device,
+    usable_cpus,
 )
 from ranksearch.paths import PathError, out_problems, study_dir
 from ranksearch.problems import Problem, StudyError
@@ -303,7 +303,7 @@ def _machine_checks(
             gpus_per_trial=launch.gpus_per_trial,
             parallel_trials=launch.parallel_trials,
             num_processes=launch.num_processes,
-            cpu_count=os.cpu_count() or 1,
+            cpu_count=usable_cpus(),
             **packed,
         )
     except SlotError as e:

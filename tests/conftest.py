@@ -304,3 +304,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
     folder = Path(__file__).resolve().parent.parent / "test-artifacts"
     for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
         terminalreporter.write_line(f"test artifact: {path}")
+
+
+def pytest_configure(config):
+    """Each xdist worker runs on a core of its own, so the trials it starts take that core's
+    thread (ranksearch sizes CPU threads from the process's affinity) instead of two workers'
+    trials each spinning two threads on two cores."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if (
+        worker.startswith("gw")
+        and len(cpus) > 1
+        and os.environ.get("RANKSEARCH_TEST_PIN", "1") == "1"
+    ):
+        os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
