@@ -30,7 +30,7 @@ from pathlib import Path
 
 from _run import run_study
 
-from ranksearch.worker import resolve_spec
+from ranksearch.worker import TrialSpec
 
 LORA = {"rank": 8, "alpha": 16, "modules": ["q_proj", "v_proj"], "lr": 5e-4}
 
@@ -64,7 +64,7 @@ def worker_run(out: Path, study: str, steps: int, packing: bool) -> dict:
     return {"train_seconds": last["train_seconds"], "val_loss": last["val_loss"]}, study_dir
 
 
-def trl_run(prepared: Path, model_path: str, spec: dict, steps: int, packing: bool) -> dict:
+def trl_run(prepared: Path, model_path: str, spec: TrialSpec, steps: int, packing: bool) -> dict:
     """TRL's SFTTrainer on the same prepared split; evaluated by the worker's evaluation."""
     import torch
     from accelerate import Accelerator
@@ -75,7 +75,7 @@ def trl_run(prepared: Path, model_path: str, spec: dict, steps: int, packing: bo
 
     from ranksearch.worker import evaluate, get_dataloaders
 
-    train = spec["training"]
+    train = spec.training
     torch.manual_seed(train["seed"])
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     args = SFTConfig(
@@ -166,11 +166,11 @@ def main() -> None:
     for packing in (True,) if args.quick else (False, True):  # the smoke: the packed path
         tic = time.perf_counter()
         ours, study_dir = worker_run(scratch, args.study, steps, packing)
-        spec = resolve_spec(study_dir / "trials/0/spec.json")  # its paths made absolute
-        prepared = Path(spec["data"]["path"])
-        theirs = trl_run(prepared, spec["model"]["path"], spec, steps, packing)
+        spec = TrialSpec.read(study_dir / "trials/0/spec.json")  # its paths made absolute
+        prepared = Path(spec.data.path)
+        theirs = trl_run(prepared, spec.model.path, spec, steps, packing)
         mean_len = _mean_length(prepared / "train")
-        tokens = steps * spec["training"]["batch_size"] * mean_len
+        tokens = steps * spec.training["batch_size"] * mean_len
         for side, r in (("ranksearch", ours), ("TRL SFTTrainer", theirs)):
             name = f"{side}, {'packed' if packing else 'padded'}"
             rows[name] = {**r, "tokens_per_second": tokens / r["train_seconds"]}

@@ -11,8 +11,9 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -20,6 +21,9 @@ from optuna.trial import FrozenTrial
 from ranksearch.launch import WorkerProcess, accelerate_argv
 from ranksearch.paths import model_reference, trial_dir
 from ranksearch.recommend import accuracy
+
+if TYPE_CHECKING:
+    from ranksearch.worker import TrialSpec
 
 
 class ExportError(Exception):
@@ -49,14 +53,17 @@ def pick_trial(study: optuna.Study, which: str, tolerance: str | float) -> Froze
 
 def retrain(spec_path: Path, adapter_dir: Path, log: Path) -> dict[str, Any]:
     """Train the trial's spec again into `adapter_dir`; return its last report."""
-    from ranksearch.worker import resolve_spec
+    from ranksearch.worker import TrialSpec
 
-    spec = resolve_spec(spec_path)  # absolute: the copy below lives elsewhere
+    spec = TrialSpec.read(spec_path)  # absolute: the copy below lives elsewhere
     with tempfile.TemporaryDirectory(prefix="ranksearch-export-") as tmp:
-        spec.update(adapter_dir=str(adapter_dir), reports=str(Path(tmp) / "reports.jsonl"))
-        spec.pop("orchestrator_pid", None)
         spec_copy = Path(tmp) / "spec.json"
-        spec_copy.write_text(json.dumps(spec))
+        replace(
+            spec,
+            adapter_dir=str(adapter_dir),
+            reports=str(Path(tmp) / "reports.jsonl"),
+            orchestrator_pid=None,  # run by hand: no orchestrator to outlive
+        ).write(spec_copy)
         plan = accelerate_argv(spec_copy, num_processes=1, device="cpu", mixed_precision="no")
         worker = WorkerProcess(plan, log, Path(tmp) / "reports.jsonl").start()
         while worker.poll() is None:
@@ -67,11 +74,11 @@ def retrain(spec_path: Path, adapter_dir: Path, log: Path) -> dict[str, Any]:
         return reports[-1]
 
 
-def label_maps(spec: dict[str, Any]) -> dict[str, dict | None]:
+def label_maps(spec: TrialSpec) -> dict[str, dict | None]:
     """`id2label` / `label2id` of a classifier, from the prepared data's meta.json (the names of
     `data.labels`); None for a causal LM."""
-    meta = Path(spec["data"]["path"]) / "meta.json"
-    if spec["task"] != "sequence-classification" or not meta.is_file():
+    meta = Path(spec.data.path) / "meta.json"
+    if spec.task != "sequence-classification" or not meta.is_file():
         return {"id2label": None, "label2id": None}
     names = json.loads(meta.read_text())["label_names"]
     return {
@@ -98,6 +105,12 @@ def export(
             f"trial {trial.number} has no spec at {spec_path}; was it trained in this study "
             "directory? (pass the study's --out)"
         )
+    from ranksearch.worker import TrialSpec
+
+    try:
+        spec = TrialSpec.read(spec_path)
+    except ValueError as e:  # another version's spec: said before anything is written
+        raise ExportError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     source = folder / "adapter"
     retrained = None
@@ -106,11 +119,9 @@ def export(
     else:
         shutil.copytree(source, out, dirs_exist_ok=True)
     from ranksearch.config import parse_study
-    from ranksearch.worker import resolve_spec
 
-    spec = resolve_spec(spec_path)
     cfg = parse_study(study_file, overrides)[0]
-    (out / "lora_config.json").write_text(json.dumps(spec["lora"], indent=2) + "\n")
+    (out / "lora_config.json").write_text(json.dumps(spec.lora, indent=2) + "\n")
     shutil.copy(study_file, out / "study.yaml")
     command = ["ranksearch", "run", "--study", "study.yaml"]
     for assignment in overrides:
@@ -122,17 +133,17 @@ def export(
         "val_loss": trial.value,
         "accuracy": accuracy(trial.user_attrs),
         "config": {k: v for k, v in trial.user_attrs.get("config", {}).items() if k != "modules"},
-        "base_model": spec["model"]["path"],
+        "base_model": spec.model.path,
         # as the study names it: a package:// path or hub id resolves where it is loaded
         "base_model_reference": model_reference(cfg.model.path),
         "trust_remote_code": cfg.model.trust_remote_code,
         "max_length": cfg.data.max_length,
-        "data_format": spec["data"].get("format", "text"),
+        "data_format": spec.data.format,
         # PEFT's adapter_config.json takes no label names (it warns on unknown keys): the README
         # shows from_pretrained(base_model, id2label=..., label2id=...) with these
         **label_maps(spec),
-        "task": spec["task"],
-        "training": spec["training"],
+        "task": spec.task,
+        "training": spec.training,
         "command": " ".join(command),
         "retrained": retrained is not None,
         "retrained_val_loss": retrained["val_loss"] if retrained else None,

@@ -7,13 +7,12 @@ the study stops after `budget.max_consecutive_failures` failures in a row.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -37,6 +36,9 @@ from ranksearch.storage import open_storage, study_lock, trials_without_heartbea
 from ranksearch.supervise import Outcome, TrialRun
 from ranksearch.tracking import NullTracker, Tracker
 from ranksearch.warm import WarmPool, WarmTrial, serve_plan
+
+if TYPE_CHECKING:
+    from ranksearch.worker import TrialSpec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 0.2
@@ -334,35 +336,37 @@ class Orchestrator:
         self._tell(trial, twin.value if twin.state == TrialState.COMPLETE else None, twin.state)
         return outcome
 
-    def _spec(self, trial: optuna.Trial, config: dict[str, Any], trial_dir: Path) -> dict:
+    def _spec(self, trial: optuna.Trial, config: dict[str, Any], trial_dir: Path) -> TrialSpec:
         """The worker's input. Its paths are relative to `trial_dir` (the worker resolves them
         against the spec's folder), so a copied or moved study directory still runs."""
+        from ranksearch.worker import DataSpec, ModelSpec, TrialSpec  # torch: not at start-up
+
         cfg = self.cfg
-        return {
-            "study": cfg.study_name,
-            "trial": trial.number,
-            "task": cfg.task,
-            "model": {
-                "path": model_location(cfg.model.path),
-                "quantization": cfg.model.quantization,
-                "trust_remote_code": cfg.model.trust_remote_code,
-            },
-            "data": {
-                "path": os.path.relpath(self.data.path.absolute(), trial_dir.absolute()),
-                "num_labels": self.data.num_labels,
-                "pad_token_id": self.data.pad_token_id,
-                "format": self.data.format,
-            },
-            "lora": space.lora_kwargs(config, cfg.task),
-            "training": {
+        return TrialSpec(
+            study=cfg.study_name,
+            trial=trial.number,
+            task=cfg.task,
+            model=ModelSpec(
+                path=model_location(cfg.model.path),
+                quantization=cfg.model.quantization,
+                trust_remote_code=cfg.model.trust_remote_code,
+            ),
+            data=DataSpec(
+                path=os.path.relpath(self.data.path.absolute(), trial_dir.absolute()),
+                num_labels=self.data.num_labels,
+                pad_token_id=self.data.pad_token_id,
+                format=self.data.format,
+            ),
+            lora=space.lora_kwargs(config, cfg.task),
+            training={
                 **cfg.training.model_dump(),
                 "learning_rate": config["learning_rate"],
                 "seed": trial.user_attrs.get("seed", cfg.training.seed),  # confirmation seeds
             },
-            "reports": "reports.jsonl",
-            "orchestrator_pid": os.getpid(),  # the worker exits if this process is gone
-            "adapter_dir": "adapter",
-        }
+            reports="reports.jsonl",
+            orchestrator_pid=os.getpid(),  # the worker exits if this process is gone
+            adapter_dir="adapter",
+        )
 
     def _launch(self, trial: optuna.Trial, config: dict[str, Any]) -> TrialRun:
         trial_dir = self.study_dir / "trials" / str(trial.number)
@@ -371,7 +375,7 @@ class Orchestrator:
                 (trial_dir / f).unlink(missing_ok=True)
         trial_dir.mkdir(parents=True, exist_ok=True)
         spec_path = trial_dir / "spec.json"
-        spec_path.write_text(json.dumps(self._spec(trial, config, trial_dir), indent=2))
+        self._spec(trial, config, trial_dir).write(spec_path)
         # relative to the study directory: readers resolve it from where the study is now
         trial.set_user_attr("trial_dir", str(trial_dir.relative_to(self.study_dir)))
         gpus = self.gpu_pool.take() if self.device != "cpu" else []

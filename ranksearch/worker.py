@@ -9,7 +9,8 @@ ranksearch starts it for every trial, and it can be run by hand on a trial's spe
 
 Reports go to the JSON-lines file named in the spec (`reports`), one line per evaluation, written
 by the main process only; stdout and stderr are left to the libraries and end in the trial log.
-This module imports neither Optuna nor MLflow: the orchestrator owns those.
+This module imports neither Optuna nor MLflow: the orchestrator owns those. It is the home of
+`TrialSpec`, the spec.json contract that the orchestrator writes and export reads too.
 
 `--serve` makes it a warm worker (see `serve`): one process that trains trial after trial on a
 base model it loads once, each trial as a cold start would train it.
@@ -28,6 +29,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +39,89 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-SPEC_PATHS = ("reports", "adapter_dir")  # spec keys that are paths, besides data.path
+SPEC_VERSION = 1  # the spec.json layout: a reader refuses any other (bump it with the layout)
+_RERUN = "written by another ranksearch version (or edited by hand); rerun the trial with this one"
 
 
-def resolve_spec(spec_path: Path) -> dict[str, Any]:
-    """A trial's spec.json with its paths made absolute. The orchestrator writes them relative
-    to the spec's folder (the trial's), so a copied or moved study directory still runs."""
-    spec = json.loads(spec_path.read_text())
-    base = spec_path.parent.absolute()
-    for key in SPEC_PATHS:
-        if spec.get(key):
-            spec[key] = str(base / spec[key])
-    spec["data"]["path"] = str(base / spec["data"]["path"])
-    return spec
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The base model, as the study names it."""
+
+    path: str  # a local directory or a hub id, as `from_pretrained` takes it
+    quantization: str  # none or 4bit
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """The prepared data, and what the model needs to know of it."""
+
+    path: str  # the prepared data (data.prepare): train/ and validation/ splits, meta.json
+    num_labels: int
+    pad_token_id: int
+    format: str = "text"  # causal-lm: text, prompt-completion or messages (absent before SFT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSpec:
+    """A trial's spec.json: what the orchestrator writes, the worker trains and export reads.
+
+    Its paths (`reports`, `adapter_dir`, `data.path`) are written relative to the spec's folder
+    and `read` makes them absolute, so a copied or moved study directory still runs. `lora` is
+    LoraConfig's keyword arguments; `training` the study's `training:` settings with the
+    trial's learning rate and seed, a dict so that a new setting needs no change here.
+    """
+
+    version: int = SPEC_VERSION
+    study: str | None = None
+    trial: int | None = None
+    task: str  # sequence-classification or causal-lm
+    model: ModelSpec
+    data: DataSpec
+    lora: dict[str, Any]
+    training: dict[str, Any]
+    reports: str  # the JSON-lines report channel
+    orchestrator_pid: int | None = None  # the worker stops when it is gone; None: run by hand
+    adapter_dir: str | None = None  # where the trained adapter is saved; None: not saved
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def read(cls, path: Path) -> TrialSpec:
+        """The spec at `path`, checked, with its paths made absolute against its folder. One
+        written before specs had a version reads as version 1; any other version, or a key
+        missing or unknown, is a ValueError that names the file and the key."""
+        raw = json.loads(Path(path).read_text())
+        if isinstance(raw, dict) and raw.get("version", 1) != SPEC_VERSION:  # before its keys
+            raise ValueError(
+                f"{path}: spec key 'version' is {raw['version']!r}, this ranksearch reads "
+                f"version {SPEC_VERSION}: {_RERUN}"
+            )
+        _check_keys(cls, raw, "", path)
+        _check_keys(ModelSpec, raw["model"], "model.", path)
+        _check_keys(DataSpec, raw["data"], "data.", path)
+        base = Path(path).parent.absolute()
+        paths = {key: str(base / raw[key]) for key in ("reports", "adapter_dir") if raw.get(key)}
+        data = DataSpec(**{**raw["data"], "path": str(base / raw["data"]["path"])})
+        return cls(**{**raw, **paths, "model": ModelSpec(**raw["model"]), "data": data})
+
+
+def _check_keys(cls: type, raw: Any, prefix: str, path: Path) -> None:
+    """`raw` has every key of `cls` without a default, and no other."""
+    if not isinstance(raw, dict):
+        name = f"spec key {prefix[:-1]!r}" if prefix else "the spec"
+        raise ValueError(f"{path}: {name} is not a JSON object: {_RERUN}")
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ValueError(f"{path}: unknown spec key {prefix + key!r}: {_RERUN}")
+    for name, f in known.items():
+        if name not in raw and f.default is MISSING:
+            raise ValueError(f"{path}: spec key {prefix + name!r} is missing: {_RERUN}")
 
 
 class Reporter:
@@ -207,19 +279,19 @@ def read_split(path: Path) -> TokenizedSplit | Any:
     return TokenizedSplit({name: table.column(name).to_pylist() for name in table.column_names})
 
 
-def get_dataloaders(spec: dict, seed: int) -> tuple[DataLoader, DataLoader]:
-    data, train = spec["data"], spec["training"]
+def get_dataloaders(spec: TrialSpec, seed: int) -> tuple[DataLoader, DataLoader]:
+    data, train = spec.data, spec.training
     collate = functools.partial(
-        pad_collate, pad_id=data["pad_token_id"], causal=spec["task"] == "causal-lm"
+        pad_collate, pad_id=data.pad_token_id, causal=spec.task == "causal-lm"
     )
     train_collate = collate
     if train.get("packing"):
         train_collate = functools.partial(
-            packed_collate, pad_id=data["pad_token_id"], capacity=train.get("packing_length")
+            packed_collate, pad_id=data.pad_token_id, capacity=train.get("packing_length")
         )
-    train_ds = read_split(Path(data["path"]) / "train")
+    train_ds = read_split(Path(data.path) / "train")
     # The validation split is stored sorted by length, so evaluation batches are nearly unpadded.
-    eval_ds = read_split(Path(data["path"]) / "validation")
+    eval_ds = read_split(Path(data.path) / "validation")
     generator = torch.Generator().manual_seed(seed)
     order: dict[str, Any] = {"shuffle": True, "generator": generator}
     if train.get("group_by_length"):
@@ -237,14 +309,14 @@ def get_dataloaders(spec: dict, seed: int) -> tuple[DataLoader, DataLoader]:
     return train_dl, eval_dl
 
 
-def load_base(spec: dict, accelerator: Accelerator) -> torch.nn.Module:
+def load_base(spec: TrialSpec, accelerator: Accelerator) -> torch.nn.Module:
     """The base model as the trial needs it (head, quantization, checkpointing), without LoRA."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model_spec, train = spec["model"], spec["training"]
-    kwargs: dict[str, Any] = {"trust_remote_code": model_spec["trust_remote_code"]}
-    if model_spec["quantization"] == "4bit":
+    model_spec, train = spec.model, spec.training
+    kwargs: dict[str, Any] = {"trust_remote_code": model_spec.trust_remote_code}
+    if model_spec.quantization == "4bit":
         from transformers import BitsAndBytesConfig
 
         # QLoRA: frozen base in 4-bit NF4 with double quantization, LoRA computed in bf16.
@@ -255,15 +327,15 @@ def load_base(spec: dict, accelerator: Accelerator) -> torch.nn.Module:
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": accelerator.local_process_index}
-    if spec["task"] == "sequence-classification":
+    if spec.task == "sequence-classification":
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_spec["path"], num_labels=spec["data"]["num_labels"], **kwargs
+            model_spec.path, num_labels=spec.data.num_labels, **kwargs
         )
-        model.config.pad_token_id = spec["data"]["pad_token_id"]
+        model.config.pad_token_id = spec.data.pad_token_id
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_spec["path"], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_spec.path, **kwargs)
         model.config.use_cache = False  # training: no KV cache (packed rows need none)
-    if model_spec["quantization"] == "4bit":
+    if model_spec.quantization == "4bit":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train["gradient_checkpointing"]
         )
@@ -318,10 +390,10 @@ class KeptBase:
         self.model: torch.nn.Module | None = None
         self.rng: dict[str, Any] = {}
 
-    def get(self, spec: dict, accelerator: Accelerator) -> torch.nn.Module:
-        data, train = spec["data"], spec["training"]
+    def get(self, spec: TrialSpec, accelerator: Accelerator) -> torch.nn.Module:
+        data, train = spec.data, spec.training
         key = json.dumps(
-            [spec["task"], spec["model"], data["num_labels"], data["pad_token_id"],
+            [spec.task, asdict(spec.model), data.num_labels, data.pad_token_id,
              train["gradient_checkpointing"], train["seed"]],
             sort_keys=True,
         )  # fmt: skip
@@ -415,8 +487,8 @@ def batch_loss(model: torch.nn.Module, batch: dict, causal: bool) -> tuple[torch
     return loss, count, exact, torch.ones_like(exact)
 
 
-def evaluate(model, eval_dl, accelerator: Accelerator, spec: dict) -> dict[str, float]:
-    causal = spec["task"] == "causal-lm"
+def evaluate(model, eval_dl, accelerator: Accelerator, spec: TrialSpec) -> dict[str, float]:
+    causal = spec.task == "causal-lm"
     model.eval()
     parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
@@ -440,12 +512,12 @@ def evaluate(model, eval_dl, accelerator: Accelerator, spec: dict) -> dict[str, 
     }
     if causal:
         metrics["perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
-        if spec["data"].get("format", "text") != "text":  # short answers: all tokens right
+        if spec.data.format != "text":  # short answers: all tokens right
             metrics["answer_accuracy"] = (preds == labels).float().mean().item()
         return metrics
     metrics["accuracy"] = (preds == labels).float().mean().item()
     f1s = []
-    for c in range(spec["data"]["num_labels"]):
+    for c in range(spec.data.num_labels):
         tp = ((preds == c) & (labels == c)).sum().item()
         fp = ((preds == c) & (labels != c)).sum().item()
         fn = ((preds != c) & (labels == c)).sum().item()
@@ -485,15 +557,15 @@ def check_continue(pid: int | None) -> None:
         pass
 
 
-def training_function(spec: dict, kept: KeptBase | None = None) -> None:
+def training_function(spec: TrialSpec, kept: KeptBase | None = None) -> None:
     """Train one configuration and report on it. `kept`: a warm worker's base model, reused
     and given back without LoRA; None loads the base for this trial alone."""
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
-    train = spec["training"]
+    train = spec.training
     accelerator = Accelerator(gradient_accumulation_steps=train["gradient_accumulation_steps"])
-    reporter = Reporter(spec["reports"]) if accelerator.is_main_process else NullReporter()
+    reporter = Reporter(spec.reports) if accelerator.is_main_process else NullReporter()
     set_seed(train["seed"])  # same seed in every trial: configurations differ, not luck
     started = time.time()
     if torch.cuda.is_available():
@@ -501,7 +573,7 @@ def training_function(spec: dict, kept: KeptBase | None = None) -> None:
 
     train_dl, eval_dl = get_dataloaders(spec, train["seed"])
     base = kept.get(spec, accelerator) if kept else load_base(spec, accelerator)
-    model = get_peft_model(base, LoraConfig(**spec["lora"]))
+    model = get_peft_model(base, LoraConfig(**spec.lora))
     trainable, total = model.get_nb_trainable_parameters()
     reporter.emit(
         event="start",
@@ -544,7 +616,7 @@ def training_function(spec: dict, kept: KeptBase | None = None) -> None:
 def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, eval_dl, started):
     """The loop: optimizer steps, an evaluation and a report every `eval_every`, the adapter
     saved at the end."""
-    train = spec["training"]
+    train = spec.training
     max_steps = train["max_steps"]
 
     step, epoch, losses, train_seconds, eval_seconds = 0, 0, [], 0.0, 0.0
@@ -556,7 +628,7 @@ def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, e
             if STOP_REQUESTED[0]:
                 raise TrialStopped
             with accelerator.accumulate(model):
-                loss = training_loss(model, batch, spec["task"] == "causal-lm")
+                loss = training_loss(model, batch, spec.task == "causal-lm")
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss is {loss.item()} at step {step + 1}")
                 accelerator.backward(loss)
@@ -569,7 +641,7 @@ def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, e
                 continue
             scheduler.step()
             step += 1
-            check_continue(spec.get("orchestrator_pid"))
+            check_continue(spec.orchestrator_pid)
             if step % train["eval_every"] == 0 or step == max_steps:
                 train_seconds += time.time() - tick
                 tick = time.time()
@@ -592,8 +664,8 @@ def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, e
                 break
         epoch += 1
 
-    if spec.get("adapter_dir") and accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(spec["adapter_dir"])
+    if spec.adapter_dir and accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(spec.adapter_dir)
     reporter.emit(
         event="end",
         step=step,
@@ -662,7 +734,7 @@ def serve() -> int:
         os.dup2(log, 2)
         STOP_REQUESTED[0] = False
         rc, stopped, retire = 0, False, False
-        spec = resolve_spec(Path(job["spec"]))
+        spec = TrialSpec.read(Path(job["spec"]))
         try:
             training_function(spec, kept)
         except TrialStopped:
@@ -684,7 +756,7 @@ def serve() -> int:
         if not first:
             first = memory
         retire = retire or any(_grown(memory[k], first.get(k)) for k in memory)
-        reporter = Reporter(spec["reports"])
+        reporter = Reporter(spec.reports)
         reporter.emit(event="exit", rc=rc, stopped=stopped, retire=retire, **memory)
         reporter.close()
         if retire:
@@ -707,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.serve is not None:
         return serve()
-    training_function(resolve_spec(args.spec))  # its paths are relative to its folder
+    training_function(TrialSpec.read(args.spec))
     return 0
 
 

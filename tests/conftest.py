@@ -17,12 +17,16 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
 from ranksearch.packing import free_port
 from ranksearch.ui import stop_server
+
+if TYPE_CHECKING:
+    from ranksearch.worker import TrialSpec
 
 POSITIVE = ["good", "great", "fine", "happy", "love", "nice"]
 NEGATIVE = ["bad", "awful", "sad", "hate", "poor", "ugly"]
@@ -210,6 +214,37 @@ def write_study(path: Path, model_dir: Path, data_file: Path, **overrides) -> Pa
     study.update(overrides)
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
+
+
+def trial_spec(
+    cfg, data, reports: str, adapter_dir: str | None, search: dict | None = None, **training
+) -> TrialSpec:
+    """The spec the orchestrator would write for study `cfg` on its prepared `data`: rank 4,
+    alpha 2 x rank, no dropout, the first target modules unless `search` says otherwise, and
+    6 steps at learning rate 5e-3 unless `training` does."""
+    from ranksearch.data import model_location
+    from ranksearch.space import lora_kwargs, resolve
+    from ranksearch.worker import DataSpec, ModelSpec, TrialSpec
+
+    values = {"rank": 4, "alpha_ratio": 2, "dropout": 0.0, "learning_rate": 5e-3,
+              "target_modules": next(iter(cfg.search.target_modules)), "use_rslora": False,
+              "use_dora": False, "init_lora_weights": True, **(search or {})}  # fmt: skip
+    return TrialSpec(
+        task=cfg.task,
+        model=ModelSpec(
+            path=model_location(cfg.model.path), quantization="none", trust_remote_code=False
+        ),
+        data=DataSpec(
+            path=str(data.path),
+            num_labels=data.num_labels,
+            pad_token_id=data.pad_token_id,
+            format=data.format,
+        ),  # fmt: skip
+        lora=lora_kwargs(resolve(cfg.search, values), cfg.task),
+        training={**cfg.training.model_dump(), "max_steps": 6, "learning_rate": 5e-3, **training},
+        reports=reports,
+        adapter_dir=adapter_dir,
+    )
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import torch
 from datasets import load_from_disk
 from torch.utils.data import DataLoader
 
-from ranksearch.worker import pad_collate, resolve_spec
+from ranksearch.worker import TrialSpec, pad_collate
 
 from .conftest import run_cli, write_study
 from .test_cli import FIXED
@@ -38,15 +38,15 @@ def finished(tmp_path_factory, tiny_bert, sentiment_csv):
     return tmp, study_file, out, study
 
 
-def _val_loss(adapter: Path, spec: dict) -> float:
+def _val_loss(adapter: Path, spec: TrialSpec) -> float:
     """Evaluate an exported adapter on the study's validation split, outside ranksearch."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(spec["model"]["path"], num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(spec.model.path, num_labels=2)
     base.config.pad_token_id = 0
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    val = load_from_disk(str(Path(spec["data"]["path"]) / "validation"))
+    val = load_from_disk(str(Path(spec.data.path) / "validation"))
     collate = functools.partial(pad_collate, pad_id=0, causal=False)
     total, n = 0.0, 0
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_export_copies_a_loadable_adapter_with_its_settings(finished):
     assert labelled.id2label == {0: "neg", 1: "pos"} and labelled.num_labels == 2
     assert json.loads((dest / "lora_config.json").read_text())["r"] == best.params["rank"]
     assert (dest / "study.yaml").read_text() == study_file.read_text()
-    spec = resolve_spec(out / best.user_attrs["trial_dir"] / "spec.json")
+    spec = TrialSpec.read(out / best.user_attrs["trial_dir"] / "spec.json")
     assert _val_loss(dest, spec) == pytest.approx(best.value, abs=1e-5)
 
 
@@ -120,7 +120,7 @@ def test_a_missing_adapter_is_retrained_from_the_spec_with_the_same_seed(finishe
     assert manifest["retrained"] and manifest["retrained_val_loss"] == pytest.approx(
         trial.value, abs=1e-6
     )  # deterministic on CPU: the same fine-tune
-    spec = resolve_spec(out / trial.user_attrs["trial_dir"] / "spec.json")
+    spec = TrialSpec.read(out / trial.user_attrs["trial_dir"] / "spec.json")
     assert _val_loss(dest, spec) == pytest.approx(trial.value, abs=1e-5)
 
 
@@ -139,6 +139,19 @@ def test_export_names_a_bad_trial(finished):
         cwd=tmp,
     )
     assert r.returncode == 2 and "--trial 99" in r.stderr
+
+
+def test_a_spec_of_another_version_is_refused_before_anything_is_written(finished):
+    tmp, study_file, out, _ = finished
+    other = tmp / "other-version"
+    shutil.copytree(out, other)
+    spec = other / "trials" / "0" / "spec.json"
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "version": 99}))
+    dest = tmp / "refused"
+    r = run_cli("export", "--study", str(study_file), "--out", str(other), "--trial", "0",
+                "--to", str(dest), cwd=tmp)  # fmt: skip
+    assert r.returncode == 2 and "spec key 'version' is 99" in r.stderr, r.stdout + r.stderr
+    assert "rerun the trial" in r.stderr and not dest.exists()
 
 
 def test_a_moved_study_reports_exports_and_resumes(tmp_path, tiny_bert, sentiment_csv):

