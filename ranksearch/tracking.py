@@ -60,7 +60,12 @@ FINAL_METRICS = (
 
 
 class TrackingError(Exception):
-    """The tracking store cannot be used; names the setting and the fix."""
+    """The tracking store (or the UI on it) cannot be used: `key` is the setting or option to
+    change ("" when none is at fault), `message` what is wrong and the fix."""
+
+    def __init__(self, message: str, key: str = "tracking.uri"):
+        self.key, self.message = key, message
+        super().__init__(f"`{key}` {message}" if key else message)
 
 
 def default_tracking_uri(study_dir: Path) -> str:
@@ -117,20 +122,18 @@ def check_tracking(uri: str) -> None:
                     return
         except OSError as e:
             raise TrackingError(
-                f"`tracking.uri` {shown}: MLflow server not reachable ({e}); start it "
+                f"{shown}: MLflow server not reachable ({e}); start it "
                 "(mlflow server --host 127.0.0.1 --port 5000) or use `--no-mlflow`"
             ) from None
-        raise TrackingError(f"`tracking.uri` {shown}: /health did not answer 200")
+        raise TrackingError(f"{shown}: /health did not answer 200")
     if "://" not in uri:
-        raise TrackingError(
-            f"`tracking.uri` {shown}: expected sqlite:///..., a database URL or http://host:port"
-        )
+        raise TrackingError(f"{shown}: expected sqlite:///..., a database URL or http://host:port")
     from ranksearch.storage import StorageError, check_storage
 
     try:
         check_storage(uri)
     except StorageError as e:
-        raise TrackingError(str(e).replace("`--storage`", "`tracking.uri`")) from None
+        raise TrackingError(e.message) from None  # the same store problem, another setting
 
 
 def _health_request(uri: str):

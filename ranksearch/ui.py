@@ -49,7 +49,8 @@ def find_experiment(uri: str, name: str) -> str:
     if experiment is None:
         raise TrackingError(
             f"no MLflow experiment {name!r} in {redact_url(uri)}; run the study "
-            "first (ranksearch run --study ...) or pass its --out/--tracking-uri"
+            "first (ranksearch run --study ...) or pass its --out/--tracking-uri",
+            key="",
         )
     return experiment.experiment_id
 
@@ -93,7 +94,8 @@ def wait_healthy(base: str, proc: subprocess.Popen, stall: float = STALL_SECONDS
         if proc.poll() is not None:
             raise TrackingError(
                 f"the MLflow UI exited with code {proc.returncode}; run "
-                "`mlflow server --backend-store-uri ...` by hand to see why"
+                "`mlflow server --backend-store-uri ...` by hand to see why",
+                key="",
             )
         now, cpu = time.monotonic(), group_cpu_seconds(proc.pid)
         if cpu is None:
@@ -103,7 +105,8 @@ def wait_healthy(base: str, proc: subprocess.Popen, stall: float = STALL_SECONDS
         elif now - last_progress > stall:
             raise TrackingError(
                 f"the MLflow UI did not answer on {base} and made no progress (no CPU used) "
-                f"for {stall:.0f}s; run `mlflow server --backend-store-uri ...` by hand to see why"
+                f"for {stall:.0f}s; run `mlflow server --backend-store-uri ...` by hand to see why",
+                key="",
             )
         time.sleep(0.5)
 
@@ -162,7 +165,7 @@ def serve_ui(
             )
         )
     if not _port_free(LOOPBACK if bind in ("0.0.0.0", "::") else bind, port):
-        raise TrackingError(f"port {port} is in use on {bind}; pass --port with a free one")
+        raise TrackingError(f"{port} is in use on {bind}; pass a free one", key="--port")
     shown_host = LOOPBACK if bind in ("0.0.0.0", "::") else bind
     base = f"http://{shown_host}:{port}"
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}

@@ -227,8 +227,8 @@ def tracking_problems(
         return []
     try:
         check_tracking(uri)
-    except TrackingError as e:  # its messages start with the key they name
-        return [Problem("tracking.uri", str(e).removeprefix("`tracking.uri` "))]
+    except TrackingError as e:
+        return [Problem(e.key, e.message)]
     return []
 
 

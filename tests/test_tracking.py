@@ -294,6 +294,24 @@ def test_a_trial_shorter_than_the_sampling_interval_still_gets_system_metrics(tm
     assert 0 <= cpu.value <= 100 and memory.value > 0
 
 
+def test_tracking_errors_carry_their_key_as_data(tmp_path):
+    """Callers gather the problem by its key, without cutting a message apart."""
+    from ranksearch.tracking import TrackingError, check_tracking
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    for uri, says in (
+        ("mlflow.db", "expected sqlite:///"),
+        (f"sqlite:///{blocked}/sub/mlflow.db", "is not a directory that can be written"),
+        ("http://user:secret@127.0.0.1:9/", "MLflow server not reachable"),
+    ):
+        with pytest.raises(TrackingError) as raised:
+            check_tracking(uri)
+        assert raised.value.key == "tracking.uri" and says in raised.value.message
+        assert str(raised.value) == f"`tracking.uri` {raised.value.message}"
+        assert "secret" not in str(raised.value) and "--storage" not in str(raised.value)
+
+
 def test_unreachable_tracking_server_exits_2_before_anything(tmp_path, tiny_bert, sentiment_csv):
     study_file = _tiny(tmp_path, tiny_bert, sentiment_csv)
     out = tmp_path / "out"
