@@ -1,6 +1,8 @@
 """Packing trials onto a machine: GPU lists in, assignments out (no GPU needed)."""
 
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -132,3 +134,16 @@ def test_trials_per_gpu_is_checked_against_the_memory_estimate():
             device="cuda", gpus=["0", "1"], gpus_per_trial=2, parallel_trials=None,
             num_processes=1, cpu_count=16, trials_per_gpu=2,
         )  # fmt: skip
+
+
+def test_cpu_threads_follow_the_process_affinity():
+    """Under taskset or a container's cpuset, a trial gets the cores the process may use, not
+    every core of the machine."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from ranksearch.packing import plan_slots, usable_cpus; "
+        "print(usable_cpus(), plan_slots(device='cpu', gpus=[], gpus_per_trial=1, "
+        "parallel_trials=None, num_processes=1, cpu_count=usable_cpus()).threads)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
