@@ -63,7 +63,7 @@ def work(index: int, storage: str, tracking: str, n_trials: int, out: list) -> N
                 break
             trial = study.ask()
         config = space.suggest(trial, cfg.search)
-        trial.set_user_attr("config", config)
+        trial.set_user_attr("config", config.as_attr())
         run_id = tracker.start_trial(trial.number, config)
         trial.set_user_attr("mlflow_run_id", run_id)
         ask_s = time.perf_counter() - t0

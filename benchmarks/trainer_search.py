@@ -45,7 +45,7 @@ def run_trainer_search(out: Path, data: Path, trials: int, quick: bool) -> dict:
 
     def hp_space(trial: optuna.Trial) -> dict:
         config = space.suggest(trial, cfg.search)  # the grid's space, as Optuna parameters
-        return {"learning_rate": config["learning_rate"]}
+        return {"learning_rate": config.learning_rate}
 
     def model_init(trial):
         model = AutoModelForSequenceClassification.from_pretrained(

@@ -18,6 +18,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.recommend import answer, distinct_complete
+from ranksearch.space import shown_config
 
 ALPHA = 0.05
 
@@ -89,9 +90,7 @@ def analyse(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
         rows.append(
             {
                 "trial": origin.number,
-                "config": {
-                    k: v for k, v in origin.user_attrs.get("config", {}).items() if k != "modules"
-                },
+                "config": shown_config(origin),
                 "trainable_params": origin.user_attrs.get("trainable_params"),
                 "n": len(values),
                 "mean_val_loss": statistics.mean(values),

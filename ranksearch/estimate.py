@@ -186,7 +186,7 @@ def measure(cfg: StudyConfig, worst: Estimate) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ranksearch.space import lora_kwargs
+    from ranksearch.space import TrialConfig, lora_kwargs
 
     cuda = torch.cuda.is_available() and cfg.launch.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
@@ -199,15 +199,17 @@ def measure(cfg: StudyConfig, worst: Estimate) -> dict[str, Any]:
     else:
         labels = max(2, len(set((cfg.data.labels or {}).values())))
         model = AutoModelForSequenceClassification.from_pretrained(location, num_labels=labels)
-    config = {
-        "rank": worst.rank,
-        "lora_alpha": worst.rank,
-        "lora_dropout": 0.0,
-        "modules": module_sets(cfg.search)[worst.target_modules],
-        "use_rslora": False,
-        "use_dora": worst.use_dora,
-        "init_lora_weights": True,
-    }
+    config = TrialConfig(
+        rank=worst.rank,
+        lora_alpha=worst.rank,
+        lora_dropout=0.0,
+        target_modules=worst.target_modules,
+        modules=module_sets(cfg.search)[worst.target_modules],
+        learning_rate=1e-4,  # the step below; the memory does not depend on it
+        use_rslora=False,
+        use_dora=worst.use_dora,
+        init_lora_weights=True,
+    )
     model = get_peft_model(model, LoraConfig(**lora_kwargs(config, cfg.task))).to(device)
     batch, seq = cfg.training.batch_size, cfg.data.max_length
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)

@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial
 from ranksearch.launch import WorkerProcess, accelerate_argv
 from ranksearch.paths import model_reference, trial_dir
 from ranksearch.recommend import accuracy
+from ranksearch.space import shown_config
 
 if TYPE_CHECKING:
     from ranksearch.worker import TrialSpec
@@ -132,7 +133,7 @@ def export(
         "state": trial.state.name,
         "val_loss": trial.value,
         "accuracy": accuracy(trial.user_attrs),
-        "config": {k: v for k, v in trial.user_attrs.get("config", {}).items() if k != "modules"},
+        "config": shown_config(trial),
         "base_model": spec.model.path,
         # as the study names it: a package:// path or hub id resolves where it is loaded
         "base_model_reference": model_reference(cfg.model.path),

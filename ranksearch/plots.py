@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.recommend import Answer, answer, distinct_complete
+from ranksearch.space import TrialConfig
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -27,12 +28,12 @@ OTHERS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bc
 
 def trial_label(t: FrozenTrial) -> str:
     """`#3 r8 qv lr 1e-3`: a trial by its number and configuration."""
-    c = t.user_attrs.get("config", {})
-    if not c:
+    c = TrialConfig.of(t)
+    if c is None:
         return f"#{t.number}"
-    mantissa, exponent = f"{c['learning_rate']:.1e}".split("e")
+    mantissa, exponent = f"{c.learning_rate:.1e}".split("e")
     lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"#{t.number} r{c['rank']} {c['target_modules']} lr {lr}"
+    return f"#{t.number} r{c.rank} {c.target_modules} lr {lr}"
 
 
 def answer_roles(ans: Answer) -> list[tuple[str, FrozenTrial]]:
@@ -68,20 +69,21 @@ def loss_by_rank_figure(trials: list[FrozenTrial], ans: Answer) -> Figure:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    sets = sorted({t.user_attrs["config"]["target_modules"] for t in trials})
+    configs = {t.number: TrialConfig.of(t) for t in trials}  # every one has a configuration
+    sets = sorted({c.target_modules for c in configs.values()})
     for i, name in enumerate(sets):
-        group = [t for t in trials if t.user_attrs["config"]["target_modules"] == name]
+        group = [t for t in trials if configs[t.number].target_modules == name]
         ax.scatter(
-            [t.user_attrs["config"]["rank"] for t in group],
+            [configs[t.number].rank for t in group],
             [t.value for t in group],
             label=name,
             s=40,
             alpha=0.8,
             color=OTHERS[i % len(OTHERS)],
         )
-    _mark(ax, {t.number: (t.user_attrs["config"]["rank"], t.value) for t in trials}, ans)
+    _mark(ax, {t.number: (configs[t.number].rank, t.value) for t in trials}, ans)
     ax.set_xscale("log", base=2)
-    ranks = sorted({t.user_attrs["config"]["rank"] for t in trials})
+    ranks = sorted({c.rank for c in configs.values()})
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.minorticks_off()
     ax.set(xlabel="LoRA rank", ylabel="final val loss", title="Val loss by rank (complete trials)")

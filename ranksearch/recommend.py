@@ -34,6 +34,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from ranksearch.space import TrialConfig
+
 FALLBACK_RELATIVE_TOLERANCE = 0.01  # when a trial carries no standard error
 
 
@@ -211,13 +213,13 @@ def rank_view(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
     """Per rank tried: how good it got and what it cost, to see where gains plateau."""
     by_rank: dict[int, list[FrozenTrial]] = {}
     for t in trials:
-        rank = t.user_attrs.get("config", {}).get("rank")
+        config = TrialConfig.of(t)
         if (
-            rank is not None
+            config is not None
             and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             and "duplicate_of" not in t.user_attrs
         ):
-            by_rank.setdefault(rank, []).append(t)
+            by_rank.setdefault(config.rank, []).append(t)
     rows, previous = [], None
     for rank in sorted(by_rank):
         group = by_rank[rank]

@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from ranksearch.recommend import accuracy
+from ranksearch.space import shown_config
 
 COLUMNS = (
     "#",
@@ -32,7 +33,7 @@ COLUMNS = (
 
 def trial_row(t: FrozenTrial) -> dict[str, Any]:
     """One trial as plain values (what the table and JSON show)."""
-    a, c = t.user_attrs, t.user_attrs.get("config", {})
+    a, c = t.user_attrs, shown_config(t)  # blank cells for a trial not yet configured
     return {
         "number": t.number,
         "state": t.state.name,
@@ -134,7 +135,7 @@ def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
         "val_loss": t.value,
         "accuracy": accuracy(t.user_attrs),
         "val_loss_se": t.user_attrs.get("val_loss_se"),
-        "config": {k: v for k, v in t.user_attrs.get("config", {}).items() if k != "modules"},
+        "config": shown_config(t),
         "cost": cost(t),
     }
 
@@ -173,7 +174,7 @@ def build_report(
         entry = {
             "trial": t.number,
             "state": t.state.name,
-            "config": {k: v for k, v in t.user_attrs.get("config", {}).items() if k != "modules"},
+            "config": shown_config(t),
             "val_loss": t.value,
             "accuracy": accuracy(t.user_attrs),
         }

@@ -1,4 +1,4 @@
-"""The study's search space -> Optuna distributions -> a resolved LoRA configuration.
+"""The study's search space -> Optuna distributions -> a trial's resolved `TrialConfig`.
 
 A dimension is searched when it is a list of two or more choices or a range; a single value is
 fixed and never reaches Optuna. Target-module sets reach Optuna as their string keys (`qv`), so
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -61,6 +62,54 @@ PARAM_NAMES = {
 INT_KEYS = {"rank"}
 
 
+@dataclass(frozen=True)
+class TrialConfig:
+    """A trial's resolved configuration: what its worker trains.
+
+    Optuna keeps it as the trial's user attribute `config` (`as_attr`, JSON); every reader gets it
+    back with `TrialConfig.of`, so the keys live here alone. The stored keys and their order are
+    those of the fields: studies on disk depend on them, so a field is never renamed."""
+
+    rank: int
+    lora_alpha: int | float
+    lora_dropout: float
+    target_modules: str  # the set's name, as Optuna and the tables show it
+    modules: str | tuple[str, ...]  # what PEFT adapts: `all-linear` or module names
+    learning_rate: float
+    use_rslora: bool
+    use_dora: bool
+    init_lora_weights: bool | str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modules, list):  # from JSON: a tuple keeps the object immutable
+            object.__setattr__(self, "modules", tuple(self.modules))
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> TrialConfig | None:
+        """The trial's configuration; None for one that never got one (enqueued, waiting, or
+        failed before it was suggested), which readers show as blank."""
+        attr = trial.user_attrs.get("config")
+        return cls(**attr) if attr else None
+
+    def as_attr(self) -> dict[str, Any]:
+        """The JSON-able dict stored as the user attribute `config` (module names as a list)."""
+        attr = asdict(self)
+        if isinstance(self.modules, tuple):
+            attr["modules"] = list(self.modules)
+        return attr
+
+    def shown(self) -> dict[str, Any]:
+        """The configuration as reports, MLflow and manifests show it: the set's name stands for
+        its modules."""
+        return {k: v for k, v in self.as_attr().items() if k != "modules"}
+
+
+def shown_config(trial: FrozenTrial) -> dict[str, Any]:
+    """`TrialConfig.of(trial).shown()`, or {} for a trial without a configuration."""
+    config = TrialConfig.of(trial)
+    return config.shown() if config else {}
+
+
 def dimensions(search: SearchConfig) -> dict[str, Any]:
     """Study-file key -> dimension, with defaults filled in (alpha_ratio [1, 2] if no alpha)."""
     dims = search.model_dump(exclude_none=True)
@@ -95,7 +144,7 @@ def _fixed_value(dim: Any) -> Any:
     return dim[0] if isinstance(dim, list) else dim
 
 
-def suggest(trial: optuna.Trial, search: SearchConfig) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, search: SearchConfig) -> TrialConfig:
     """Ask the trial for every searched dimension; return the full resolved configuration."""
     values: dict[str, Any] = {}
     for key, dim in dimensions(search).items():
@@ -171,7 +220,7 @@ def _shown(dist: BaseDistribution | None) -> str:
     return f"[{dist.low:g} .. {dist.high:g}{log}]"
 
 
-def resolve(search: SearchConfig, values: dict[str, Any]) -> dict[str, Any]:
+def resolve(search: SearchConfig, values: dict[str, Any]) -> TrialConfig:
     """Study-file values -> the concrete configuration a worker trains (lora_alpha computed)."""
     rank = int(values["rank"])
     if "alpha_ratio" in values:
@@ -179,22 +228,23 @@ def resolve(search: SearchConfig, values: dict[str, Any]) -> dict[str, Any]:
     else:
         alpha = float(values["alpha"])
     set_name = values["target_modules"]
-    return {
-        "rank": rank,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": float(values["dropout"]),
-        "target_modules": set_name,
-        "modules": module_sets(search)[set_name],
-        "learning_rate": float(values["learning_rate"]),
-        "use_rslora": bool(values["use_rslora"]),
-        "use_dora": bool(values["use_dora"]),
-        "init_lora_weights": values["init_lora_weights"],
-    }
+    return TrialConfig(
+        rank=rank,
+        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+        lora_dropout=float(values["dropout"]),
+        target_modules=set_name,
+        modules=module_sets(search)[set_name],
+        learning_rate=float(values["learning_rate"]),
+        use_rslora=bool(values["use_rslora"]),
+        use_dora=bool(values["use_dora"]),
+        init_lora_weights=values["init_lora_weights"],
+    )
 
 
-def config_key(config: dict[str, Any]) -> str:
-    """A canonical string of what is trained; equal keys mean the same fine-tune."""
-    keep = {k: v for k, v in config.items() if k != "modules"}
+def config_key(config: TrialConfig) -> str:
+    """A canonical string of what is trained; equal keys mean the same fine-tune. Stored as the
+    trial's `config_key` and keyed on by benchmark tables: its format never changes."""
+    keep = config.shown()
     keep["learning_rate"] = float(f"{keep['learning_rate']:.6g}")
     keep["lora_dropout"] = float(f"{keep['lora_dropout']:.6g}")
     return json.dumps(keep, sort_keys=True)
@@ -215,17 +265,19 @@ def enqueue_params(search: SearchConfig, entry: dict[str, Any]) -> dict[str, Any
     return {PARAM_NAMES[k]: v for k, v in entry.items() if k in dims and is_searched(dims[k])}
 
 
-def lora_kwargs(config: dict[str, Any], task: str) -> dict[str, Any]:
-    """The `peft.LoraConfig` keyword arguments for a resolved configuration."""
+def lora_kwargs(config: TrialConfig, task: str) -> dict[str, Any]:
+    """The `peft.LoraConfig` keyword arguments for a resolved configuration (JSON-able: they go
+    into the worker's spec)."""
+    modules = config.modules
     return {
         "task_type": "SEQ_CLS" if task == "sequence-classification" else "CAUSAL_LM",
-        "r": config["rank"],
-        "lora_alpha": config["lora_alpha"],
-        "lora_dropout": config["lora_dropout"],
-        "target_modules": config["modules"],
-        "use_rslora": config["use_rslora"],
-        "use_dora": config["use_dora"],
-        "init_lora_weights": config["init_lora_weights"],
+        "r": config.rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": modules if isinstance(modules, str) else list(modules),
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "init_lora_weights": config.init_lora_weights,
     }
 
 

@@ -296,7 +296,7 @@ class Orchestrator:
         config = space.suggest(trial, self.cfg.search)
         key = space.config_key(config)
         for name, value in (
-            ("config", config),
+            ("config", config.as_attr()),
             ("config_key", key),
             ("host", worker_host()),
             ("orchestrator_pid", os.getpid()),
@@ -336,7 +336,7 @@ class Orchestrator:
         self._tell(trial, twin.value if twin.state == TrialState.COMPLETE else None, twin.state)
         return outcome
 
-    def _spec(self, trial: optuna.Trial, config: dict[str, Any], trial_dir: Path) -> TrialSpec:
+    def _spec(self, trial: optuna.Trial, config: space.TrialConfig, trial_dir: Path) -> TrialSpec:
         """The worker's input. Its paths are relative to `trial_dir` (the worker resolves them
         against the spec's folder), so a copied or moved study directory still runs."""
         from ranksearch.worker import DataSpec, ModelSpec, TrialSpec  # torch: not at start-up
@@ -360,7 +360,7 @@ class Orchestrator:
             lora=space.lora_kwargs(config, cfg.task),
             training={
                 **cfg.training.model_dump(),
-                "learning_rate": config["learning_rate"],
+                "learning_rate": config.learning_rate,
                 "seed": trial.user_attrs.get("seed", cfg.training.seed),  # confirmation seeds
             },
             reports="reports.jsonl",
@@ -368,7 +368,7 @@ class Orchestrator:
             adapter_dir="adapter",
         )
 
-    def _launch(self, trial: optuna.Trial, config: dict[str, Any]) -> TrialRun:
+    def _launch(self, trial: optuna.Trial, config: space.TrialConfig) -> TrialRun:
         trial_dir = self.study_dir / "trials" / str(trial.number)
         if trial_dir.exists():  # a retried number in a fresh storage: start clean
             for f in ("reports.jsonl", "worker.log"):

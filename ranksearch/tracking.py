@@ -16,13 +16,16 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.paths import redact_url, trial_dir
 from ranksearch.recommend import Answer
 from ranksearch.storage import init_lock
+
+if TYPE_CHECKING:
+    from ranksearch.space import TrialConfig
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -210,7 +213,7 @@ class Tracker(Protocol):
     def uri(self) -> str | None: ...  # where the runs go; None when tracking is off
 
     def start_study(self, study, cfg, study_file: Path, data) -> None: ...
-    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
+    def start_trial(self, trial_number: int, config: TrialConfig) -> str | None: ...
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
     def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
     def finish_study(self, study, ans: Answer) -> None: ...
@@ -222,7 +225,7 @@ class NullTracker:
     uri: str | None = None
 
     def start_study(self, study, cfg, study_file: Path, data) -> None: ...
-    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None: ...
+    def start_trial(self, trial_number: int, config: TrialConfig) -> str | None: ...
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None: ...
     def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None: ...
     def finish_study(self, study, ans: Answer) -> None: ...
@@ -420,7 +423,7 @@ class MlflowTracker:
 
     # -- trials ------------------------------------------------------------------------------
 
-    def start_trial(self, trial_number: int, config: dict[str, Any]) -> str | None:
+    def start_trial(self, trial_number: int, config: TrialConfig) -> str | None:
         from mlflow.entities import Param
 
         existing = _retry(
@@ -444,11 +447,11 @@ class MlflowTracker:
                 },
             )
             run_id = run.info.run_id
-            modules = config["modules"]
+            modules = config.modules
             shown = modules if isinstance(modules, str) else ",".join(modules)
             params = {
-                **{k: v for k, v in config.items() if k != "modules"},
-                "target_modules": f"{config['target_modules']} ({shown})",
+                **config.shown(),
+                "target_modules": f"{config.target_modules} ({shown})",
                 **self.fixed_params,
             }
             _retry(

@@ -22,9 +22,11 @@ from rich.text import Text
 
 from ranksearch.recommend import accuracy, best_of, progress
 from ranksearch.report import trial_row
+from ranksearch.space import TrialConfig, shown_config
 
 
 def describe(config: dict[str, Any]) -> str:
+    """A configuration in one line, from a shown configuration or a `trial_row`."""
     return (
         f"rank={config['rank']} alpha={config['lora_alpha']} "
         f"dropout={config['lora_dropout']:g} modules={config['target_modules']} "
@@ -66,7 +68,7 @@ class QuietView:
         self.console.print(Text(text, style="yellow"))
 
     def study_started(self, study: optuna.Study, budget: int) -> None: ...
-    def trial_started(self, number: int, config: dict[str, Any]) -> None: ...
+    def trial_started(self, number: int, config: TrialConfig) -> None: ...
     def trial_report(self, number: int, record: dict[str, Any]) -> None: ...
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
     def close(self) -> None: ...
@@ -88,8 +90,8 @@ class PlainView(QuietView):
             f"{c['PRUNED']} pruned, {c['FAIL']} failed, {c['to go']} to go"
         )
 
-    def trial_started(self, number: int, config: dict[str, Any]) -> None:
-        self.console.print(Text(f"trial {number:>3} started  {describe(config)}"))
+    def trial_started(self, number: int, config: TrialConfig) -> None:
+        self.console.print(Text(f"trial {number:>3} started  {describe(config.shown())}"))
 
     def trial_report(self, number: int, record: dict[str, Any]) -> None:
         value = accuracy(record)
@@ -120,9 +122,9 @@ class LiveView(QuietView):
         self._live.start()
         self._refresh()
 
-    def trial_started(self, number: int, config: dict[str, Any]) -> None:
+    def trial_started(self, number: int, config: TrialConfig) -> None:
         self._running[number] = {
-            "config": config,
+            "config": config.shown(),
             "step": 0,
             "val_loss": None,
             "since": time.time(),
@@ -169,7 +171,7 @@ class LiveView(QuietView):
             lines.append(
                 Text(
                     f"best so far: trial {best.number} val_loss {best.value:.4f}  "
-                    f"{describe(best.user_attrs['config'])}",
+                    f"{describe(shown_config(best))}",
                     style="bold",
                 )
             )

@@ -247,6 +247,25 @@ def trial_spec(
     )
 
 
+def config_attr(rank: int, modules: str = "qv", learning_rate: float = 1e-3) -> dict:
+    """The `config` user attribute the orchestrator stores (alpha 2 x rank, no dropout), for
+    trials a test builds with `create_trial`."""
+    from ranksearch.space import TrialConfig
+
+    names = {"qv": ["query", "value"], "all-linear": "all-linear"}.get(modules, [modules])
+    return TrialConfig(
+        rank=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=modules,
+        modules=names,
+        learning_rate=learning_rate,
+        use_rslora=False,
+        use_dora=False,
+        init_lora_weights=True,
+    ).as_attr()
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real `ranksearch` command in a subprocess, as a user runs it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from ranksearch.space import TrialConfig
+
 from .conftest import CHAT_TURNS, free_port, run_cli, write_study
 
 FIXED = {
@@ -384,7 +386,7 @@ def test_default_study_on_the_real_pretrained_model(tmp_path):
     # first what published guidance favours (rank 16 of [4, 8, 16, 32], alpha 2r, all-linear,
     # the log-middle of 2e-4 .. 3e-3), then the enqueued PEFT default r=8, alpha 8, qv
     assert informed.state.is_finished() and informed.user_attrs["informed_start"]
-    assert informed.params["rank"] == 16 and informed.user_attrs["config"]["lora_alpha"] == 32
+    assert informed.params["rank"] == 16 and TrialConfig.of(informed).lora_alpha == 32
     assert informed.params["target_modules"] == "all-linear"
     assert informed.params["learning_rate"] == pytest.approx((2e-4 * 3e-3) ** 0.5)
     # LoRA r=16 on the 6 layers' query, key, value, attention output (384 -> 384) and FFN

@@ -12,7 +12,7 @@ from ranksearch.htmlreport import write_html
 from ranksearch.plots import make_plots
 from ranksearch.report import build_report
 
-from .conftest import require_chromium
+from .conftest import config_attr, require_chromium
 
 # (rank, modules, learning rate, final val loss); trial 3 is pruned
 SEARCH = [
@@ -24,16 +24,6 @@ SEARCH = [
     (16, "all-linear", 2e-3, 0.405),
 ]
 CONFIRM = [(2, 1, 0.41), (5, 1, 0.395), (1, 1, 0.43)]  # (origin, seed, val loss)
-
-
-def _config(rank: int, modules: str, lr: float) -> dict:
-    return {
-        "rank": rank,
-        "lora_alpha": 2 * rank,
-        "lora_dropout": 0.0,
-        "target_modules": modules,
-        "learning_rate": lr,
-    }
 
 
 def study_with_confirmation() -> optuna.Study:
@@ -55,7 +45,7 @@ def study_with_confirmation() -> optuna.Study:
                 distributions=distributions,
                 intermediate_values={2: loss + 0.2, 4: loss},
                 user_attrs={
-                    "config": _config(rank, modules, lr),
+                    "config": config_attr(rank, modules, lr),
                     "trainable_params": rank * 1000 * multiplier,
                     "wall_seconds": 10.0 + rank,
                     "val_loss_se": 0.02,

@@ -17,6 +17,8 @@ from ranksearch.plots import (
 )
 from ranksearch.recommend import answer, distinct_complete
 
+from .conftest import config_attr
+
 
 def _study() -> optuna.Study:
     study = optuna.create_study(direction="minimize")
@@ -36,7 +38,7 @@ def _study() -> optuna.Study:
                 distributions=distributions,
                 intermediate_values={2: loss + 0.2, 4: loss},
                 user_attrs={
-                    "config": {"rank": rank, "target_modules": "qv", "learning_rate": lr},
+                    "config": config_attr(rank, "qv", lr),
                     "trainable_params": rank * 1000,
                     "wall_seconds": 10.0 + rank,
                 },

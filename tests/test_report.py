@@ -11,7 +11,7 @@ from optuna.trial import TrialState, create_trial
 from ranksearch.recommend import answer, rank_view
 from ranksearch.report import SCHEMA, build_report
 
-from .conftest import run_cli
+from .conftest import config_attr, run_cli
 
 MODULES = {"qv": 2, "all-linear": 6}  # adapted-module multiplier of a toy model
 
@@ -26,15 +26,8 @@ def _trial(
     modules: str = "qv",
     **attrs,
 ) -> optuna.trial.FrozenTrial:
-    config = {
-        "rank": rank,
-        "lora_alpha": 2 * rank,
-        "lora_dropout": 0.0,
-        "target_modules": modules,
-        "learning_rate": 1e-3,
-    }
     user = {
-        "config": config,
+        "config": config_attr(rank, modules),
         "trainable_params": rank * 100 * MODULES[modules],
         "last_step": 100,
         "train_seconds": 20.0,

@@ -171,7 +171,7 @@ def test_tpe_under_hyperband_learns_from_every_bracket(tmp_path):
             trial = study.ask()
             drawn.append(space.suggest(trial, cfg.search))
             # a loss that depends on the configuration; one report before the first rung
-            loss = drawn[-1]["rank"] / 100 + abs(math.log10(drawn[-1]["learning_rate"]) + 3)
+            loss = drawn[-1].rank / 100 + abs(math.log10(drawn[-1].learning_rate) + 3)
             trial.report(loss + 1, step=1)
             assert not trial.should_prune()
             study.tell(trial, loss)

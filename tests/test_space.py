@@ -1,16 +1,21 @@
 """Search space -> Optuna -> LoRA configuration."""
 
+import dataclasses
+import json
+
 import optuna
 import pytest
 
 from ranksearch.config import SearchConfig
 from ranksearch.space import (
+    TrialConfig,
     config_key,
     distributions,
     enqueue_params,
     grid,
     lora_kwargs,
     resolve,
+    shown_config,
     suggest,
 )
 
@@ -33,8 +38,8 @@ def test_searched_dims_reach_optuna_and_fixed_ones_do_not():
     config = suggest(trial, search)
     assert set(trial.params) == {"rank", "alpha_ratio", "target_modules", "learning_rate"}
     assert trial.distributions["target_modules"].choices == ("qv", "all")  # string keys
-    assert config["lora_alpha"] == 16 and config["modules"] == "all-linear"
-    assert config["lora_dropout"] == 0.1
+    assert config.lora_alpha == 16 and config.modules == "all-linear"
+    assert config.lora_dropout == 0.1
 
 
 @pytest.mark.parametrize(
@@ -57,7 +62,7 @@ def test_alpha_defaults_to_ratio_1_or_2_and_absolute_alpha_works():
     suggest(trial, SearchConfig())
     assert trial.distributions["alpha_ratio"].choices == (1, 2)
     config = suggest(_trial({"lora_alpha": 32}), SearchConfig(alpha=[16, 32], rank=4))
-    assert (config["rank"], config["lora_alpha"]) == (4, 32)
+    assert (config.rank, config.lora_alpha) == (4, 32)
 
 
 def test_lora_kwargs_build_a_real_lora_config():
@@ -105,3 +110,70 @@ def test_config_key_identifies_the_same_fine_tune(lr):
     b = resolve(search, {**base, "learning_rate": lr})
     c = resolve(search, {**base, "learning_rate": 1e-3, "rank": 4})
     assert config_key(a) == config_key(b) != config_key(c)
+
+
+# a configuration as the orchestrator stores it (the user attribute `config`)
+STORED = {
+    "rank": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "target_modules": "qv",
+    "modules": ["query", "value"],
+    "learning_rate": 0.001,
+    "use_rslora": False,
+    "use_dora": True,
+    "init_lora_weights": "gaussian",
+}
+
+
+def _stored(config: dict | None) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(value=0.5, user_attrs={"config": config} if config else {})
+
+
+def test_a_trial_config_round_trips_through_the_stored_attribute_unchanged():
+    """Studies on disk hold this format: `as_attr` must write the same keys, values, order."""
+    config = TrialConfig.of(_stored(STORED))
+    assert config.modules == ("query", "value")  # immutable inside
+    assert config.as_attr() == STORED and list(config.as_attr()) == list(STORED)
+    assert json.dumps(config.as_attr()) == json.dumps(STORED)
+    assert TrialConfig.of(_stored(config.as_attr())) == config
+
+
+def test_resolve_stores_what_it_always_stored():
+    search = SearchConfig(target_modules={"qv": ["query", "value"]})
+    values = {"rank": 8, "alpha_ratio": 2, "dropout": 0.05, "target_modules": "qv",
+              "learning_rate": 1e-3, "use_rslora": False, "use_dora": True,
+              "init_lora_weights": "gaussian"}  # fmt: skip
+    assert json.dumps(resolve(search, values).as_attr()) == json.dumps(STORED)
+
+
+def test_a_trial_without_a_config_has_none_and_shows_blank():
+    assert TrialConfig.of(_stored(None)) is None
+    assert shown_config(_stored(None)) == {}
+
+
+def test_a_trial_config_is_frozen():
+    config = TrialConfig.of(_stored(STORED))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.rank = 4  # type: ignore[misc]
+
+
+def test_shown_drops_only_the_module_names():
+    config = TrialConfig.of(_stored(STORED))
+    assert config.shown() == {k: v for k, v in STORED.items() if k != "modules"}
+    assert shown_config(_stored(STORED)) == config.shown()
+
+
+def test_config_key_is_the_string_benchmark_tables_key_on():
+    """Stored as `config_key` and in benchmarks/results: this exact string must not change."""
+    config = TrialConfig.of(_stored({**STORED, "learning_rate": 0.0010000000001}))
+    assert config_key(config) == (
+        '{"init_lora_weights": "gaussian", "learning_rate": 0.001, "lora_alpha": 16, '
+        '"lora_dropout": 0.05, "rank": 8, "target_modules": "qv", "use_dora": true, '
+        '"use_rslora": false}'
+    )
+
+
+def test_lora_kwargs_give_peft_module_names_as_a_list():
+    kwargs = lora_kwargs(TrialConfig.of(_stored(STORED)), "causal-lm")
+    assert kwargs["target_modules"] == ["query", "value"] and kwargs["task_type"] == "CAUSAL_LM"

@@ -43,7 +43,7 @@ def _running_trial(study: optuna.Study, cfg, **attrs) -> optuna.Trial:
     """A trial as `Orchestrator._start` leaves it while its worker runs."""
     trial = study.ask()
     config = space.suggest(trial, cfg.search)
-    trial.set_user_attr("config", config)
+    trial.set_user_attr("config", config.as_attr())
     for name, value in attrs.items():
         trial.set_user_attr(name, value)
     return trial
@@ -61,7 +61,7 @@ def test_a_lost_trial_with_tracking_off_is_failed_and_queued_again(tmp_path):
     assert f"trial {lost.number}: configuration queued again" in view.console.file.getvalue()
     retry = study.ask()  # the next trial trains the lost configuration
     assert retry.user_attrs["retry_of"] == lost.number
-    assert space.suggest(retry, cfg.search) == lost.user_attrs["config"]
+    assert space.suggest(retry, cfg.search) == space.TrialConfig.of(lost)
 
 
 def test_a_changed_search_space_is_refused_before_any_trial_is_asked(tmp_path):
@@ -100,9 +100,9 @@ def test_an_interrupted_configuration_runs_before_the_queued_baselines(tmp_path)
     assert requeue(study, cfg, study.trials[0])
     again = ask_retry_first(study)
     assert again.user_attrs.get("retry_of") == first.number
-    assert space.suggest(again, cfg.search)["rank"] == 2
+    assert space.suggest(again, cfg.search).rank == 2
     second = ask_retry_first(study)  # then the other baseline
-    assert space.suggest(second, cfg.search)["rank"] == 8
+    assert space.suggest(second, cfg.search).rank == 8
 
 
 def test_a_new_study_runs_the_informed_configuration_before_the_baselines(tmp_path):
@@ -114,11 +114,11 @@ def test_a_new_study_runs_the_informed_configuration_before_the_baselines(tmp_pa
     first = ask_retry_first(study)
     config = space.suggest(first, cfg.search)  # rank [2, 4, 8], lr 1e-3 .. 1e-2 (log)
     assert first.user_attrs["informed_start"]
-    assert (config["rank"], config["lora_alpha"], config["target_modules"]) == (8, 16, "all-linear")
-    assert config["learning_rate"] == pytest.approx(10**-2.5)
+    assert (config.rank, config.lora_alpha, config.target_modules) == (8, 16, "all-linear")
+    assert config.learning_rate == pytest.approx(10**-2.5)
     study.tell(first, 0.5)
     second = ask_retry_first(study)  # then the study file's baseline
-    assert space.suggest(second, cfg.search)["rank"] == 2
+    assert space.suggest(second, cfg.search).rank == 2
     study.tell(second, 0.6)
     # a resumed study does not queue it again
     study = open_study(cfg, url)

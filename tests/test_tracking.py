@@ -30,7 +30,14 @@ from ranksearch.study import fail_lost, open_study, worker_host
 from ranksearch.tracking import MlflowTracker, NullTracker, Tracker, make_tracker
 from ranksearch.view import PlainView
 
-from .conftest import free_port, mlflow_server_at, require_chromium, run_cli, write_study
+from .conftest import (
+    config_attr,
+    free_port,
+    mlflow_server_at,
+    require_chromium,
+    run_cli,
+    write_study,
+)
 from .test_cli import FIXED, _popen_run, _wait_for_report
 from .test_study import _dead_pid
 
@@ -91,10 +98,10 @@ def check_readback(client: MlflowClient, study: optuna.Study) -> None:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == STATUS[t.state]
         assert run.data.tags["optuna.state"] == t.state.name
-        config = t.user_attrs["config"]
-        assert run.data.params["rank"] == str(config["rank"])
-        assert run.data.params["lora_alpha"] == str(config["lora_alpha"])
-        assert run.data.params["target_modules"].startswith(config["target_modules"])
+        config = space.TrialConfig.of(t)
+        assert run.data.params["rank"] == str(config.rank)
+        assert run.data.params["lora_alpha"] == str(config.lora_alpha)
+        assert run.data.params["target_modules"].startswith(config.target_modules)
         assert run.data.params["training.max_steps"] == "12"
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert {m.step: m.value for m in history} == pytest.approx(t.intermediate_values)
@@ -282,8 +289,7 @@ def test_a_trial_shorter_than_the_sampling_interval_still_gets_system_metrics(tm
     tracker.study_name = "short"
     tracker.experiment_id = tracker.client.create_experiment("short")
     tracker.parent_id = tracker.client.create_run(tracker.experiment_id).info.run_id
-    config = {"rank": 4, "target_modules": "attention", "modules": ["query", "value"]}
-    run_id = tracker.start_trial(0, config)
+    run_id = tracker.start_trial(0, space.TrialConfig(**config_attr(4)))
     study = optuna.create_study()
     study.enqueue_trial({})
     trial = study.ask()
@@ -434,7 +440,7 @@ def _tracked_trial(study, cfg, tracker, **attrs):
     """A trial started as the orchestrator starts one, with its run in `tracker`'s store."""
     trial = study.ask()
     config = space.suggest(trial, cfg.search)
-    trial.set_user_attr("config", config)
+    trial.set_user_attr("config", config.as_attr())
     trial.set_user_attr("mlflow_run_id", tracker.start_trial(trial.number, config))
     for name, value in attrs.items():
         trial.set_user_attr(name, value)
