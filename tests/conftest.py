@@ -344,6 +344,14 @@ def mlflow_server_at(backend_uri: str, artifacts: Path) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group, stopped whole: no worker left behind
+        # small connection pools and no job consumers (four more processes, each with its own
+        # pool): two servers on one PostgreSQL at once stay within its 100 connections
+        env={
+            **os.environ,
+            "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "2",
+            "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "3",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        },
     )
     url = f"http://127.0.0.1:{port}"
     try:

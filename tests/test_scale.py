@@ -3,6 +3,7 @@ PostgreSQL or SQLite study, and a worker killed mid-trial."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
-import sqlalchemy
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -71,19 +71,22 @@ def _start(study: Path, out: Path, *extra: str, host: str | None = None) -> subp
     )
 
 
-def _wait_reporting(storage: str, name: str, owner, timeout: float = 240) -> int:
-    """Wait until a RUNNING trial for which `owner(trial)` holds has reported; its number."""
+def _wait_reporting(out: Path, orchestrator_pid: int | None = None, timeout: float = 240) -> int:
+    """Wait until a trial launched by an orchestrator writing into `out` (the one with
+    `orchestrator_pid`, if given) has reported; its number. Read from the trial's folder the
+    moment its first report is written: a warm trial of the tiny model ends well under a second
+    later, too soon to catch it running by polling the storage."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            study = optuna.load_study(study_name=name, storage=storage)
-        except (KeyError, sqlalchemy.exc.OperationalError):  # not created yet
-            time.sleep(0.5)
-            continue
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if owner(t) and t.intermediate_values:
-                return t.number
-        time.sleep(0.3)
+        for spec in (out / "trials").glob("*/spec.json"):
+            try:
+                pid = json.loads(spec.read_text())["orchestrator_pid"]
+            except (ValueError, KeyError):  # being written
+                continue
+            reports = spec.parent / "reports.jsonl"
+            if orchestrator_pid in (None, pid) and reports.is_file() and reports.stat().st_size:
+                return int(spec.parent.name)
+        time.sleep(0.01)
     raise AssertionError(f"no trial reported within {timeout}s")
 
 
@@ -154,7 +157,7 @@ def test_three_processes_share_one_postgres_study_and_survive_a_lost_worker(
             host: _start(study, tmp_path / host, *common, host=host)
             for host in ("node-a", "node-b", "node-c")
         }
-        lost = _wait_reporting(storage, "shared", lambda t: t.user_attrs.get("host") == "node-c")
+        lost = _wait_reporting(tmp_path / "node-c")
         procs["node-c"].send_signal(signal.SIGKILL)  # machine lost: no cleanup at all
         procs["node-c"].wait()
         _finish([procs["node-a"], procs["node-b"]])
@@ -190,9 +193,7 @@ def test_two_processes_on_one_sqlite_study_survive_a_killed_one(tmp_path, tiny_b
     storage = f"sqlite:///{out / 'optuna.db'}"
     first = _start(study, out)
     second = _start(study, out)
-    lost = _wait_reporting(
-        storage, "local", lambda t: t.user_attrs.get("orchestrator_pid") == second.pid
-    )
+    lost = _wait_reporting(out, orchestrator_pid=second.pid)
     second.send_signal(signal.SIGKILL)
     second.wait()
     (log,) = _finish([first])
