@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
@@ -13,6 +15,8 @@ from ranksearch.plots import make_plots
 from ranksearch.report import build_report
 
 from .conftest import config_attr, require_chromium
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # kept after the run
 
 # (rank, modules, learning rate, final val loss); trial 3 is pruned
 SEARCH = [
@@ -98,7 +102,8 @@ def test_report_html_renders_offline_in_chromium(tmp_path):
         drawn = [plots.nth(i).locator("svg.main-svg").count() for i in range(plots.count())]
         images = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
         confirmation = page.locator("#confirmation").count()
-        shot = tmp_path / "report.png"
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "report-html.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     print(f"report.html screenshot: {shot}")
