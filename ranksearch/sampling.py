@@ -176,7 +176,9 @@ def _snap(dim: Any, value: float) -> Any:
 def first_rung(max_steps: int, eval_every: int, reduction_factor: int) -> int:
     """The first rung when a study does not set `pruner.min_steps`: max_steps / reduction_factor,
     rounded up to an evaluation step. LoRA learning curves cross late; a rung at a fifth of the
-    budget cut eventual winners in BENCHMARKS.md's replays, one at a third to 40 % did not."""
+    budget cut eventual winners in BENCHMARKS.md's MiniLM replays, one at 40 % did not. It is no
+    rule for every task: on the decoder SFT grid the curves cross at 40 % and a fifth does
+    better (BENCHMARKS.md, "Where the first rung goes"); `validate` warns on a study's own."""
     steps = math.ceil(max_steps / reduction_factor / eval_every) * eval_every
     return min(max_steps, steps)
 
