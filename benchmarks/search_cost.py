@@ -89,10 +89,17 @@ def study(
             "seed": 0,
             "group_by_length": grouped,  # --batching grouped; random is ranksearch's default
         },
+        **grid_run(36, quick),
+    }
+
+
+def grid_run(n_trials: int, quick: bool) -> dict:
+    """How every grid trains: each configuration once, to the full budget, unpruned, two trials
+    at a time (a core each: the cost counted is steps, not seconds), untracked."""
+    return {
         "pruner": {"type": "none"},
         "sampler": {"type": "grid", "seed": 0},
-        "budget": {"n_trials": 36},
-        # two trials at a time (a core each): the cost counted is steps, not seconds
+        "budget": {"n_trials": n_trials},
         "launch": {"device": "cpu", "parallel_trials": 1 if quick else 2},
         "tracking": "none",
         "report": {"tolerance": "1se"},
@@ -123,12 +130,7 @@ def sft_study(quick: bool, model: str = MODEL) -> dict:
             **shipped["training"],  # max_steps 40, eval_every 10, batch 4, packing, seed 0
             **({"max_steps": 4, "eval_every": 2} if quick else {}),
         },
-        "pruner": {"type": "none"},
-        "sampler": {"type": "grid", "seed": 0},
-        "budget": {"n_trials": 12},
-        "launch": {"device": "cpu", "parallel_trials": 1 if quick else 2},
-        "tracking": "none",
-        "report": {"tolerance": "1se"},
+        **grid_run(12, quick),
     }
 
 
