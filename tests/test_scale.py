@@ -3,7 +3,6 @@ PostgreSQL or SQLite study, and a worker killed mid-trial."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,8 @@ from pathlib import Path
 import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+
+from ranksearch.worker import TrialSpec
 
 from .conftest import mlflow_server_at, postgres_database, write_study
 from .test_cli import _workers
@@ -80,8 +81,8 @@ def _wait_reporting(out: Path, orchestrator_pid: int | None = None, timeout: flo
     while time.monotonic() < deadline:
         for spec in (out / "trials").glob("*/spec.json"):
             try:
-                pid = json.loads(spec.read_text())["orchestrator_pid"]
-            except (ValueError, KeyError):  # being written
+                pid = TrialSpec.read(spec).orchestrator_pid
+            except ValueError:  # being written
                 continue
             reports = spec.parent / "reports.jsonl"
             if orchestrator_pid in (None, pid) and reports.is_file() and reports.stat().st_size:
