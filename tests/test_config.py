@@ -24,6 +24,8 @@ def test_every_shipped_study_loads(path):
     assert cfg.study_name == path.stem
     # torchtune style: the header says how to run it
     assert f"ranksearch run --study {path.stem}" in path.read_text().splitlines()[1]
+    # the search defaults BENCHMARKS.md chose: the derived first rung, the informed first trial
+    assert cfg.pruner.min_steps is None and cfg.sampler.informed_start
 
 
 def _write(tmp_path: Path, data: dict) -> Path:

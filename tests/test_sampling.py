@@ -84,9 +84,12 @@ def test_fixed_dimensions_are_not_enqueued_and_a_space_without_a_guided_rank_has
 
 
 def test_the_first_rung_is_derived_from_the_budget_when_not_set(tmp_path):
-    assert first_rung(100, 20, 3) == 40  # a third, rounded up to an evaluation step
+    assert first_rung(100, 20, 3) == 40  # a third (33), at the nearest evaluation step
+    assert first_rung(40, 10, 3) == 10  # 13 -> 10: the decoder grid's curves cross at 20
     assert first_rung(300, 25, 3) == 100
-    assert first_rung(12, 5, 2) == 10  # half of 12 is 6: the next report is at 10
+    assert first_rung(60, 20, 2) == 40  # half-way between two reports: the later one
+    assert first_rung(12, 5, 2) == 5  # half of 12 is 6: the report at 5 is nearest
+    assert first_rung(30, 20, 3) == 20  # never before the first report
     assert first_rung(10, 20, 3) == 10  # never past max_steps
     cfg = load_study(
         write_study(tmp_path / "s.yaml", tmp_path, tmp_path / "d.csv", pruner={"type": "hyperband"})
