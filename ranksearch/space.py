@@ -189,15 +189,25 @@ def changed_dimensions(trials: Sequence[FrozenTrial], search: SearchConfig) -> l
     """(key, message) for each dimension the study's trials searched otherwise than `search`.
 
     A study keeps the space it started with: Optuna refuses other choices for a parameter, and
-    the trials' results would not compare."""
+    the trials' results would not compare. A trial another process is sampling holds only the
+    parameters suggested so far, so a parameter counts as fixed only when a trial that has
+    reported or finished lacks it."""
+    from optuna.trial import TrialState
+
     then: dict[str, BaseDistribution] = {}
     for t in trials:
         then.update(t.distributions)
     if not then:  # no trial asked yet: nothing to keep
         return []
+    sampled_in_full = any(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) or t.intermediate_values
+        for t in trials
+    )
     now = distributions(search)
     problems = []
     for key, name in PARAM_NAMES.items():
+        if name not in then and not sampled_in_full:  # not suggested yet, as far as one can tell
+            continue
         if now.get(name) != then.get(name):
             problems.append(
                 Problem(

@@ -80,6 +80,22 @@ def test_a_changed_search_space_is_refused_before_any_trial_is_asked(tmp_path):
     assert len(open_study(cfg, url).trials) == 1  # nothing was asked; the old space still opens
 
 
+def test_a_trial_another_process_is_still_sampling_is_no_changed_space(tmp_path):
+    """Several `ranksearch run` processes share a study: one opens it while another has asked
+    a trial and suggested only some of its parameters. That is no change of space; a finished
+    trial without a parameter the file now searches still is."""
+    cfg = _cfg(tmp_path)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = open_study(cfg, url)
+    half_sampled = study.ask()  # as another process leaves it between two suggest calls
+    half_sampled.suggest_categorical("rank", [2, 4, 8])
+    open_study(cfg, url)  # no error
+    study.tell(half_sampled, 0.5)  # finished without learning_rate & co: they were fixed
+    with pytest.raises(StudyError) as err:
+        open_study(cfg, url)
+    assert "`search.learning_rate`: the study's trials used a fixed value" in str(err.value)
+
+
 def test_a_running_trial_that_never_beat_is_lost_after_stale_after_seconds(tmp_path):
     cfg = _cfg(tmp_path, launch={"device": "cpu", "heartbeat_seconds": 1, "stale_after_seconds": 3})
     study = open_study(cfg, f"sqlite:///{tmp_path / 'optuna.db'}")
