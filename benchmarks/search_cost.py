@@ -47,10 +47,12 @@ MODULES = {"qv": ["query", "value"], "qkv": ["query", "key", "value"], "all-line
 # --space small: a second task's grid in fewer configurations (18)
 SMALL = {"rank": [4, 8, 16], "modules": ["qv", "all-linear"]}
 # --space sft: the decoder SFT study of ranksearch's shipped `sft-smollm2` (its model and data:
-# SmolLM2-135M-Instruct labelling tweets in chat), 12 configurations; no test set
+# SmolLM2-135M-Instruct labelling tweets in chat), 12 configurations; its test set is chats of the
+# validation split that no evaluation scores (`sft_test_set`)
 SFT_STUDY = Path(__file__).resolve().parent.parent / "ranksearch/search_spaces/sft-smollm2.yaml"
 SFT_MODULES = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 SPACES = ("full", "small", "sft")
+SFT_TEST_ROWS = 500  # the decoder grid's test chats: accuracy known to about +-3 points (95 %)
 
 
 def study(
@@ -187,18 +189,27 @@ def grid_table(
     score_test: bool = True,
     space: str = "full",
 ) -> dict:
-    """Every grid trial's curve and dev accuracy (None without `score_test`, and on the `sft`
-    space, which has no test set), and each configuration's seed runs."""
+    """Every grid trial's curve and test accuracy (None without `score_test`; on the `sft`
+    space, answer accuracy on unscored validation chats), and each configuration's seed runs."""
     import optuna
 
     s = optuna.load_study(study_name="search-cost-grid", storage=f"sqlite:///{study_dir}/optuna.db")
-    dev = None if space == "sft" else dev_set(data, 128 if quick else None)
-    score_test = score_test and dev is not None
+    if space == "sft":
+        raw = study(data, quick, model, space=space)
+        test = sft_test_set(raw, 16 if quick else SFT_TEST_ROWS) if score_test else None
+        dev = None
+    else:
+        dev = dev_set(data, 128 if quick else None)
     configs, seeds = {}, []
     for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         key = t.user_attrs["config_key"]
         adapter = study_dir / "trials" / str(t.number) / "adapter"  # wherever the grid now lies
-        acc = dev_accuracy(model, adapter, dev) if score_test else None
+        if not score_test:
+            acc = None
+        elif space == "sft":
+            acc = sft_test_accuracy(raw, adapter, test)
+        else:
+            acc = dev_accuracy(model, adapter, dev)
         row = {
             "val_loss": t.value,
             "val_loss_se": t.user_attrs.get("val_loss_se"),
@@ -268,6 +279,95 @@ def dev_accuracy(model: str, adapter: Path, dev: tuple[list[str], list[int]]) ->
             pred = model(**enc).logits.argmax(-1).tolist()
             correct += sum(int(p == labels[i]) for p, i in zip(pred, idx, strict=True))
     return correct / len(texts)
+
+
+def sft_test_set(raw: dict, limit: int) -> tuple[list[dict], list[int], list[str]]:
+    """The decoder grid's test set: `limit` chats of the study's validation split that its
+    evaluations never score (trials score a fixed `max_eval_samples` of it, as `prepare` picks
+    them), each chat's class, and the class names (the first raw label of each class)."""
+    import numpy as np
+
+    from ranksearch.config import StudyConfig
+    from ranksearch.data import _subsample, label_frame, read_frame, stratified_split
+
+    cfg = StudyConfig.model_validate(raw)
+    d, seed = cfg.data, cfg.training.seed
+    frame, _, mapping = label_frame(d, read_frame(d, d.source), cfg.task, "data.source")
+    _, val_idx = stratified_split(frame["stratum"].to_numpy(), d.validation_fraction, seed)
+    val = frame.iloc[val_idx]
+    scored = _subsample(len(val), d.max_eval_samples, seed + 1)
+    unscored = np.setdiff1d(np.arange(len(val)), scored)
+    rows = val.iloc[np.random.default_rng(seed + 2).permutation(unscored)[:limit]]
+    names: dict[int, str] = {}
+    for label, idx in mapping.items():
+        names.setdefault(idx, label)
+    return (
+        rows.to_dict("records"),
+        rows["stratum"].astype(int).tolist(),
+        [names[i] for i in sorted(names)],
+    )
+
+
+def sft_test_accuracy(raw: dict, adapter: Path, test: tuple, batch: int = 32) -> float:
+    """Share of test chats whose answer the model + adapter ranks first among the class names."""
+    scores = sft_class_logits(raw, adapter, test, batch)
+    classes = test[1]
+    hits = [row.index(max(row)) == c for row, c in zip(scores, classes, strict=True)]
+    return sum(hits) / len(hits)
+
+
+def sft_class_logits(raw: dict, adapter: Path, test: tuple, batch: int = 32) -> list[list[float]]:
+    """Per test chat, the logit of each class name's first answer token where the answer
+    starts, the chat rendered as the study trains it (one forward pass per chat, batched,
+    left-padded)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ranksearch.config import StudyConfig
+    from ranksearch.data import model_location, tokenizer_at
+    from ranksearch.sft import IGNORE, chat_example, conversation
+
+    cfg = StudyConfig.model_validate(raw)
+    location = model_location(cfg.model.path)
+    tok = tokenizer_at(location)
+    rows, classes, names = test
+    prompts, firsts = [], None
+    for pos, row in enumerate(rows):
+        answers = []
+        for name in names:  # the chat with each class name as its label
+            turns = conversation(cfg.data, {**row, cfg.data.label_column: name}, f"test {pos}")
+            ids, labels = chat_example(tok, turns)
+            start = next(i for i, x in enumerate(labels) if x != IGNORE)
+            answers.append((ids[:start], ids[start]))
+        prompt = answers[0][0]
+        tokens = [t for _, t in answers]
+        if any(p != prompt for p, _ in answers) or len(set(tokens)) < len(tokens):
+            raise ValueError(f"test {pos}: the class names {names} do not differ in their first "
+                             "answer token after the same prompt")  # fmt: skip
+        if firsts not in (None, tokens):
+            raise ValueError(f"test {pos}: the class names tokenize differently from chat to chat")
+        prompts.append(prompt)
+        firsts = tokens
+    base = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    scores: list[list[float]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        for begin in range(0, len(order), batch):
+            idx = order[begin : begin + batch]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # left-padded: every prompt ends at the last column
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=1).logits[:, -1, :]  # fmt: skip
+            for row, i in enumerate(idx):
+                scores[i] = logits[row, firsts].tolist()
+    return scores
 
 
 def tweets_data(out: Path, test_rows: int = 1000) -> None:
@@ -753,7 +853,7 @@ def main() -> None:
                    help="training batches: random (the default) or of similar lengths")  # fmt: skip
     p.add_argument("--space", choices=SPACES, default="full",
                    help="grid: the 36-configuration space, the 18 of a second task, or the 12 "
-                        "of the decoder SFT study (sft-smollm2; no test set)")  # fmt: skip
+                        "of the decoder SFT study (sft-smollm2)")  # fmt: skip
     p.add_argument("--no-test", action="store_true",
                    help="table: leave the dev (test) set unscored")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke run of every phase (CI)")

@@ -200,8 +200,7 @@ def changed_dimensions(trials: Sequence[FrozenTrial], search: SearchConfig) -> l
     if not then:  # no trial asked yet: nothing to keep
         return []
     sampled_in_full = any(
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED) or t.intermediate_values
-        for t in trials
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) or t.intermediate_values for t in trials
     )
     now = distributions(search)
     problems = []

@@ -236,7 +236,7 @@ def test_compare_reports_reach_costs_and_the_recommendation(tmp_path, capsys):
 
 
 def _sft_table(search_cost) -> dict:
-    """A hand-made table of the `sft` space's quick grid (2 configurations, no test set)."""
+    """A hand-made table of the `sft` space's quick grid (2 configurations, left unscored)."""
     import optuna
 
     from ranksearch import space
@@ -262,7 +262,7 @@ def _sft_table(search_cost) -> dict:
 
 def test_the_sft_space_is_a_decoder_study_and_replays(tmp_path):
     """`--space sft`: the shipped sft-smollm2 study's model and data as a 12-configuration grid
-    that ranksearch accepts; compare replays a table of it without a test set, counting
+    that ranksearch accepts; compare replays a table of it left unscored, counting
     SmolLM2's LoRA parameters (no classification head)."""
     from ranksearch.config import StudyConfig
 
@@ -306,6 +306,62 @@ def _chat_study(tmp_path: Path, model: Path, data: Path) -> Path:
         },
         search={"target_modules": {"qv": ["q_proj", "v_proj"]}},
     )
+
+
+def test_the_sft_grid_is_scored_on_validation_chats_no_evaluation_scores(
+    tmp_path, tiny_llama, sentiment_csv
+):
+    """The decoder grid's test set: chats of the validation split outside the fixed subset the
+    trials evaluate on (so neither trained on nor selected on), scored by which class name the
+    adapter makes likeliest as the answer; batching with left padding predicts as one chat at a
+    time does."""
+    import torch
+    import yaml
+    from datasets import load_from_disk
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ranksearch.config import StudyConfig
+    from ranksearch.data import prepare, tokenizer_at
+    from ranksearch.sft import IGNORE, chat_example, conversation
+
+    search_cost = _search_cost()
+    raw = yaml.safe_load(_chat_study(tmp_path, tiny_llama, sentiment_csv).read_text())
+    raw["study_name"] = "chat"  # load_study names a study after its file
+    raw["data"].update(label_column="sentiment", labels={"neg": 0, "pos": 1}, max_eval_samples=8)
+    rows, classes, names = search_cost.sft_test_set(raw, 20)
+    assert names == ["neg", "pos"] and len(rows) == 20
+    assert classes == [{"neg": 0, "pos": 1}[r["sentiment"]] for r in rows] and 0 < sum(classes) < 20
+    cfg = StudyConfig.model_validate(raw)
+    tok = tokenizer_at(str(tiny_llama))
+    chats = [chat_example(tok, conversation(cfg.data, r, "test"))[0][:96] for r in rows]
+    prepared = prepare(cfg, tmp_path / "study")
+    for split in ("train", "validation"):
+        seen = {tuple(x) for x in load_from_disk(str(prepared.path / split))["input_ids"]}
+        assert not seen & {tuple(c) for c in chats}, split
+
+    torch.manual_seed(0)  # an adapter that changes the answers: B initialized at random too
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), lora).save_pretrained(
+        tmp_path / "adapter"
+    )
+    test = (rows, classes, names)
+    batched = search_cost.sft_class_logits(raw, tmp_path / "adapter", test, batch=6)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), str(tmp_path / "adapter")
+    ).eval()
+    alone = []
+    for row in rows:  # one chat at a time, no padding
+        firsts = []
+        for name in names:
+            ids, labels = chat_example(tok, conversation(cfg.data, {**row, "sentiment": name}, ""))
+            start = next(i for i, x in enumerate(labels) if x != IGNORE)
+            firsts.append(ids[start])
+        with torch.inference_mode():
+            alone.append(model(input_ids=torch.tensor([ids[:start]])).logits[0, -1, firsts])
+    torch.testing.assert_close(torch.tensor(batched), torch.stack(alone), rtol=1e-4, atol=1e-4)
+    hits = [int(a.argmax()) == c for a, c in zip(alone, classes, strict=True)]
+    assert search_cost.sft_test_accuracy(raw, tmp_path / "adapter", test) == sum(hits) / len(rows)
 
 
 def test_sft_cost_quick(tmp_path, tiny_llama, sentiment_csv):
