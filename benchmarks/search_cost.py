@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -194,22 +195,18 @@ def grid_table(
     import optuna
 
     s = optuna.load_study(study_name="search-cost-grid", storage=f"sqlite:///{study_dir}/optuna.db")
-    if space == "sft":
-        raw = study(data, quick, model, space=space)
+    if space == "sft":  # a causal LM: its test chats come from the study's own data
+        raw, dev = study(data, quick, model, space=space), None
         test = sft_test_set(raw, 16 if quick else SFT_TEST_ROWS) if score_test else None
-        dev = None
+        score = partial(sft_test_accuracy, raw, test=test)
     else:
         dev = dev_set(data, 128 if quick else None)
+        score = partial(dev_accuracy, model, dev=dev)
     configs, seeds = {}, []
     for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         key = t.user_attrs["config_key"]
         adapter = study_dir / "trials" / str(t.number) / "adapter"  # wherever the grid now lies
-        if not score_test:
-            acc = None
-        elif space == "sft":
-            acc = sft_test_accuracy(raw, adapter, test)
-        else:
-            acc = dev_accuracy(model, adapter, dev)
+        acc = score(adapter) if score_test else None
         row = {
             "val_loss": t.value,
             "val_loss_se": t.user_attrs.get("val_loss_se"),
@@ -288,15 +285,13 @@ def sft_test_set(raw: dict, limit: int) -> tuple[list[dict], list[int], list[str
     import numpy as np
 
     from ranksearch.config import StudyConfig
-    from ranksearch.data import _subsample, label_frame, read_frame, stratified_split
+    from ranksearch.data import label_frame, read_frame, scored_positions, split_frame
 
     cfg = StudyConfig.model_validate(raw)
     d, seed = cfg.data, cfg.training.seed
     frame, _, mapping = label_frame(d, read_frame(d, d.source), cfg.task, "data.source")
-    _, val_idx = stratified_split(frame["stratum"].to_numpy(), d.validation_fraction, seed)
-    val = frame.iloc[val_idx]
-    scored = _subsample(len(val), d.max_eval_samples, seed + 1)
-    unscored = np.setdiff1d(np.arange(len(val)), scored)
+    _, val = split_frame(frame, d.validation_fraction, seed)
+    unscored = np.setdiff1d(np.arange(len(val)), scored_positions(len(val), d, seed))
     rows = val.iloc[np.random.default_rng(seed + 2).permutation(unscored)[:limit]]
     names: dict[int, str] = {}
     for label, idx in mapping.items():

@@ -216,6 +216,23 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def split_frame(
+    frame: pd.DataFrame, fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation) rows of a labelled frame: `stratified_split` by its class column
+    (`labels`, or a causal-lm frame's `stratum`), or a plain seeded split without one."""
+    column = "labels" if "labels" in frame else "stratum" if "stratum" in frame else None
+    strata = frame[column].to_numpy() if column else np.zeros(len(frame), int)
+    train_idx, val_idx = stratified_split(strata, fraction, seed)
+    return frame.iloc[train_idx], frame.iloc[val_idx]
+
+
+def scored_positions(n: int, d: DataConfig, seed: int) -> np.ndarray:
+    """Positions of the validation rows every evaluation scores: a fixed, seeded
+    `max_eval_samples` of the `n` (all of them without a limit)."""
+    return _subsample(n, d.max_eval_samples, seed + 1)
+
+
 def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or limit >= n:
         return np.arange(n)
@@ -275,12 +292,9 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> PreparedData:
         )
         counts.update({f"validation_{k}": v for k, v in val_counts.items()})
     else:
-        column = "labels" if "labels" in frame else "stratum" if "stratum" in frame else None
-        strata = frame[column].to_numpy() if column else np.zeros(len(frame), int)
-        train_idx, val_idx = stratified_split(strata, d.validation_fraction, seed)
-        frame, val_frame = frame.iloc[train_idx], frame.iloc[val_idx]
+        frame, val_frame = split_frame(frame, d.validation_fraction, seed)
     frame = frame.iloc[_subsample(len(frame), d.max_train_samples, seed)]
-    val_frame = val_frame.iloc[_subsample(len(val_frame), d.max_eval_samples, seed + 1)]
+    val_frame = val_frame.iloc[scored_positions(len(val_frame), d, seed)]
     counts.update(train=len(frame), validation=len(val_frame))
 
     tok = load_tokenizer(cfg)
