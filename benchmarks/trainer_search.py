@@ -24,9 +24,9 @@ def run_trainer_search(out: Path, data: Path, trials: int, quick: bool) -> dict:
         TrainingArguments,
     )
 
-    from ranksearch import space
-    from ranksearch.config import StudyConfig
-    from ranksearch.data import model_location, prepare
+    from ranksearch.config import space
+    from ranksearch.config.schema import StudyConfig
+    from ranksearch.data.prepare import model_location, prepare
 
     cfg = StudyConfig.model_validate(yaml.safe_load((out / "grid.yaml").read_text()))
     table = json.loads((out / "table.json").read_text())
@@ -122,7 +122,7 @@ def spent(study, cfg, table: dict) -> tuple[float, float | None]:
     import optuna
     from search_cost import target_val_loss  # benchmarks/ is on the path: search_cost runs us
 
-    from ranksearch import space
+    from ranksearch.config import space
 
     target = target_val_loss(table)
     full, cost, reached = cfg.training.max_steps, 0.0, None

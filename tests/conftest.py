@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
-from ranksearch.packing import free_port
-from ranksearch.ui import stop_server
+from ranksearch.search.packing import free_port
+from ranksearch.tracking.ui import stop_server
 
 if TYPE_CHECKING:
     from ranksearch.worker import TrialSpec
@@ -113,7 +113,7 @@ def require_smollm2() -> None:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct from its GGUF file, converted into the user's cache as a study
     run converts it (once per machine; xdist workers asking at once take turns on its lock)."""
-    from ranksearch.data import model_location
+    from ranksearch.data.prepare import model_location
 
     require_smollm2()
     return Path(model_location(SMOLLM2_GGUF))
@@ -222,8 +222,8 @@ def trial_spec(
     """The spec the orchestrator would write for study `cfg` on its prepared `data`: rank 4,
     alpha 2 x rank, no dropout, the first target modules unless `search` says otherwise, and
     6 steps at learning rate 5e-3 unless `training` does."""
-    from ranksearch.data import model_location
-    from ranksearch.space import lora_kwargs, resolve
+    from ranksearch.config.space import lora_kwargs, resolve
+    from ranksearch.data.prepare import model_location
     from ranksearch.worker import DataSpec, ModelSpec, TrialSpec
 
     values = {"rank": 4, "alpha_ratio": 2, "dropout": 0.0, "learning_rate": 5e-3,
@@ -250,7 +250,7 @@ def trial_spec(
 def config_attr(rank: int, modules: str = "qv", learning_rate: float = 1e-3) -> dict:
     """The `config` user attribute the orchestrator stores (alpha 2 x rank, no dropout), for
     trials a test builds with `create_trial`."""
-    from ranksearch.space import TrialConfig
+    from ranksearch.config.space import TrialConfig
 
     names = {"qv": ["query", "value"], "all-linear": "all-linear"}.get(modules, [modules])
     return TrialConfig(
@@ -323,7 +323,7 @@ def wait_health(url: str, timeout: float = 90) -> None:
 @contextlib.contextmanager
 def mlflow_server_at(backend_uri: str, artifacts: Path) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with served artifacts; yields its URL."""
-    port = free_port()  # ranksearch.packing's, which trials use too
+    port = free_port()  # ranksearch.search.packing's, which trials use too
     proc = subprocess.Popen(
         [
             sys.executable,

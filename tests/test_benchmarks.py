@@ -112,8 +112,8 @@ def _synthetic_grid(search_cost) -> dict:
     """The full benchmark space (36 configurations) with crossing synthetic learning curves."""
     import optuna
 
-    from ranksearch import space
-    from ranksearch.config import StudyConfig
+    from ranksearch.config import space
+    from ranksearch.config.schema import StudyConfig
 
     search = StudyConfig.model_validate(search_cost.study(Path("."), quick=False)).search
     rng, configs = random.Random(0), {}
@@ -239,8 +239,8 @@ def _sft_table(search_cost) -> dict:
     """A hand-made table of the `sft` space's quick grid (2 configurations, left unscored)."""
     import optuna
 
-    from ranksearch import space
-    from ranksearch.config import StudyConfig
+    from ranksearch.config import space
+    from ranksearch.config.schema import StudyConfig
 
     search = StudyConfig.model_validate(search_cost.study(Path("."), True, space="sft")).search
     rng, configs = random.Random(2), {}
@@ -264,7 +264,7 @@ def test_the_sft_space_is_a_decoder_study_and_replays(tmp_path):
     """`--space sft`: the shipped sft-smollm2 study's model and data as a 12-configuration grid
     that ranksearch accepts; compare replays a table of it left unscored, counting
     SmolLM2's LoRA parameters (no classification head)."""
-    from ranksearch.config import StudyConfig
+    from ranksearch.config.schema import StudyConfig
 
     search_cost = _search_cost()
     raw = search_cost.study(Path("."), quick=False, space="sft")
@@ -321,9 +321,9 @@ def test_the_sft_grid_is_scored_on_validation_chats_no_evaluation_scores(
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ranksearch.config import StudyConfig
-    from ranksearch.data import prepare, tokenizer_at
-    from ranksearch.sft import IGNORE, chat_example, conversation
+    from ranksearch.config.schema import StudyConfig
+    from ranksearch.data.prepare import prepare, tokenizer_at
+    from ranksearch.data.sft import IGNORE, chat_example, conversation
 
     search_cost = _search_cost()
     raw = yaml.safe_load(_chat_study(tmp_path, tiny_llama, sentiment_csv).read_text())

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from ranksearch.space import TrialConfig
+from ranksearch.config.space import TrialConfig
 
 from .conftest import CHAT_TURNS, free_port, run_cli, write_study
 

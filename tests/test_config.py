@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ranksearch.config import StudyError, load_study, parse_study, set_override
-from ranksearch.paths import BUILTIN_STUDIES, PathError, redact_url, resolve_study_file
+from ranksearch.config.paths import BUILTIN_STUDIES, PathError, redact_url, resolve_study_file
+from ranksearch.config.schema import StudyError, load_study, parse_study, set_override
 
 from .conftest import run_cli
 
@@ -199,6 +199,6 @@ def test_config_and_space_import_without_a_cycle():
     import subprocess
     import sys
 
-    code = "import sys, ranksearch.space; print('ranksearch.config' in sys.modules)"
+    code = "import sys, ranksearch.config.space; print('ranksearch.config.schema' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"

@@ -5,7 +5,7 @@ import json
 import optuna
 from mlflow import MlflowClient
 
-from ranksearch.recommend import answer
+from ranksearch.answer.recommend import answer
 
 from .conftest import run_cli, write_study
 from .test_cli import FIXED

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from ranksearch.config import load_study
-from ranksearch.data import DataError, prepare, stratified_split
+from ranksearch.config.schema import load_study
+from ranksearch.data.prepare import DataError, prepare, stratified_split
 
 from .conftest import write_study
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ranksearch.config import StudyConfig
-from ranksearch.estimate import estimate, estimate_space
-from ranksearch.space import lora_kwargs, resolve
+from ranksearch.config.schema import StudyConfig
+from ranksearch.config.space import lora_kwargs, resolve
+from ranksearch.data.estimate import estimate, estimate_space
 
 
 def _bert(task):
@@ -105,7 +105,7 @@ def test_counts_equal_peft(build, task, targets, rank, use_dora):
 
 
 def test_estimate_space_covers_every_rank_and_set(tmp_path, tiny_bert, sentiment_csv):
-    from ranksearch.config import load_study
+    from ranksearch.config.schema import load_study
 
     from .conftest import write_study
 

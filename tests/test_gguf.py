@@ -14,7 +14,10 @@ from .conftest import SMOLLM2_GGUF, require_smollm2
 def test_two_processes_convert_one_gguf_file_once(tmp_path):
     """Two orchestrators starting at once on a fresh cache agree on one complete folder."""
     require_smollm2()
-    code = f"from ranksearch.data import model_location; print(model_location({SMOLLM2_GGUF!r}))"
+    code = (
+        "from ranksearch.data.prepare import model_location; "
+        f"print(model_location({SMOLLM2_GGUF!r}))"
+    )
     env = {**os.environ, "RANKSEARCH_CACHE": str(tmp_path)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)

@@ -9,10 +9,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from plotly.offline import get_plotlyjs
 
-from ranksearch.figures import figures
-from ranksearch.htmlreport import write_html
-from ranksearch.plots import make_plots
-from ranksearch.report import build_report
+from ranksearch.answer.figures import figures
+from ranksearch.answer.htmlreport import write_html
+from ranksearch.answer.plots import make_plots
+from ranksearch.answer.report import build_report
 
 from .conftest import config_attr, require_chromium
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ranksearch.launch import (
+from ranksearch.search.launch import (
     LaunchPlan,
     WorkerProcess,
     accelerate_argv,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ranksearch.packing import GpuPool, SlotError, Slots, free_port, plan_slots, visible_gpus
+from ranksearch.search.packing import GpuPool, SlotError, Slots, free_port, plan_slots, visible_gpus
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,7 @@ def test_cpu_threads_follow_the_process_affinity():
     every core of the machine."""
     code = (
         "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-        "from ranksearch.packing import plan_slots, usable_cpus; "
+        "from ranksearch.search.packing import plan_slots, usable_cpus; "
         "print(usable_cpus(), plan_slots(device='cpu', gpus=[], gpus_per_trial=1, "
         "parallel_trials=None, num_processes=1, cpu_count=usable_cpus()).threads)"
     )

@@ -8,8 +8,8 @@ import yaml
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from ranksearch.recommend import answer, rank_view
-from ranksearch.report import SCHEMA, build_report
+from ranksearch.answer.recommend import answer, rank_view
+from ranksearch.answer.report import SCHEMA, build_report
 
 from .conftest import config_attr, run_cli
 
@@ -179,7 +179,7 @@ def test_a_pruned_trial_is_never_recommended(tolerance):
 
 
 def test_a_tolerance_the_study_file_cannot_mean_is_refused_naming_the_key(tmp_path):
-    from ranksearch.config import StudyError, load_study
+    from ranksearch.config.schema import StudyError, load_study
 
     path = tmp_path / "s.yaml"
     path.write_text(
@@ -314,9 +314,9 @@ def test_every_reader_names_the_same_best_trial(tmp_path):
 
     from rich.console import Console
 
-    from ranksearch.report import best_summary, study_status
-    from ranksearch.study import record_answer
-    from ranksearch.view import LiveView, _counts
+    from ranksearch.answer.report import best_summary, study_status
+    from ranksearch.cli.view import LiveView, _counts
+    from ranksearch.search.loop import record_answer
 
     study = optuna.create_study(study_name="agree", storage=f"sqlite:///{tmp_path / 'o.db'}")
     for t in (

@@ -9,9 +9,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import create_trial
 
-from ranksearch import space
-from ranksearch.config import SearchConfig, StudyConfig, load_study
-from ranksearch.sampling import (
+from ranksearch.config import space
+from ranksearch.config.schema import SearchConfig, StudyConfig, load_study
+from ranksearch.search.sampling import (
     create_pruner,
     create_sampler,
     first_rung,

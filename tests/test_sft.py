@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ranksearch.config import DataConfig
-from ranksearch.sft import IGNORE, build_examples
+from ranksearch.config.schema import DataConfig
+from ranksearch.data.sft import IGNORE, build_examples
 from ranksearch.worker import batch_loss, pack_rows, packed_collate, pad_collate, training_loss
 
 TWEETS = [

@@ -6,8 +6,8 @@ import json
 import optuna
 import pytest
 
-from ranksearch.config import SearchConfig
-from ranksearch.space import (
+from ranksearch.config.schema import SearchConfig
+from ranksearch.config.space import (
     TrialConfig,
     config_key,
     distributions,

@@ -13,11 +13,11 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
-from ranksearch import space
-from ranksearch.config import StudyError, load_study
-from ranksearch.study import ask_retry_first, fail_lost, open_study, requeue, worker_host
-from ranksearch.tracking import NullTracker
-from ranksearch.view import PlainView
+from ranksearch.cli.view import PlainView
+from ranksearch.config import space
+from ranksearch.config.schema import StudyError, load_study
+from ranksearch.search.loop import ask_retry_first, fail_lost, open_study, requeue, worker_host
+from ranksearch.tracking.tracker import NullTracker
 
 from .conftest import write_study
 

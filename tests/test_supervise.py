@@ -8,10 +8,10 @@ import time
 import pytest
 from optuna.trial import TrialState
 
-from ranksearch.launch import LaunchPlan, WorkerProcess
-from ranksearch.study import open_study
-from ranksearch.supervise import Outcome, TrialRun, killed_reason
-from ranksearch.tracking import NullTracker
+from ranksearch.search.launch import LaunchPlan, WorkerProcess
+from ranksearch.search.loop import open_study
+from ranksearch.search.supervise import Outcome, TrialRun, killed_reason
+from ranksearch.tracking.tracker import NullTracker
 
 from .test_study import _cfg, _view
 

@@ -21,14 +21,14 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from rich.console import Console
 
-from ranksearch import space
-from ranksearch.config import load_study
-from ranksearch.data import prepare
-from ranksearch.paths import resolve_package_path
-from ranksearch.recommend import answer
-from ranksearch.study import fail_lost, open_study, worker_host
-from ranksearch.tracking import MlflowTracker, NullTracker, Tracker, make_tracker
-from ranksearch.view import PlainView
+from ranksearch.answer.recommend import answer
+from ranksearch.cli.view import PlainView
+from ranksearch.config import space
+from ranksearch.config.paths import resolve_package_path
+from ranksearch.config.schema import load_study
+from ranksearch.data.prepare import prepare
+from ranksearch.search.loop import fail_lost, open_study, worker_host
+from ranksearch.tracking.tracker import MlflowTracker, NullTracker, Tracker, make_tracker
 
 from .conftest import (
     config_attr,
@@ -302,7 +302,7 @@ def test_a_trial_shorter_than_the_sampling_interval_still_gets_system_metrics(tm
 
 def test_tracking_errors_carry_their_key_as_data(tmp_path):
     """Callers gather the problem by its key, without cutting a message apart."""
-    from ranksearch.tracking import TrackingError, check_tracking
+    from ranksearch.tracking.tracker import TrackingError, check_tracking
 
     blocked = tmp_path / "file"
     blocked.write_text("")
@@ -469,7 +469,7 @@ def test_nodes_with_their_own_mlflow_stores_never_crash_on_each_others_runs(
     tracker_b.end_trial(study_b.trials[0])
     # node b dies mid-trial; node a finds the trial lost and fails it
     _tracked_trial(study_b, cfg, tracker_b, host=worker_host(), orchestrator_pid=_dead_pid())
-    with caplog.at_level(logging.WARNING, logger="ranksearch.tracking"):
+    with caplog.at_level(logging.WARNING, logger="ranksearch.tracking.tracker"):
         assert fail_lost(study_a, cfg, tracker_a, PlainView(Console(file=io.StringIO()))) == [1]
         tracker_a.finish_study(study_a, answer(study_a.trials))  # its run is in node b's store
     assert "another MLflow store" in caplog.text

@@ -11,8 +11,8 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from ranksearch.tracking import TrackingError
-from ranksearch.ui import wait_healthy
+from ranksearch.tracking.tracker import TrackingError
+from ranksearch.tracking.ui import wait_healthy
 
 from .conftest import free_port, write_study
 

@@ -4,9 +4,9 @@ import socket
 
 import pytest
 
-from ranksearch.config import StudyError, load_study
-from ranksearch.packing import available_memory_gb, memory_problems
-from ranksearch.validate import check_study, model_problems, resource_problems
+from ranksearch.cli.validate import check_study, model_problems, resource_problems
+from ranksearch.config.schema import StudyError, load_study
+from ranksearch.search.packing import available_memory_gb, memory_problems
 
 from .conftest import CHAT_TURNS, make_rows, run_cli, write_study
 

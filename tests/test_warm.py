@@ -13,11 +13,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ranksearch.config import load_study
-from ranksearch.data import prepare
-from ranksearch.launch import LaunchPlan, TrialFiles
-from ranksearch.supervise import exit_reason
-from ranksearch.warm import WarmPool, WarmWorker
+from ranksearch.config.schema import load_study
+from ranksearch.data.prepare import prepare
+from ranksearch.search.launch import LaunchPlan, TrialFiles
+from ranksearch.search.supervise import exit_reason
+from ranksearch.search.warm import WarmPool, WarmWorker
 
 from .conftest import run_cli, trial_spec, write_study
 
@@ -178,7 +178,7 @@ def _gone(pid: int) -> bool:
 def test_an_idle_worker_leaves_when_its_orchestrator_is_gone(tmp_path):
     """kill -9 of the orchestrator closes the worker's stdin: the worker exits."""
     script = (
-        "import sys, time; from pathlib import Path; from ranksearch.warm import WarmWorker;"
+        "import sys, time; from pathlib import Path; from ranksearch.search.warm import WarmWorker;"
         "from tests.test_warm import SERVE;"
         f"w = WarmWorker(SERVE, Path({str(tmp_path / 'warm.log')!r})); print(w.pid, flush=True);"
         "time.sleep(600)"

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from ranksearch.config import load_study
-from ranksearch.data import prepare
+from ranksearch.config.schema import load_study
+from ranksearch.data.prepare import prepare
 from ranksearch.worker import (
     SPEC_VERSION,
     DataSpec,

@@ -1,0 +1,150 @@
+"""Interactive plots of a study (plotly), for `plots/*.html` and `report.html`.
+
+The learning curves are drawn here, one line per trial named by its configuration; the parallel
+coordinate, slice and importance views are Optuna's, with the best and the recommended trial
+marked on them (a thick line, a star, a ring) in the colors of the PNG plots.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import optuna
+
+from ranksearch.answer.plots import MARKS, OTHERS, answer_roles, curve_trials, trial_label
+from ranksearch.answer.recommend import Answer, answer
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+
+def curves(study: optuna.Study, ans: Answer) -> go.Figure | None:
+    import plotly.graph_objects as go
+    from optuna.trial import TrialState
+
+    trials = curve_trials(study)
+    if not trials:
+        return None
+    roles = {t.number: role for role, t in reversed(answer_roles(ans))}
+    fig = go.Figure()
+    for i, t in enumerate(sorted(trials, key=lambda t: t.number in roles)):  # answer on top
+        steps = sorted(t.intermediate_values)
+        role = roles.get(t.number)
+        line = {
+            "dash": "dot" if t.state == TrialState.PRUNED else "solid",
+            "width": 1.5,
+            "color": OTHERS[i % len(OTHERS)],
+        }
+        if role:
+            line |= {"color": MARKS[role][0], "width": 4}
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=[t.intermediate_values[s] for s in steps],
+                mode="lines+markers",
+                marker={"size": 4},
+                line=line,
+                name=trial_label(t) + (f" ({role})" if role else ""),
+                opacity=1 if role else 0.7,
+            )
+        )
+    fig.update_layout(
+        title="Val loss during training (dotted: pruned)",
+        xaxis_title="optimizer step",
+        yaxis_title="val loss",
+        legend_title="trial",
+    )
+    return fig
+
+
+def _same(shown: str, value) -> bool:
+    """Whether Optuna's text for a value (`0.00316`, `qv`, `8`) shows `value`."""
+    try:
+        return math.isclose(float(shown), float(value), rel_tol=5e-3)
+    except (TypeError, ValueError):
+        return shown.strip("'\"") == str(value)
+
+
+def mark_parallel(fig: go.Figure, ans: Answer) -> None:
+    """Optuna draws each trial as a line whose hover data is its values: thicken the answer's
+    and name it in the legend."""
+    for role, t in answer_roles(ans):
+        wanted = {"Objective Value": t.value, **t.params}
+        for trace in fig.data:
+            shown = {label: text for label, text in (trace.customdata or [])}
+            if (
+                shown
+                and shown.keys() == wanted.keys()
+                and all(_same(shown[k], v) for k, v in wanted.items())
+            ):
+                trace.update(
+                    line={"color": MARKS[role][0], "width": 4},
+                    opacity=1,
+                    showlegend=True,
+                    name=f"{role}: {trial_label(t)}",
+                )
+                break
+
+
+def mark_slice(fig: go.Figure, ans: Answer) -> None:
+    """Optuna colors each slice point by its trial number: a star and a ring over the answer's
+    points, on every parameter's panel."""
+    import plotly.graph_objects as go
+
+    for trace in list(fig.data):
+        numbers = list(trace.marker.color or [])
+        for role, t in answer_roles(ans):
+            if t.number not in numbers:
+                continue
+            i = numbers.index(t.number)
+            color, _, symbol = MARKS[role]
+            fig.add_trace(
+                go.Scatter(
+                    x=[trace.x[i]],
+                    y=[trace.y[i]],
+                    xaxis=trace.xaxis,
+                    yaxis=trace.yaxis,
+                    mode="markers",
+                    marker={
+                        "symbol": symbol,
+                        "size": 16,
+                        "color": color,
+                        "line": {"width": 2, "color": color},
+                    },
+                    name=f"{role}: {trial_label(t)}",
+                    legendgroup=role,
+                    showlegend=trace.xaxis in (None, "x"),
+                )  # fmt: skip
+            )
+
+
+def figures(study: optuna.Study, tolerance: str | float = "1se") -> dict[str, go.Figure]:
+    """The interactive views of a study, by name; those it has too few trials for are left out."""
+    from optuna import visualization as ov
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials):
+        return {}
+    ans = answer(trials, tolerance)
+    made = {}
+    drawn = curves(study, ans)
+    if drawn is not None:
+        made["curves"] = drawn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, draw, mark in (
+            ("parallel_coordinate", ov.plot_parallel_coordinate, mark_parallel),
+            ("slice", ov.plot_slice, mark_slice),
+            ("importances", ov.plot_param_importances, None),  # parameters, not trials
+        ):
+            try:
+                fig = draw(study)
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue  # too few trials for this view
+            if mark is not None:
+                mark(fig, ans)
+            made[name] = fig
+    return made

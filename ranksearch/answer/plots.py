@@ -1,0 +1,227 @@
+"""Plots of a study as PNG (matplotlib), for people; `figures.py` draws the interactive ones.
+
+Every plot names trials by their configuration (`#3 r8 qv lr 1e-3`) and marks the best and the
+recommended trial wherever they appear: a star for the best, a ring for the recommended.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ranksearch.answer.recommend import Answer, answer, distinct_complete
+from ranksearch.config.space import TrialConfig
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+    from matplotlib.figure import Figure
+
+# how the answer is drawn: role -> (color, matplotlib marker, plotly symbol)
+MARKS = {"best": ("#d62728", "*", "star"), "recommended": ("#2ca02c", "o", "circle-open")}
+# every other trial or group: colors apart from those two
+OTHERS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def trial_label(t: FrozenTrial) -> str:
+    """`#3 r8 qv lr 1e-3`: a trial by its number and configuration."""
+    c = TrialConfig.of(t)
+    if c is None:
+        return f"#{t.number}"
+    mantissa, exponent = f"{c.learning_rate:.1e}".split("e")
+    lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"#{t.number} r{c.rank} {c.target_modules} lr {lr}"
+
+
+def answer_roles(ans: Answer) -> list[tuple[str, FrozenTrial]]:
+    """(role, trial) of the best and the recommended trial, those the study has."""
+    return [(r, t) for r, t in (("best", ans.best), ("recommended", ans.recommended)) if t]
+
+
+def pareto_front(points: list[tuple[float, float, FrozenTrial]]) -> list[tuple[float, float]]:
+    """(cost, loss) points no other point beats on both; sorted by cost."""
+    front, best = [], float("inf")
+    for cost, loss, _ in sorted(points, key=lambda p: (p[0], p[1])):
+        if loss < best:
+            front.append((cost, loss))
+            best = loss
+    return front
+
+
+def _mark(ax, points: dict[int, tuple[float, float]], ans: Answer) -> None:
+    """The best and the recommended trial on `ax`, where they are among `points` (by number)."""
+    for role, t in answer_roles(ans):
+        if t.number not in points:
+            continue
+        color, marker, _ = MARKS[role]
+        x, y = points[t.number]
+        ax.scatter(
+            [x], [y], s=320 if role == "best" else 200, marker=marker, zorder=5, linewidths=2,
+            facecolors=color if role == "best" else "none", edgecolors=color,
+            label=f"{role}: {trial_label(t)}",
+        )  # fmt: skip
+
+
+def loss_by_rank_figure(trials: list[FrozenTrial], ans: Answer) -> Figure:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    configs = {t.number: TrialConfig.of(t) for t in trials}  # every one has a configuration
+    sets = sorted({c.target_modules for c in configs.values()})
+    for i, name in enumerate(sets):
+        group = [t for t in trials if configs[t.number].target_modules == name]
+        ax.scatter(
+            [configs[t.number].rank for t in group],
+            [t.value for t in group],
+            label=name,
+            s=40,
+            alpha=0.8,
+            color=OTHERS[i % len(OTHERS)],
+        )
+    _mark(ax, {t.number: (configs[t.number].rank, t.value) for t in trials}, ans)
+    ax.set_xscale("log", base=2)
+    ranks = sorted({c.rank for c in configs.values()})
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.minorticks_off()
+    ax.set(xlabel="LoRA rank", ylabel="final val loss", title="Val loss by rank (complete trials)")
+    ax.legend(title="target modules", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_figure(trials: list[FrozenTrial], attr: str, label: str, ans: Answer) -> Figure | None:
+    """Val loss against a cost (`attr`), its Pareto front labelled by configuration."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, NullFormatter
+
+    points = [(t.user_attrs[attr], t.value, t) for t in trials if t.user_attrs.get(attr)]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.scatter([p[0] for p in points], [p[1] for p in points], s=40, alpha=0.6, label="trials",
+               color=OTHERS[0])  # fmt: skip
+    front = pareto_front(points)
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=OTHERS[5],
+            label="Pareto front")  # fmt: skip
+    for cost, loss, t in points:
+        if (cost, loss) in front:
+            ax.annotate(trial_label(t), (cost, loss), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8)  # fmt: skip
+    _mark(ax, {t.number: (cost, loss) for cost, loss, t in points}, ans)
+    costs = [p[0] for p in points]
+    if max(costs) >= 10 * min(costs):  # a log axis only where it spans a decade
+        ax.set_xscale("log")
+    # short tick labels (12k, 1.2M, 30), no minor-tick labels: none overlap
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel=label, ylabel="final val loss", title=f"Val loss vs {label}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(study: optuna.Study, ans: Answer) -> Figure | None:
+    """Val loss at each evaluation, one line per search trial labelled by its configuration;
+    pruned trials dotted, ending where they were cut."""
+    import matplotlib.pyplot as plt
+
+    trials = curve_trials(study)
+    if not trials:
+        return None
+    roles = {t.number: role for role, t in reversed(answer_roles(ans))}
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, t in enumerate(trials):
+        steps = sorted(t.intermediate_values)
+        role = roles.get(t.number)
+        ax.plot(
+            steps,
+            [t.intermediate_values[s] for s in steps],
+            linestyle=":" if t.state == TrialState.PRUNED else "-",
+            linewidth=3 if role else 1.2,
+            color=MARKS[role][0] if role else OTHERS[i % len(OTHERS)],
+            alpha=1 if role else 0.7,
+            label=trial_label(t) + (f" ({role})" if role else ""),
+            zorder=4 if role else 2,
+        )
+    ax.set(xlabel="optimizer step", ylabel="val loss", title="Val loss during training")
+    ax.legend(fontsize=7, ncols=2 if len(trials) > 12 else 1, loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def curve_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Search trials that reported (confirmation trainings and replayed duplicates left out)."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and t.intermediate_values
+        and "duplicate_of" not in t.user_attrs
+        and not t.user_attrs.get("confirmation")
+    ]
+
+
+def _importances_png(study: optuna.Study, out: Path) -> list[Path]:
+    """Optuna's parameter importances (no trial on it to mark). Its parallel-coordinate view is
+    drawn in HTML only, where the answer's lines are marked."""
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    try:
+        ax = ovm.plot_param_importances(study)
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return []  # too few trials for this view
+    ax.figure.set_size_inches(8, 5)
+    ax.figure.tight_layout()
+    ax.figure.savefig(out / "importances.png", dpi=120)
+    plt.close(ax.figure)
+    return [out / "importances.png"]
+
+
+def make_plots(
+    study: optuna.Study,
+    out: Path,
+    figs: dict[str, go.Figure] | None = None,
+    tolerance: str | float = "1se",
+) -> list[Path]:
+    """Write every plot the study has enough trials for into `out`; return the files.
+    `figs`: the study's `figures.figures`, when the caller drew them already."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from ranksearch.answer.figures import figures
+
+    matplotlib.use("Agg")
+    out.mkdir(parents=True, exist_ok=True)
+    all_trials = study.get_trials(deepcopy=False)
+    ans = answer(all_trials, tolerance)
+    trials = [t for t in distinct_complete(all_trials) if "config" in t.user_attrs]
+    made: list[Path] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        drawn = {"curves": curves_figure(study, ans)}
+        if trials:
+            drawn |= {
+                "val_loss_by_rank": loss_by_rank_figure(trials, ans),
+                "pareto_params": pareto_figure(
+                    trials, "trainable_params", "trainable parameters", ans
+                ),
+                "pareto_seconds": pareto_figure(trials, "wall_seconds", "trial seconds", ans),
+            }
+        for name, fig in drawn.items():
+            if fig is not None:
+                fig.savefig(out / f"{name}.png", dpi=120)
+                plt.close(fig)
+                made.append(out / f"{name}.png")
+        if any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in all_trials):
+            made += _importances_png(study, out)
+    for name, fig in (figures(study, tolerance) if figs is None else figs).items():
+        fig.write_html(out / f"{name}.html", include_plotlyjs=True)  # offline: no CDN
+        made.append(out / f"{name}.html")
+    return made

@@ -1,0 +1,316 @@
+"""Every check of a study before anything runs: `check_study` gathers them into one StudyError.
+
+The file's own rules come from `config.py` (schema, cross-field rules) and `space.py` (the search
+space); this module adds what needs the model, the data, the storage, the tracking store and the
+machine (memory, GPU slots). The model is built from its config on the `meta` device (no weights
+are read), so checking that every target module exists as a Linear layer takes a second even
+for large models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ranksearch.config.paths import PathError, out_problems, study_dir
+from ranksearch.config.problems import Problem, StudyError
+from ranksearch.config.schema import (
+    StudyConfig,
+    file_problems,
+    read_study,
+    typed_as_far_as_possible,
+)
+from ranksearch.config.space import module_sets
+from ranksearch.data.prepare import DataError, label_frame, read_frame
+from ranksearch.search.packing import (
+    SlotError,
+    Slots,
+    available_memory_gb,
+    local_gpus,
+    memory_problems,
+    packed_memory,
+    plan_slots,
+    resolve_device,
+    usable_cpus,
+)
+from ranksearch.search.storage import StorageError, check_storage, default_storage_url
+
+
+def linear_modules(cfg: StudyConfig) -> dict[str, str]:
+    """Module name -> class name for every module of the model (built on `meta`)."""
+    from ranksearch.data.estimate import build_skeleton
+
+    return {name: type(m).__name__ for name, m in build_skeleton(cfg).named_modules() if name}
+
+
+def _is_linear(class_name: str) -> bool:
+    return class_name in ("Linear", "Conv1D") or class_name.endswith("Linear")
+
+
+def module_problems(cfg: StudyConfig, modules: dict[str, str]) -> list[Problem]:
+    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, c in modules.items() if _is_linear(c)})
+    problems = []
+    for set_name, names in module_sets(cfg.search).items():
+        if names == "all-linear":
+            continue
+        for name in names:
+            hits = [c for n, c in modules.items() if n == name or n.endswith("." + name)]
+            key = f"search.target_modules.{set_name}"
+            if not hits:
+                problems.append(
+                    Problem(
+                        key,
+                        f"`{name}` is not a module of the model; Linear layers "
+                        f"are: {', '.join(linear_leaves)}",
+                    )
+                )
+            elif not any(_is_linear(c) for c in hits):
+                problems.append(
+                    Problem(
+                        key,
+                        f"`{name}` is a {hits[0]}, not a Linear layer; use one of "
+                        f"{', '.join(linear_leaves)}",
+                    )
+                )
+    return problems
+
+
+def model_problems(cfg: StudyConfig) -> list[Problem]:
+    try:
+        modules = linear_modules(cfg)
+    except PathError as e:
+        return [Problem("model.path", str(e))]
+    except Exception as e:  # noqa: BLE001 - from_pretrained raises many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return [
+            Problem(
+                "model.path",
+                f"cannot load the model config from {cfg.model.path!r}: {first}. "
+                "Give a local directory, package://pkg/dir, or a hub id (needs network)",
+            )
+        ]
+    problems = module_problems(cfg, modules)
+    if cfg.model.quantization == "4bit":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(
+                Problem(
+                    "model.quantization",
+                    "4bit (QLoRA) needs a CUDA GPU and none is "
+                    "visible here; set `model.quantization: none` on CPU",
+                )
+            )
+    return problems
+
+
+def data_problems(
+    cfg: StudyConfig, model_ok: bool = True, warnings: list[str] | None = None
+) -> list[Problem]:
+    """Problems with the data files; rows dropped as empty are added to `warnings`."""
+    problems = []
+    sources = [("data.source", cfg.data.source)]
+    if cfg.data.validation:
+        sources.append(("data.validation", cfg.data.validation))
+    for key, source in sources:
+        try:
+            frame, counts, _ = label_frame(
+                cfg.data, read_frame(cfg.data, source, key), cfg.task, key
+            )
+        except DataError as e:
+            problems.append(Problem(e.key, e.message))
+            continue
+        problem, warning = empty_rows(cfg, counts, key)
+        problems += [problem] if problem else []
+        if warning and warnings is not None:
+            warnings.append(warning)
+        if model_ok and cfg.task == "causal-lm" and cfg.data.format != "text":
+            problems += example_problems(cfg, frame, key)
+    return list(dict.fromkeys(problems))
+
+
+MAX_EMPTY_SHARE = 0.5  # past this share of empty rows, the column is more likely wrong than sparse
+
+
+def _text_key(cfg: StudyConfig) -> tuple[str, str]:
+    """The key whose column(s) an empty row is empty in, and those columns in words."""
+    if cfg.task == "causal-lm" and cfg.data.format != "text":
+        from ranksearch.data.sft import columns_key
+
+        return columns_key(cfg.data), "a column its templates name"
+    return "data.text_column", repr(cfg.data.text_column)
+
+
+def empty_rows(
+    cfg: StudyConfig, counts: dict[str, int], where: str
+) -> tuple[Problem | None, str | None]:
+    """A warning when rows of `where` were dropped as empty; a problem when most of them were."""
+    empty, rows = counts.get("dropped_empty", 0), counts.get("rows", 0)
+    if not empty:
+        return None, None
+    key, column = _text_key(cfg)
+    said = f"{empty:,} of {rows:,} rows of `{where}` dropped: {column} is empty in them"
+    if empty <= MAX_EMPTY_SHARE * rows:
+        return None, said
+    fix = (
+        f"more than {MAX_EMPTY_SHARE:.0%} of the rows: point `{key}` at the column that holds "
+        "the texts, or remove the empty rows from the file"
+    )
+    return Problem(key, f"{said}; {fix}"), said
+
+
+def empty_warnings(cfg: StudyConfig, counts: dict[str, int]) -> list[str]:
+    """The warnings of `empty_rows` for prepared data (validation counts are prefixed)."""
+    said = []
+    for where, prefix in (("data.source", ""), ("data.validation", "validation_")):
+        part = {k: counts.get(prefix + k, 0) for k in ("rows", "dropped_empty")}
+        said.append(empty_rows(cfg, part, where)[1])
+    return [w for w in said if w]
+
+
+def example_problems(cfg: StudyConfig, frame, where: str, sample: int = 500) -> list[Problem]:
+    """Causal-LM formats on a seeded sample of rows: a chat template to render with, an
+    assistant turn in every conversation, completions that survive `max_length`."""
+    from ranksearch.data.prepare import load_tokenizer
+    from ranksearch.data.sft import ExampleError, build_examples, conversation, truncation_problem
+
+    if isinstance(cfg.data.messages, str):  # every row's turns, before any tokenizing
+        try:
+            for pos, row in enumerate(frame[[cfg.data.messages]].to_dict("records")):
+                conversation(cfg.data, row, f"{where} row {pos}")
+        except ExampleError as e:
+            return [Problem(e.key, str(e))]
+
+    tok = load_tokenizer(cfg)
+    if cfg.data.format == "messages" and not tok.chat_template:
+        return [
+            Problem(
+                "data.format",
+                f"the tokenizer of {cfg.model.path} has no chat template to render messages "
+                "with; use format prompt-completion, or a model that ships a chat template",
+            )
+        ]
+    rows = frame.sample(n=min(sample, len(frame)), random_state=cfg.training.seed)
+    try:
+        examples = build_examples(cfg.data, rows, tok, where)
+    except ExampleError as e:
+        return [Problem(e.key, str(e))]
+    message = truncation_problem(cfg.data, examples, len(rows))
+    return [Problem("data.max_length", message)] if message else []
+
+
+def resource_problems(
+    cfg: StudyConfig, storage_url: str | None = None, warnings: list[str] | None = None
+) -> list[Problem]:
+    """Every problem with the model, the data and the storage, collected (not the first);
+    what is accepted but worth saying (rows dropped as empty) is added to `warnings`."""
+    problems = model_problems(cfg)
+    model_ok = not any(k == "model.path" for k, _ in problems)
+    problems += data_problems(cfg, model_ok, warnings)
+    if storage_url:
+        try:
+            check_storage(storage_url)
+        except StorageError as e:
+            problems.append(Problem(e.key, e.message))
+    return problems
+
+
+def tracking_problems(
+    cfg: StudyConfig, out: Path, uri_option: str | None, out_ok: bool = True
+) -> list[Problem]:
+    """The MLflow store this study logs to must be reachable. A default store inside a bad
+    `--out` is `--out`'s fault, said once (`out_ok` False)."""
+    from ranksearch.tracking.tracker import (
+        TrackingError,
+        check_tracking,
+        default_tracking_uri,
+        tracking_uri,
+    )
+
+    uri = tracking_uri(cfg, out, uri_option)
+    if not out_ok and uri == default_tracking_uri(out):
+        return []
+    try:
+        check_tracking(uri)
+    except TrackingError as e:
+        return [Problem(e.key, e.message)]
+    return []
+
+
+@dataclass(frozen=True)
+class CheckedStudy:
+    """A study that passed every check, with what the checks worked out on the way."""
+
+    cfg: StudyConfig
+    path: Path  # the study file
+    out: Path  # the study directory, absolute
+    storage_url: str
+    device: str = "cpu"  # `launch.device` resolved
+    gpus: list[str] = field(default_factory=list)  # the GPUs trials may use here
+    slots: Slots | None = None  # None when only the schema was checked
+    warnings: list[str] = field(default_factory=list)  # accepted, but worth saying
+
+
+def check_study(
+    study: str | Path,
+    overrides: list[str] = (),
+    *,
+    out: Path | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    mlflow: bool = True,
+    schema_only: bool = False,
+) -> CheckedStudy:
+    """Every problem a study has before anything runs, in one `StudyError`: the schema, the
+    file's own rules and search space, `--out`, the model, the data, the storage (when given),
+    the tracking store, the memory and the trial slots. Writes nothing."""
+    data, path = read_study(study, overrides)
+    cfg, problems = typed_as_far_as_possible(data)
+    if cfg is None:
+        raise StudyError(problems, str(path))
+    problems += file_problems(cfg)
+    out = study_dir(cfg.study_name, out)
+    checked = CheckedStudy(cfg, path, out, storage or default_storage_url(out))
+    if not schema_only:
+        checked = _machine_checks(checked, problems, storage, tracking_uri, mlflow)
+    if problems:
+        raise StudyError(list(dict.fromkeys(problems)), str(path))
+    return checked
+
+
+def _machine_checks(
+    checked: CheckedStudy,
+    problems: list[Problem],
+    storage: str | None,
+    uri_option: str | None,
+    mlflow: bool,
+) -> CheckedStudy:
+    """The checks that read the model, the data, the stores and this machine; each problem is
+    added to `problems`. The study with its device, GPUs and slots."""
+    cfg, out, warnings = checked.cfg, checked.out, []
+    problems += out_problems(out)
+    problems += resource_problems(cfg, storage, warnings)
+    if mlflow and cfg.tracking.enabled:
+        out_ok = not any(p.key == "--out" for p in problems)
+        problems += tracking_problems(cfg, out, uri_option, out_ok)
+    device = resolve_device(cfg.launch.device)
+    model_ok = not any(p.key == "model.path" for p in problems)
+    if model_ok:
+        problems += memory_problems(cfg, device, available_memory_gb(device))
+    gpus = local_gpus(device)
+    launch = cfg.launch
+    packed = packed_memory(cfg, device) if model_ok else {"trials_per_gpu": launch.trials_per_gpu}
+    slots = None
+    try:
+        slots = plan_slots(
+            device=device,
+            gpus=gpus,
+            gpus_per_trial=launch.gpus_per_trial,
+            parallel_trials=launch.parallel_trials,
+            num_processes=launch.num_processes,
+            cpu_count=usable_cpus(),
+            **packed,
+        )
+    except SlotError as e:
+        problems.append(Problem(e.key, e.message))
+    return replace(checked, device=device, gpus=gpus, slots=slots, warnings=warnings)

@@ -1,0 +1,10 @@
+"""The study file: its schema, paths and search space, loaded once into one `StudyConfig` or one
+`StudyError` that lists every problem.
+
+`ranksearch.config.StudyConfig`, `parse_study` and `load_study` are the public import paths.
+"""
+
+from ranksearch.config.problems import Problem, StudyError
+from ranksearch.config.schema import StudyConfig, load_study, parse_study
+
+__all__ = ["Problem", "StudyConfig", "StudyError", "load_study", "parse_study"]

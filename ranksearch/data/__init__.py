@@ -1,0 +1,6 @@
+"""The data a study trains on: read, label-map, split and tokenize once into an Arrow cache; SFT
+examples from chats; GGUF model sources; parameter and memory estimates.
+
+Heavy libraries (datasets, transformers) are imported inside the functions that need them, so
+that `validate` and the read commands start fast.
+"""

@@ -1,0 +1,7 @@
+"""`python -m ranksearch.worker spec.json` (or `--serve <study dir>`): the worker as a script."""
+
+import sys
+
+from ranksearch.worker import main
+
+sys.exit(main())
