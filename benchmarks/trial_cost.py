@@ -192,7 +192,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    from ranksearch.config.schema import load_study
+    from ranksearch.config.load import load_study
     from ranksearch.data.prepare import model_location
 
     cfg = load_study(a.study)[0]

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ranksearch.config.load import load_study, parse_study, set_override
 from ranksearch.config.paths import BUILTIN_STUDIES, PathError, redact_url, resolve_study_file
-from ranksearch.config.schema import StudyError, load_study, parse_study, set_override
+from ranksearch.config.problems import StudyError
 
 from .conftest import run_cli
 
@@ -192,13 +193,3 @@ def test_causal_lm_formats_name_the_missing_or_malformed_key(tmp_path):
     with pytest.raises(StudyError) as err:
         load_study(path)
     assert "no assistant turn" in dict(err.value.problems)["data.messages"]
-
-
-def test_config_and_space_import_without_a_cycle():
-    """space.py (the search space, its checks) sits below config.py, which imports it."""
-    import subprocess
-    import sys
-
-    code = "import sys, ranksearch.config.space; print('ranksearch.config.schema' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert r.stdout.strip() == "False"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from ranksearch.config.schema import load_study
+from ranksearch.config.load import load_study
 from ranksearch.data.prepare import DataError, prepare, stratified_split
 
 from .conftest import write_study

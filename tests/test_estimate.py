@@ -105,7 +105,7 @@ def test_counts_equal_peft(build, task, targets, rank, use_dora):
 
 
 def test_estimate_space_covers_every_rank_and_set(tmp_path, tiny_bert, sentiment_csv):
-    from ranksearch.config.schema import load_study
+    from ranksearch.config.load import load_study
 
     from .conftest import write_study
 

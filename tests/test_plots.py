@@ -8,13 +8,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from ranksearch.answer.figures import figures
-from ranksearch.answer.plots import (
-    curves_figure,
-    loss_by_rank_figure,
-    make_plots,
-    pareto_figure,
-    trial_label,
-)
+from ranksearch.answer.marks import trial_label
+from ranksearch.answer.plots import curves_figure, loss_by_rank_figure, make_plots, pareto_figure
 from ranksearch.answer.recommend import answer, distinct_complete
 
 from .conftest import config_attr

@@ -179,7 +179,8 @@ def test_a_pruned_trial_is_never_recommended(tolerance):
 
 
 def test_a_tolerance_the_study_file_cannot_mean_is_refused_naming_the_key(tmp_path):
-    from ranksearch.config.schema import StudyError, load_study
+    from ranksearch.config.load import load_study
+    from ranksearch.config.problems import StudyError
 
     path = tmp_path / "s.yaml"
     path.write_text(

@@ -10,7 +10,8 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import create_trial
 
 from ranksearch.config import space
-from ranksearch.config.schema import SearchConfig, StudyConfig, load_study
+from ranksearch.config.load import load_study
+from ranksearch.config.schema import SearchConfig, StudyConfig
 from ranksearch.search.sampling import (
     create_pruner,
     create_sampler,

@@ -15,7 +15,8 @@ from rich.console import Console
 
 from ranksearch.cli.view import PlainView
 from ranksearch.config import space
-from ranksearch.config.schema import StudyError, load_study
+from ranksearch.config.load import load_study
+from ranksearch.config.problems import StudyError
 from ranksearch.search.loop import ask_retry_first, fail_lost, open_study, requeue, worker_host
 from ranksearch.tracking.tracker import NullTracker
 

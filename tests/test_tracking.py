@@ -24,8 +24,8 @@ from rich.console import Console
 from ranksearch.answer.recommend import answer
 from ranksearch.cli.view import PlainView
 from ranksearch.config import space
+from ranksearch.config.load import load_study
 from ranksearch.config.paths import resolve_package_path
-from ranksearch.config.schema import load_study
 from ranksearch.data.prepare import prepare
 from ranksearch.search.loop import fail_lost, open_study, worker_host
 from ranksearch.tracking.tracker import MlflowTracker, NullTracker, Tracker, make_tracker

@@ -5,7 +5,8 @@ import socket
 import pytest
 
 from ranksearch.cli.validate import check_study, model_problems, resource_problems
-from ranksearch.config.schema import StudyError, load_study
+from ranksearch.config.load import load_study
+from ranksearch.config.problems import StudyError
 from ranksearch.search.packing import available_memory_gb, memory_problems
 
 from .conftest import CHAT_TURNS, make_rows, run_cli, write_study

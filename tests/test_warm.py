@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ranksearch.config.schema import load_study
+from ranksearch.config.load import load_study
 from ranksearch.data.prepare import prepare
 from ranksearch.search.launch import LaunchPlan, TrialFiles
 from ranksearch.search.supervise import exit_reason

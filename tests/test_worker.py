@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from ranksearch.config.schema import load_study
+from ranksearch.config.load import load_study
 from ranksearch.data.prepare import prepare
 from ranksearch.worker import (
     SPEC_VERSION,

@@ -119,7 +119,7 @@ def export(
         retrained = retrain(spec_path, out, out / "retrain.log")
     else:
         shutil.copytree(source, out, dirs_exist_ok=True)
-    from ranksearch.config.schema import parse_study
+    from ranksearch.config.load import parse_study
 
     cfg = parse_study(study_file, overrides)[0]
     (out / "lora_config.json").write_text(json.dumps(spec.lora, indent=2) + "\n")

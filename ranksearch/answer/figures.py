@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from ranksearch.answer.plots import MARKS, OTHERS, answer_roles, curve_trials, trial_label
+from ranksearch.answer.marks import MARKS, OTHERS, answer_roles, curve_trials, trial_label
 from ranksearch.answer.recommend import Answer, answer
 
 if TYPE_CHECKING:

@@ -13,32 +13,14 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ranksearch.answer.figures import figures
+from ranksearch.answer.marks import MARKS, OTHERS, answer_roles, curve_trials, trial_label
 from ranksearch.answer.recommend import Answer, answer, distinct_complete
 from ranksearch.config.space import TrialConfig
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
     from matplotlib.figure import Figure
-
-# how the answer is drawn: role -> (color, matplotlib marker, plotly symbol)
-MARKS = {"best": ("#d62728", "*", "star"), "recommended": ("#2ca02c", "o", "circle-open")}
-# every other trial or group: colors apart from those two
-OTHERS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
-
-
-def trial_label(t: FrozenTrial) -> str:
-    """`#3 r8 qv lr 1e-3`: a trial by its number and configuration."""
-    c = TrialConfig.of(t)
-    if c is None:
-        return f"#{t.number}"
-    mantissa, exponent = f"{c.learning_rate:.1e}".split("e")
-    lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"#{t.number} r{c.rank} {c.target_modules} lr {lr}"
-
-
-def answer_roles(ans: Answer) -> list[tuple[str, FrozenTrial]]:
-    """(role, trial) of the best and the recommended trial, those the study has."""
-    return [(r, t) for r, t in (("best", ans.best), ("recommended", ans.recommended)) if t]
 
 
 def pareto_front(points: list[tuple[float, float, FrozenTrial]]) -> list[tuple[float, float]]:
@@ -155,18 +137,6 @@ def curves_figure(study: optuna.Study, ans: Answer) -> Figure | None:
     return fig
 
 
-def curve_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Search trials that reported (confirmation trainings and replayed duplicates left out)."""
-    return [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        and t.intermediate_values
-        and "duplicate_of" not in t.user_attrs
-        and not t.user_attrs.get("confirmation")
-    ]
-
-
 def _importances_png(study: optuna.Study, out: Path) -> list[Path]:
     """Optuna's parameter importances (no trial on it to mark). Its parallel-coordinate view is
     drawn in HTML only, where the answer's lines are marked."""
@@ -194,8 +164,6 @@ def make_plots(
     `figs`: the study's `figures.figures`, when the caller drew them already."""
     import matplotlib
     import matplotlib.pyplot as plt
-
-    from ranksearch.answer.figures import figures
 
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)

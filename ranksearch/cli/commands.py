@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.text import Text
 
+from ranksearch.config.load import parse_study
 from ranksearch.config.paths import BUILTIN_STUDIES, PathError, study_dir
-from ranksearch.config.schema import StudyConfig, StudyError, parse_study
+from ranksearch.config.problems import StudyError
+from ranksearch.config.schema import StudyConfig
 from ranksearch.data.prepare import DataError
 from ranksearch.search.storage import StorageError
 from ranksearch.tracking.tracker import TrackingError, make_tracker, rebase_artifacts, tracking_uri

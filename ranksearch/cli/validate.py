@@ -12,14 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ranksearch.config.load import file_problems, read_study, typed_as_far_as_possible
 from ranksearch.config.paths import PathError, out_problems, study_dir
 from ranksearch.config.problems import Problem, StudyError
-from ranksearch.config.schema import (
-    StudyConfig,
-    file_problems,
-    read_study,
-    typed_as_far_as_possible,
-)
+from ranksearch.config.schema import StudyConfig
 from ranksearch.config.space import module_sets
 from ranksearch.data.prepare import DataError, label_frame, read_frame
 from ranksearch.search.packing import (

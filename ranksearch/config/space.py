@@ -12,9 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
-
 from ranksearch.config.problems import Problem
+from ranksearch.config.schema import Range, SearchConfig, StudyConfig
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -22,29 +21,6 @@ if TYPE_CHECKING:
     import optuna
     from optuna.distributions import BaseDistribution
     from optuna.trial import FrozenTrial
-
-    from ranksearch.config.schema import SearchConfig, StudyConfig
-
-
-class Range(BaseModel):
-    """A numeric range for Optuna: `{low: 1.0e-4, high: 3.0e-3, log: true}`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Range:
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high}); swap them")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log range needs low > 0, got {self.low}; raise low or drop `log`")
-        if self.log and self.step is not None:
-            raise ValueError("`step` and `log: true` cannot be combined; choose one")
-        return self
 
 
 # study-file key -> Optuna parameter name, in display order

@@ -19,76 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ranksearch.config.templates import render_template, template_fields
+
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ranksearch.config.schema import DataConfig, StudyConfig
+    from ranksearch.config.schema import DataConfig
 
 IGNORE = -100  # label of a token the loss skips (PyTorch's and Hugging Face's convention)
 # A study is refused when more than this share of its rows would lose their whole completion.
 MAX_TRUNCATED_SHARE = 0.5
-
-
-def format_problems(cfg: StudyConfig) -> list[tuple[str, str]]:
-    """`data.format` and the keys each format needs (causal-lm only)."""
-    d, problems = cfg.data, []
-    if cfg.task != "causal-lm":
-        if d.format != "text":
-            problems.append(("data.format", "prompt-completion and messages need task: causal-lm"))
-        if cfg.training.packing:
-            problems.append(("training.packing", "packing is for task: causal-lm; remove it"))
-        return problems
-    if d.labels and d.format == "text":
-        problems.append(("data.labels", "causal-lm `text` trains on text only; remove `labels`"))
-    needs = {"prompt-completion": ("prompt", "completion"), "messages": ("messages",)}
-    for key in needs.get(d.format, ()):
-        if getattr(d, key) is None:
-            problems.append(
-                (f"data.{key}", f"format {d.format} needs `{key}`: a column or a template")
-            )
-    for key in ("prompt", "completion", "messages"):
-        if getattr(d, key) is not None and key not in needs.get(d.format, ()):
-            problems.append(
-                (f"data.{key}", f"not used with data.format {d.format}; remove it or the format")
-            )
-    if isinstance(d.messages, list) and not any(m.role == "assistant" for m in d.messages):
-        problems.append(("data.messages", "no assistant turn: add {role: assistant, content: ..}"))
-    for key in ("prompt", "completion"):
-        template = getattr(d, key)
-        if template is not None:
-            problems += [(f"data.{key}", e) for e in template_errors(template)]
-    if isinstance(d.messages, list):
-        for i, m in enumerate(d.messages):
-            errors = template_errors(m.content, column_shorthand=False)
-            problems += [(f"data.messages.{i}.content", e) for e in errors]
-    return problems
-
-
-def template_fields(template: str, column_shorthand: bool = True) -> list[str]:
-    """The columns a template names: "Tweet: {text}" -> ["text"]. With `column_shorthand`, a
-    bare name (`prompt`) is the column itself. Raises ValueError for a malformed template."""
-    import string
-
-    if column_shorthand and template.isidentifier():
-        return [template]
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-
-
-def render_template(template: str, row: dict[str, Any], column_shorthand: bool = True) -> str:
-    """A template filled from one row (every value as text); a bare name is that column."""
-    if column_shorthand and template.isidentifier():
-        return str(row[template])
-    return template.format_map({k: str(v) for k, v in row.items()})
-
-
-def template_errors(template: str, column_shorthand: bool = True) -> list[str]:
-    try:
-        fields = template_fields(template, column_shorthand)
-    except ValueError as e:
-        return [f"not a valid template ({e}); write `{{column}}`, and `{{{{` for a brace"]
-    if any(not f.isidentifier() for f in fields):
-        return ["fields must be column names: `{text}`, not positions or expressions"]
-    return []
 
 
 class ExampleError(ValueError):

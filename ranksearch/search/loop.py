@@ -21,7 +21,8 @@ from optuna.trial import FrozenTrial, TrialState
 from ranksearch.answer.recommend import Answer, answer, count_states
 from ranksearch.config import space
 from ranksearch.config.paths import redact_url
-from ranksearch.config.schema import StudyConfig, StudyError
+from ranksearch.config.problems import StudyError
+from ranksearch.config.schema import StudyConfig
 from ranksearch.data.prepare import PreparedData, model_location
 from ranksearch.search.launch import (
     TrialFiles,
