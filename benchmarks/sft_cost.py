@@ -73,7 +73,8 @@ def trl_run(prepared: Path, model_path: str, spec: TrialSpec, steps: int, packin
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from ranksearch.worker import evaluate, get_dataloaders
+    from ranksearch.worker.batches import get_dataloaders
+    from ranksearch.worker.train import evaluate
 
     train = spec.training
     torch.manual_seed(train["seed"])

@@ -144,7 +144,7 @@ def eval_throughput(
     import torch
     from datasets import load_from_disk
 
-    from ranksearch.worker import pad_collate
+    from ranksearch.worker.batches import pad_collate
 
     meta = json.loads((data_path / "meta.json").read_text())
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ def test_prepare_maps_labels_drops_unmapped_and_splits(study, tmp_path):
 
 def test_the_worker_reads_prepared_splits_as_datasets_does(study, tmp_path):
     """Trials read the splits with pyarrow alone (no `datasets` import): the same rows, in order."""
-    from ranksearch.worker import TokenizedSplit, read_split
+    from ranksearch.worker.batches import TokenizedSplit, read_split
 
     data = prepare(study, tmp_path / "run")
     for split in ("train", "validation"):

@@ -11,7 +11,8 @@ import torch
 from datasets import load_from_disk
 from torch.utils.data import DataLoader
 
-from ranksearch.worker import TrialSpec, pad_collate
+from ranksearch.worker import TrialSpec
+from ranksearch.worker.batches import pad_collate
 
 from .conftest import run_cli, write_study
 from .test_cli import FIXED

@@ -8,7 +8,8 @@ import torch
 
 from ranksearch.config.schema import DataConfig
 from ranksearch.data.sft import IGNORE, build_examples
-from ranksearch.worker import batch_loss, pack_rows, packed_collate, pad_collate, training_loss
+from ranksearch.worker.batches import pack_rows, packed_collate, pad_collate
+from ranksearch.worker.train import batch_loss, training_loss
 
 TWEETS = [
     ("positive", "Just landed in Paris, the food here is amazing!"),

@@ -11,15 +11,10 @@ import pytest
 
 from ranksearch.config.load import load_study
 from ranksearch.data.prepare import prepare
-from ranksearch.worker import (
-    SPEC_VERSION,
-    DataSpec,
-    LengthGroupedSampler,
-    ModelSpec,
-    OrphanedError,
-    TrialSpec,
-    training_function,
-)
+from ranksearch.worker import SPEC_VERSION, DataSpec, ModelSpec, TrialSpec
+from ranksearch.worker.batches import LengthGroupedSampler
+from ranksearch.worker.spec import EVALUATION_KEYS, EVENT_KEYS
+from ranksearch.worker.train import OrphanedError, training_function
 
 from .conftest import trial_spec, write_study
 
@@ -62,6 +57,10 @@ def test_same_seed_same_curve_and_the_adapter_is_saved(make_spec):
     )
     assert "val_losses" not in final  # evaluations report the mean only
     assert end["val_losses"] != _reports(c)[-1]["val_losses"]
+    # every key a worker writes is in the vocabulary the orchestrator reads (worker.spec)
+    for line in _reports(a):
+        allowed = EVENT_KEYS[line["event"]] if "event" in line else EVALUATION_KEYS
+        assert set(line) - {"time", "event"} <= set(allowed), line.keys()
 
 
 def test_gradient_checkpointing_trains_the_same_model(make_spec):
@@ -125,13 +124,19 @@ def test_grouped_and_plain_batching_both_train(make_spec):
 
 
 def test_the_worker_imports_nothing_of_ranksearch():
-    """The worker is a plain accelerate script: it runs from a spec alone."""
+    """The worker is a plain accelerate script: it runs from a spec alone. Its spec module,
+    which the orchestrator reads too, does not even import torch."""
     code = (
-        "import sys, ranksearch.worker; "
+        "import sys, ranksearch.worker.__main__; "
         "print(sorted(m for m in sys.modules if m.startswith('ranksearch.')))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert r.stdout.strip() == "['ranksearch.worker']"
+    loaded = eval(r.stdout.strip())
+    assert "ranksearch.worker.train" in loaded
+    assert all(m.startswith("ranksearch.worker") for m in loaded), loaded
+    code = "import sys, ranksearch.worker.spec; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
 
 
 def _written_spec(folder) -> TrialSpec:

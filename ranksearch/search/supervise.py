@@ -23,31 +23,10 @@ from optuna.trial import TrialState
 from ranksearch.config.schema import StudyConfig
 from ranksearch.search.launch import WorkerProcess
 from ranksearch.search.warm import WarmTrial
+from ranksearch.worker.spec import KEPT_FROM_EVENTS, KEPT_PER_EVALUATION
 
 EXIT_GRACE_SECONDS = 20  # after a worker's final report, before it is stopped
 REASON_CHARS = 2000  # a fail reason's length, as stored on the trial
-
-# what a worker's `start`/`end` events carry that the trial keeps
-EVENT_ATTRS = (
-    "trainable_params",
-    "total_params",
-    "peak_memory_mb",
-    "train_seconds",
-    "eval_seconds",
-    # the final evaluation's per-example losses (rounded), for paired comparisons: kept in the
-    # storage, because on several nodes the trial folders are not shared; the report reads it
-    "val_losses",
-)
-REPORT_ATTRS = (
-    "val_loss",
-    "val_loss_se",
-    "accuracy",
-    "answer_accuracy",
-    "f1",
-    "perplexity",
-    "train_loss",
-    "train_seconds",
-)
 
 
 @dataclass
@@ -138,7 +117,7 @@ class TrialRun:
         return Outcome(TrialState.FAIL, reason=exit_reason(rc, self.worker))
 
     def _record_event(self, rec: dict) -> None:
-        for name in EVENT_ATTRS:
+        for name in KEPT_FROM_EVENTS:
             if name in rec:
                 self.trial.set_user_attr(name, rec[name])
         if "trainable_params" in rec:
@@ -150,7 +129,7 @@ class TrialRun:
         trial = self.trial
         trial.report(rec["val_loss"], rec["step"])
         trial.set_user_attr("last_step", rec["step"])
-        for name in REPORT_ATTRS:
+        for name in KEPT_PER_EVALUATION:
             if name in rec:
                 trial.set_user_attr(name, rec[name])
         best = trial.user_attrs.get("best_val_loss", math.inf)

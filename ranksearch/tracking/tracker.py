@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ranksearch.answer.recommend import Answer
 from ranksearch.config.paths import redact_url, trial_dir
 from ranksearch.search.storage import init_lock
+from ranksearch.worker.spec import LOGGED_PER_STEP
 
 if TYPE_CHECKING:
     from ranksearch.config.space import TrialConfig
@@ -43,15 +44,6 @@ STATUS = {
     TrialState.PRUNED: "FINISHED",
     TrialState.FAIL: "FAILED",
 }
-STEP_METRICS = (
-    "val_loss",
-    "accuracy",
-    "answer_accuracy",
-    "f1",
-    "perplexity",
-    "train_loss",
-    "learning_rate",
-)
 FINAL_METRICS = (
     "trainable_params",
     "trainable_fraction",
@@ -484,7 +476,7 @@ class MlflowTracker:
         now = int(record.get("time", time.time()) * 1000)
         metrics = [
             Metric(k, float(record[k]), now, int(record["step"]))
-            for k in STEP_METRICS
+            for k in LOGGED_PER_STEP
             if k in record
         ]
         _retry(self.client.log_batch, self._runs[trial_number], metrics=metrics)
