@@ -43,7 +43,8 @@ def work(index: int, storage: str, tracking: str, n_trials: int, out: list) -> N
     import optuna
 
     from ranksearch.config import space
-    from ranksearch.search.loop import fail_lost, open_study, trial_counts
+    from ranksearch.search.loop import open_study, trial_counts
+    from ranksearch.search.recovery import fail_lost
     from ranksearch.search.storage import study_lock
     from ranksearch.tracking.tracker import MlflowTracker
 

@@ -17,7 +17,8 @@ from ranksearch.cli.view import PlainView
 from ranksearch.config import space
 from ranksearch.config.load import load_study
 from ranksearch.config.problems import StudyError
-from ranksearch.search.loop import ask_retry_first, fail_lost, open_study, requeue, worker_host
+from ranksearch.search.loop import open_study
+from ranksearch.search.recovery import ask_retry_first, fail_lost, requeue, worker_host
 from ranksearch.tracking.tracker import NullTracker
 
 from .conftest import write_study

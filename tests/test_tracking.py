@@ -27,7 +27,8 @@ from ranksearch.config import space
 from ranksearch.config.load import load_study
 from ranksearch.config.paths import resolve_package_path
 from ranksearch.data.prepare import prepare
-from ranksearch.search.loop import fail_lost, open_study, worker_host
+from ranksearch.search.loop import open_study
+from ranksearch.search.recovery import fail_lost, worker_host
 from ranksearch.tracking.tracker import MlflowTracker, NullTracker, Tracker, make_tracker
 
 from .conftest import (

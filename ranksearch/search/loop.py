@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.answer.recommend import Answer, answer, count_states
@@ -23,7 +21,7 @@ from ranksearch.config import space
 from ranksearch.config.paths import redact_url
 from ranksearch.config.problems import StudyError
 from ranksearch.config.schema import StudyConfig
-from ranksearch.data.prepare import PreparedData, model_location
+from ranksearch.data.prepare import PreparedData
 from ranksearch.search.launch import (
     TrialFiles,
     WorkerProcess,
@@ -32,14 +30,16 @@ from ranksearch.search.launch import (
     single_process_plan,
 )
 from ranksearch.search.packing import GpuPool, Slots, free_port, plan_slots, usable_cpus
+from ranksearch.search.recovery import ask_retry_first, fail_lost, requeue, worker_host
 from ranksearch.search.sampling import create_pruner, create_sampler, informed_start, search_budget
-from ranksearch.search.storage import open_storage, study_lock, trials_without_heartbeat
+from ranksearch.search.storage import open_storage, study_lock
 from ranksearch.search.supervise import Outcome, TrialRun
+from ranksearch.search.trialspec import trial_spec
 from ranksearch.search.warm import WarmPool, WarmTrial, serve_plan
 from ranksearch.tracking.tracker import NullTracker, Tracker
 
 if TYPE_CHECKING:
-    from ranksearch.worker import TrialSpec
+    pass
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 0.2
@@ -337,38 +337,6 @@ class Orchestrator:
         self._tell(trial, twin.value if twin.state == TrialState.COMPLETE else None, twin.state)
         return outcome
 
-    def _spec(self, trial: optuna.Trial, config: space.TrialConfig, trial_dir: Path) -> TrialSpec:
-        """The worker's input. Its paths are relative to `trial_dir` (the worker resolves them
-        against the spec's folder), so a copied or moved study directory still runs."""
-        from ranksearch.worker import DataSpec, ModelSpec, TrialSpec  # torch: not at start-up
-
-        cfg = self.cfg
-        return TrialSpec(
-            study=cfg.study_name,
-            trial=trial.number,
-            task=cfg.task,
-            model=ModelSpec(
-                path=model_location(cfg.model.path),
-                quantization=cfg.model.quantization,
-                trust_remote_code=cfg.model.trust_remote_code,
-            ),
-            data=DataSpec(
-                path=os.path.relpath(self.data.path.absolute(), trial_dir.absolute()),
-                num_labels=self.data.num_labels,
-                pad_token_id=self.data.pad_token_id,
-                format=self.data.format,
-            ),
-            lora=space.lora_kwargs(config, cfg.task),
-            training={
-                **cfg.training.model_dump(),
-                "learning_rate": config.learning_rate,
-                "seed": trial.user_attrs.get("seed", cfg.training.seed),  # confirmation seeds
-            },
-            reports="reports.jsonl",
-            orchestrator_pid=os.getpid(),  # the worker exits if this process is gone
-            adapter_dir="adapter",
-        )
-
     def _launch(self, trial: optuna.Trial, config: space.TrialConfig) -> TrialRun:
         trial_dir = self.study_dir / "trials" / str(trial.number)
         if trial_dir.exists():  # a retried number in a fresh storage: start clean
@@ -376,7 +344,7 @@ class Orchestrator:
                 (trial_dir / f).unlink(missing_ok=True)
         trial_dir.mkdir(parents=True, exist_ok=True)
         spec_path = trial_dir / "spec.json"
-        self._spec(trial, config, trial_dir).write(spec_path)
+        trial_spec(self.cfg, self.data, trial, config, trial_dir).write(spec_path)
         # relative to the study directory: readers resolve it from where the study is now
         trial.set_user_attr("trial_dir", str(trial_dir.relative_to(self.study_dir)))
         gpus = self.gpu_pool.take() if self.device != "cpu" else []
@@ -434,102 +402,3 @@ class Orchestrator:
             # `finally`), and this loop already caps the budget at the size of the space.
             if "Study.stop" not in str(e):
                 raise
-
-
-# -- trials whose worker was lost, and the requeue rule ------------------------------------
-
-
-def fail_lost(study: optuna.Study, cfg: StudyConfig, tracker: Tracker, view) -> list[int]:
-    """Fail the RUNNING trials whose orchestrator is gone: a dead pid on this host, or no
-    heartbeat for `launch.stale_after_seconds` (any host). Each is failed once (whichever
-    process gets there first), its tracked run closed, and its configuration queued again.
-    Returns the numbers of the trials this call failed."""
-    storage, failed = study._storage, []
-    for trial_id, reason in _lost_trials(study, cfg).items():
-        try:
-            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                continue
-        except UpdateFinishedTrialError:  # another process failed it first
-            continue
-        frozen = storage.get_trial(trial_id)
-        tracker.end_trial(frozen, frozen.user_attrs.get("mlflow_run_id"))
-        view.message(f"trial {frozen.number}: {reason} -> FAIL")
-        if requeue(study, cfg, frozen, lost=True):
-            view.message(f"trial {frozen.number}: configuration queued again")
-        failed.append(frozen.number)
-    return failed
-
-
-def _lost_trials(study: optuna.Study, cfg: StudyConfig) -> dict[int, str]:
-    """Trial id -> why its orchestrator counts as gone."""
-    host, lost, stale = worker_host(), {}, cfg.launch.stale_after_seconds
-    never_beat = trials_without_heartbeat(study._storage, study._study_id)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get("orchestrator_pid")
-        # a trial asked, then lost before its worker ran, has no heartbeat to go stale: its age
-        age = time.time() - t.datetime_start.timestamp() if t.datetime_start else 0.0
-        if t.user_attrs.get("host") == host and pid and not _pid_alive(pid):
-            lost[t._trial_id] = "orchestrator died while it ran (killed or crashed)"
-        elif t._trial_id in never_beat and age > stale:
-            lost[t._trial_id] = (
-                f"no heartbeat in the {age:.0f} s since it started: its orchestrator or "
-                "machine was lost before its worker ran"
-            )
-    for trial_id in study._storage._get_stale_trial_ids(study._study_id):
-        lost.setdefault(
-            trial_id, f"no heartbeat for {stale:g} s: its orchestrator or machine was lost"
-        )
-    return lost
-
-
-def ask_retry_first(study: optuna.Study) -> optuna.Trial:
-    """The next trial: a configuration queued again (interrupted or lost) before everything else,
-    then the study's queue (`enqueue:` baselines), then the sampler.
-
-    Optuna pops its queue oldest first, which would run the baselines enqueued when the study
-    was created before a retry enqueued later. The retry is popped as Optuna pops its queue:
-    WAITING -> RUNNING, which only one process wins."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if "retry_of" not in t.user_attrs:
-            continue
-        try:
-            if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                return optuna.Trial(study, t._trial_id)
-        except UpdateFinishedTrialError:  # another process popped and finished it
-            continue
-    return study.ask()
-
-
-def requeue(study: optuna.Study, cfg: StudyConfig, trial: FrozenTrial, lost: bool = False) -> bool:
-    """Queue a stopped trial's configuration again; whether it was queued.
-
-    Not for a grid (it revisits unfinished points by itself, and GridSampler rejects enqueued
-    trials) nor a confirmation run (`confirm` plans its round again). A lost trial is queued at
-    most `budget.retry_failed` times; an interrupted one always.
-    """
-    retries = trial.user_attrs.get("retries", 0)
-    if cfg.sampler.type == "grid" or trial.user_attrs.get("confirmation"):
-        return False
-    if lost and retries >= cfg.budget.retry_failed:
-        return False
-    attrs = {"retry_of": trial.number, **({"retries": retries + 1} if lost else {})}
-    study.enqueue_trial(trial.params, user_attrs=attrs)
-    return True
-
-
-def worker_host() -> str:
-    """The name this process records on its trials: `RANKSEARCH_HOST`, else the hostname.
-
-    Set it where hostnames are not unique or not telling (containers, pods)."""
-    return os.environ.get("RANKSEARCH_HOST") or socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
