@@ -303,7 +303,7 @@ def test_a_trial_shorter_than_the_sampling_interval_still_gets_system_metrics(tm
 
 def test_tracking_errors_carry_their_key_as_data(tmp_path):
     """Callers gather the problem by its key, without cutting a message apart."""
-    from ranksearch.tracking.tracker import TrackingError, check_tracking
+    from ranksearch.tracking.store import TrackingError, check_tracking
 
     blocked = tmp_path / "file"
     blocked.write_text("")

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from ranksearch.tracking.tracker import TrackingError
+from ranksearch.tracking.store import TrackingError
 from ranksearch.tracking.ui import wait_healthy
 
 from .conftest import free_port, write_study

@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.text import Text
 
+from ranksearch.answer.publish import publish_answer
 from ranksearch.config.load import parse_study
 from ranksearch.config.paths import BUILTIN_STUDIES, PathError, study_dir
 from ranksearch.config.problems import StudyError
 from ranksearch.config.schema import StudyConfig
 from ranksearch.data.prepare import DataError
 from ranksearch.search.storage import StorageError
-from ranksearch.tracking.tracker import TrackingError, make_tracker, rebase_artifacts, tracking_uri
+from ranksearch.tracking.store import TrackingError, rebase_artifacts, tracking_uri
+from ranksearch.tracking.tracker import make_tracker
 
 if TYPE_CHECKING:
     import optuna
@@ -324,7 +326,9 @@ def _orchestrator(args, console: Console):
         problem = ("--out", f"{out}: cannot create it ({e.strerror}); give a writable directory")
         raise StudyError([problem], str(study_file)) from None
     view = PlainView(console) if args.plain else make_view(args.quiet, console)
-    tracker = make_tracker(cfg, out, args.tracking_uri, args.no_mlflow, args.overrides)
+    tracker = make_tracker(
+        cfg, out, args.tracking_uri, args.no_mlflow, args.overrides, publish=publish_answer
+    )
     for line in [] if args.quiet else study_lines(checked, tracker.uri, args.study):
         console.print(Text(line))
     data = prepare(cfg, out)
@@ -471,7 +475,7 @@ def write_plots(args, cfg: StudyConfig, study: optuna.Study, report: dict) -> tu
     from ranksearch.answer.figures import figures
     from ranksearch.answer.htmlreport import write_html
     from ranksearch.answer.plots import make_plots
-    from ranksearch.tracking.tracker import log_report
+    from ranksearch.answer.publish import log_report
 
     out, tolerance = study_dir(cfg.study_name, args.out), cfg.report.tolerance
     figs = {} if args.no_plots else figures(study, tolerance)

@@ -216,7 +216,7 @@ def tracking_problems(
 ) -> list[Problem]:
     """The MLflow store this study logs to must be reachable. A default store inside a bad
     `--out` is `--out`'s fault, said once (`out_ok` False)."""
-    from ranksearch.tracking.tracker import (
+    from ranksearch.tracking.store import (
         TrackingError,
         check_tracking,
         default_tracking_uri,

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ranksearch.config.paths import redact_url
-from ranksearch.tracking.tracker import TrackingError
+from ranksearch.tracking.store import TrackingError
 
 LOOPBACK = "127.0.0.1"
 STALL_SECONDS = 60.0  # start-up gives up after this long without the server using any CPU

@@ -1,0 +1,97 @@
+"""The answer, published where MLflow users look: the recommended trial's adapter as the parent
+run's MLflow model (registered when `tracking.register` names it), the confirmation round's
+pick as a tag, and `ranksearch report`'s page and plots as the parent's artifacts."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from optuna.trial import FrozenTrial
+
+from ranksearch.answer.confirm import analyse
+from ranksearch.answer.export import export
+from ranksearch.answer.mlmodel import log_adapter_model
+from ranksearch.answer.recommend import Answer
+from ranksearch.config.paths import trial_dir
+from ranksearch.tracking.store import (
+    MODEL_TRIAL,
+    MODEL_URI,
+    MODEL_VERSION,
+    credentials_to_env,
+    global_uri,
+    rebase_artifacts,
+    retry,
+    set_tag,
+    study_parents,
+)
+from ranksearch.tracking.tracker import MlflowTracker
+
+_log = logging.getLogger(__name__)
+
+
+def publish_answer(tracker: MlflowTracker, study, ans: Answer) -> None:
+    """At a study's end: tag the confirmation round's pick on the parent run, and log the
+    recommendation (the confirmed one once a round ran) as the MLflow model `recommended`."""
+    trials = study.get_trials(deepcopy=False)
+    confirmed = _confirmed_trial(trials)
+    if confirmed is not None:
+        set_tag(tracker.client, tracker.parent_id, "confirmed_recommended_trial", str(confirmed))
+    if ans.recommended is None or tracker.log_adapters == "none":
+        return
+    chosen = trials[confirmed] if confirmed is not None else ans.recommended
+    try:
+        log_model(tracker, study, chosen)
+    except Exception as e:  # noqa: BLE001 - the study's results stand without it
+        _log.warning("the recommended model was not logged to MLflow: %s", e)
+
+
+def log_model(tracker: MlflowTracker, study, trial: FrozenTrial) -> None:
+    """The recommendation's adapter, as `ranksearch export` writes it, logged as the MLflow
+    model `recommended` of the parent run (mlmodel.py) and registered as `tracking.register`
+    names it; logged again only when the recommendation changes (resume, confirm)."""
+    parent = retry(tracker.client.get_run, tracker.parent_id)
+    if parent.data.tags.get(MODEL_TRIAL) == str(trial.number) or tracker.study_file is None:
+        return
+    if not (trial_dir(tracker.study_dir, trial) / "adapter" / "adapter_config.json").is_file():
+        _log.warning("trial %s kept no adapter: no MLflow model logged", trial.number)
+        return
+    with tempfile.TemporaryDirectory(prefix="ranksearch-model-") as tmp:
+        folder = Path(tmp) / "adapter"  # the name MLflow gives it in the model
+        export(study, trial, folder, tracker.study_file, tracker.overrides, tracker.study_dir)
+        with global_uri(tracker._client_uri):
+            info = log_adapter_model(tracker.client, tracker.parent_id, folder, tracker.register)
+    tags = {MODEL_TRIAL: str(trial.number), MODEL_URI: info.model_uri}
+    if info.registered_model_version is not None:
+        tags[MODEL_VERSION] = f"models:/{tracker.register}/{info.registered_model_version}"
+    for key, value in tags.items():
+        set_tag(tracker.client, tracker.parent_id, key, value)
+
+
+def _confirmed_trial(trials: list[FrozenTrial]) -> int | None:
+    """The confirmation round's recommendation (confirm.analyse), once a round ran."""
+    if not any(t.user_attrs.get("confirmation") for t in trials):
+        return None
+    return analyse(trials)["recommended"]
+
+
+def log_report(uri: str, experiment: str, study_name: str, study_dir: Path) -> bool:
+    """Attach what `ranksearch report` wrote (`report.html`, the `plots/` folder) to the study's
+    parent run in the store at `uri`; False, with a warning, where that store has none (the
+    study ran on other nodes). A default store in `study_dir` is rebased first."""
+    from mlflow import MlflowClient
+
+    rebase_artifacts(uri, study_dir)
+
+    client = MlflowClient(tracking_uri=credentials_to_env(uri))
+    found = client.get_experiment_by_name(experiment)
+    parents = study_parents(client, found.experiment_id, study_name) if found else []
+    if not parents:
+        _log.warning("no MLflow parent run of study %s in %s: report not logged", study_name, uri)
+        return False
+    run_id = parents[0].info.run_id
+    if (study_dir / "plots").is_dir():
+        retry(client.log_artifacts, run_id, str(study_dir / "plots"), "plots")
+    retry(client.log_artifact, run_id, str(study_dir / "report.html"))
+    return True
