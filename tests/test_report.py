@@ -315,7 +315,8 @@ def test_every_reader_names_the_same_best_trial(tmp_path):
 
     from rich.console import Console
 
-    from ranksearch.answer.report import best_summary, study_status
+    from ranksearch.answer.report import study_status
+    from ranksearch.answer.text import best_summary
     from ranksearch.cli.view import LiveView, _counts
     from ranksearch.search.loop import record_answer
 

@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ranksearch.answer.report import (
+from ranksearch.answer.text import (
     COLUMNS,
     RANK_COLUMNS,
     cell,

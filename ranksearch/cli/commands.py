@@ -311,8 +311,9 @@ def _orchestrator(args, console: Console):
     """What `run` and `confirm` share: checked study, prepared data, tracker, view."""
     import torch
 
+    from ranksearch.cli.output import data_line, study_lines
     from ranksearch.cli.validate import empty_warnings
-    from ranksearch.cli.view import PlainView, data_line, make_view, study_lines
+    from ranksearch.cli.view import PlainView, make_view
     from ranksearch.data.prepare import prepare
     from ranksearch.search.loop import Orchestrator
     from ranksearch.search.sampling import rung_warning
@@ -379,7 +380,8 @@ def _confirmation_jobs(cfg: StudyConfig, study, top: int, seeds: int) -> list:
 
 
 def cmd_run(args, console: Console) -> int:
-    from ranksearch.answer.report import best_summary, trials_table
+    from ranksearch.answer.text import best_summary
+    from ranksearch.cli.output import trials_table
 
     cfg, orchestrator, view = _orchestrator(args, console)
     code = _drive(orchestrator.run, view, console)
@@ -401,7 +403,8 @@ def cmd_run(args, console: Console) -> int:
 
 
 def cmd_confirm(args, console: Console) -> int:
-    from ranksearch.answer.report import build_report, summary_lines
+    from ranksearch.answer.report import build_report
+    from ranksearch.answer.text import summary_lines
 
     cfg, orchestrator, view = _orchestrator(args, console)
     top = args.top or (cfg.confirm.top if cfg.confirm else 3)
@@ -453,8 +456,9 @@ def open_existing(args) -> tuple[StudyConfig, optuna.Study]:
 def cmd_report(args, console: Console) -> int:
     import json
 
-    from ranksearch.answer.report import build_report, to_markdown
-    from ranksearch.cli.view import print_report
+    from ranksearch.answer.report import build_report
+    from ranksearch.answer.text import to_markdown
+    from ranksearch.cli.output import print_report
 
     cfg, study = open_existing(args)
     report = build_report(study, cfg.report.tolerance, args.sort)
@@ -494,7 +498,7 @@ def write_plots(args, cfg: StudyConfig, study: optuna.Study, report: dict) -> tu
 def cmd_estimate(args, console: Console) -> int:
     import json
 
-    from ranksearch.cli.view import print_estimate
+    from ranksearch.cli.output import print_estimate
     from ranksearch.data.estimate import estimate_space, measure
 
     cfg, _, _ = parse_study(args.study, args.overrides)
@@ -514,7 +518,7 @@ def cmd_status(args, console: Console) -> int:
     import json
 
     from ranksearch.answer.report import study_status
-    from ranksearch.cli.view import print_status
+    from ranksearch.cli.output import print_status
     from ranksearch.search.sampling import search_budget
 
     cfg, study = open_existing(args)

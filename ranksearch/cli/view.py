@@ -1,16 +1,13 @@
-"""What a user sees in the terminal: the view of a running study, and the commands' tables.
+"""The view of a running study: a live Rich view on a terminal, plain lines otherwise.
 
-Unlike ui.py (MLflow's web UI, `ranksearch ui`), everything here prints to the terminal.
-While a study runs: a live Rich view on a terminal, plain lines otherwise. Each view takes the
-same calls from the orchestrator; `QuietView` is the null object (warnings only), so the loop
-never branches on how it is watched. After it: the lines and tables of `run`, `report`,
-`estimate` and `status` (their content comes from report.py and estimate.py).
+Each view takes the same calls from the orchestrator; `QuietView` is the null object (warnings
+only), so the loop never branches on how it is watched. What the commands print before and
+after is in output.py.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -187,128 +184,3 @@ def make_view(quiet: bool, console: Console | None = None) -> QuietView:
 
 # The commands' own output: what `run` says before the view starts, and the tables of
 # `report`, `estimate` and `status`.
-
-DROP_REASONS = {
-    "dropped_empty": "empty",
-    "dropped_unmapped": "label not in data.labels",
-    "train_dropped_truncated": "answer cut by max_length (train)",
-    "validation_dropped_truncated": "answer cut by max_length (validation)",
-}
-
-
-def data_line(counts: dict[str, int]) -> str:
-    """`data: 20,826 train / 384 validation rows; dropped: 15,018 label not in data.labels`."""
-    dropped = [
-        f"{counts[k] + counts.get('validation_' + k, 0):,} {why}"
-        for k, why in DROP_REASONS.items()
-        if counts.get(k, 0) + counts.get("validation_" + k, 0)
-    ]
-    line = f"data: {counts['train']:,} train / {counts['validation']:,} validation rows"
-    return line + (f"; dropped: {', '.join(dropped)}" if dropped else "")
-
-
-def study_lines(checked: Any, mlflow_uri: str | None, study_arg: str) -> list[str]:
-    """Where a study runs and logs, said once before it starts (a `validate.CheckedStudy`)."""
-    from ranksearch.config.paths import redact_url
-
-    parallel = checked.slots.parallel
-    trials = f"{parallel} trial{'s' if parallel > 1 else ''} at a time"
-    lines = [
-        f"study {checked.cfg.study_name}: {checked.out} (storage "
-        f"{redact_url(checked.storage_url)}, device {checked.device}, {trials})"
-    ]
-    if mlflow_uri:
-        browse = f"browse: ranksearch ui --study {study_arg}"
-        lines.append(f"MLflow: {redact_url(mlflow_uri)} ({browse})")
-    return lines
-
-
-def print_report(
-    console: Console, report: dict[str, Any], in_mlflow: bool, page: Path | None = None
-) -> None:
-    """`ranksearch report` as tables: the trials, by rank, the answer, where the plots and the
-    page `report.html` went."""
-    from ranksearch.answer.report import rank_table, rows_table, summary_lines
-
-    console.print(rows_table(report))
-    console.print(rank_table(report))
-    for line in summary_lines(report):
-        console.print(Text(line))
-    where = " and on the study's MLflow parent run" if in_mlflow else ""
-    if report.get("plots"):
-        folder = Path(report["plots"][0]).parent
-        console.print(Text(f"Plots:       {len(report['plots'])} files in {folder}{where}"))
-    if page is not None:
-        console.print(Text(f"Report:      {page}{where}"))
-
-
-ESTIMATE_COLUMNS = (
-    "rank",
-    "modules",
-    "dora",
-    "adapted",
-    "trainable",
-    "fraction",
-    "adapter MB",
-    "optimizer MB",
-    "memory MB (est.)",
-    "compression",
-)
-
-
-def print_estimate(console: Console, title: str, rows: list, measured: dict | None) -> None:
-    """`ranksearch estimate` as a table of `estimate.Estimate` rows, and the measured step."""
-    table = Table(title=title, title_justify="left")
-    for col in ESTIMATE_COLUMNS:
-        table.add_column(col, justify="left" if col == "modules" else "right")
-    for r in rows:
-        table.add_row(
-            str(r.rank),
-            r.target_modules,
-            "yes" if r.use_dora else "no",
-            str(r.adapted_modules),
-            f"{r.trainable_params:,}",
-            f"{r.trainable_fraction:.3%}",
-            f"{r.adapter_mb:.2f}",
-            f"{r.optimizer_state_mb:.2f}",
-            f"{r.memory_estimate_mb:.0f}",
-            f"{r.compression:,.0f}x",
-        )
-    console.print(table)
-    if measured:
-        m = measured
-        console.print(
-            Text(
-                f"measured: rank {m['rank']} {m['target_modules']}, one step on {m['device']}: "
-                f"{m['measured_mb']:.0f} MB ({m['method']}) vs {m['estimate_mb']:.0f} MB estimated"
-            )
-        )
-
-
-def print_status(console: Console, status: dict[str, Any]) -> None:
-    """`ranksearch status` as lines and a table by worker host (`report.study_status`)."""
-    c = status["counts"]
-    console.print(
-        Text(
-            f"study {status['study']}: {c['complete']} complete, {c['pruned']} "
-            f"pruned, {c['fail']} failed, {c['running']} running, "
-            f"{status['to_go']} to go of {status['n_trials']}"
-        )
-    )
-    if status["best"] is not None:
-        console.print(
-            Text(f"best: trial {status['best']}, recommended: trial {status['recommended']}")
-        )
-    table = Table(title="by worker host", title_justify="left")
-    for col in ("host", "complete", "pruned", "failed", "running"):
-        table.add_column(col, justify="left" if col == "host" else "right")
-    for host, n in status["hosts"].items():
-        table.add_row(host, str(n["complete"]), str(n["pruned"]), str(n["fail"]), str(n["running"]))
-    console.print(table)
-    for r in status["running"]:
-        console.print(
-            Text(
-                f"running: trial {r['trial']} on {r['host']} (pid {r['pid']}), "
-                f"step {r['last_step']}, started {r['started']}"
-            )
-        )
