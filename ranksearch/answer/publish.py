@@ -8,13 +8,18 @@ import logging
 import tempfile
 from pathlib import Path
 
+import optuna
 from optuna.trial import FrozenTrial
 
 from ranksearch.answer.confirm import analyse
 from ranksearch.answer.export import export
+from ranksearch.answer.figures import figures
+from ranksearch.answer.htmlreport import write_html
 from ranksearch.answer.mlmodel import log_adapter_model
+from ranksearch.answer.plots import make_plots
 from ranksearch.answer.recommend import Answer
 from ranksearch.config.paths import trial_dir
+from ranksearch.config.schema import StudyConfig
 from ranksearch.tracking.store import (
     MODEL_TRIAL,
     MODEL_URI,
@@ -25,6 +30,7 @@ from ranksearch.tracking.store import (
     retry,
     set_tag,
     study_parents,
+    tracking_uri,
 )
 from ranksearch.tracking.tracker import MlflowTracker
 
@@ -95,3 +101,28 @@ def log_report(uri: str, experiment: str, study_name: str, study_dir: Path) -> b
         retry(client.log_artifacts, run_id, str(study_dir / "plots"), "plots")
     retry(client.log_artifact, run_id, str(study_dir / "report.html"))
     return True
+
+
+def write_report(
+    cfg: StudyConfig,
+    study: optuna.Study,
+    report: dict,
+    out: Path,
+    plots: bool = True,
+    uri_option: str | None = None,
+) -> tuple[Path, bool]:
+    """Plots into <out>/plots (listed in `report`, unless `plots` is False) and the page
+    <out>/report.html, both onto the study's MLflow parent run when it has one; the page, and
+    whether MLflow has them too."""
+    tolerance = cfg.report.tolerance
+    figs = figures(study, tolerance) if plots else {}
+    if plots:
+        report["plots"] = [str(p) for p in make_plots(study, out / "plots", figs, tolerance)]
+    pngs = [Path(p) for p in report.get("plots", []) if p.endswith(".png")]
+    page = write_html(report, figs, pngs, out / "report.html")
+    tracked = "mlflow_parent_run_id" in study.user_attrs  # by this node or another one
+    if not (tracked and cfg.tracking.enabled):
+        return page, False
+    uri = tracking_uri(cfg, out, uri_option)
+    experiment = cfg.tracking.experiment or cfg.study_name
+    return page, log_report(uri, experiment, cfg.study_name, out)
