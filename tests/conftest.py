@@ -368,6 +368,30 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(f"test artifact: {path}")
 
 
+# What makes a test slow (pyproject.toml declares the markers). Tests that use these fixtures
+# are marked by them; every such marker also marks the test `slow`, so the fast tier is
+# `pytest -m "not slow"` (docs/development.md).
+SLOW_MARKERS = ("e2e", "services", "pretrained", "bench")
+FIXTURE_MARKERS = {
+    "tracked_study": "e2e",  # tests/test_tracking.py: a real `ranksearch run`, tracked
+    "finished": "e2e",  # tests/test_export.py: a finished study to export from
+    "registered": "e2e",  # tests/test_mlmodel.py: a study whose answer is a registered model
+    "mlflow_server": "services",
+    "pg_url": "services",
+    "smollm2_dir": "pretrained",
+    "tiny_llama": "pretrained",  # built from SmolLM2's tokenizer
+}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in item.fixturenames:
+                item.add_marker(marker)
+        if any(item.get_closest_marker(m) for m in SLOW_MARKERS):
+            item.add_marker("slow")
+
+
 def pytest_configure(config):
     """Each xdist worker runs on a core of its own, so the trials it starts take that core's
     thread (ranksearch sizes CPU threads from the process's affinity) instead of two workers'

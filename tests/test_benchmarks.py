@@ -15,6 +15,8 @@ import pytest
 
 from .conftest import CHAT_TURNS, make_rows, write_study
 
+pytestmark = pytest.mark.bench
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

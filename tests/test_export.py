@@ -98,6 +98,7 @@ def test_export_copies_a_loadable_adapter_with_its_settings(finished):
     assert _val_loss(dest, spec) == pytest.approx(best.value, abs=1e-5)
 
 
+@pytest.mark.e2e
 def test_a_missing_adapter_is_retrained_from_the_spec_with_the_same_seed(finished):
     tmp, study_file, out, study = finished
     trial = study.trials[1]
@@ -155,6 +156,7 @@ def test_a_spec_of_another_version_is_refused_before_anything_is_written(finishe
     assert "rerun the trial" in r.stderr and not dest.exists()
 
 
+@pytest.mark.e2e
 def test_a_moved_study_reports_exports_and_resumes(tmp_path, tiny_bert, sentiment_csv):
     """A finished study directory, moved: every command works on the new place, and nothing is
     read from or written into the old one (which no longer exists)."""

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import SMOLLM2_GGUF, require_smollm2
 
 
+@pytest.mark.pretrained
 def test_two_processes_convert_one_gguf_file_once(tmp_path):
     """Two orchestrators starting at once on a fresh cache agree on one complete folder."""
     require_smollm2()

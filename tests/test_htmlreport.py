@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from plotly.offline import get_plotlyjs
@@ -67,6 +68,7 @@ def study_with_confirmation() -> optuna.Study:
     return study
 
 
+@pytest.mark.services
 def test_report_html_renders_offline_in_chromium(tmp_path):
     chromium = require_chromium()
     from playwright.sync_api import sync_playwright

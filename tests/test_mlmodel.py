@@ -115,6 +115,7 @@ def test_register_names_a_registry_version_of_the_same_model(registered):
     assert set(scored["label"]) <= {"neg", "pos"}
 
 
+@pytest.mark.e2e
 def test_a_second_finish_with_the_same_answer_logs_no_second_model(registered, tmp_path):
     out, study, client = registered
     study_file = out.parent / "reg.yaml"
@@ -136,6 +137,7 @@ def test_bad_register_exits_2_naming_the_key(tmp_path, tiny_bert, sentiment_csv,
     assert r.returncode == 2 and "`tracking.register`" in r.stderr and fix in r.stderr
 
 
+@pytest.mark.e2e
 def test_a_causal_lm_model_loads_and_completes(tmp_path, tiny_gpt2, sentiment_csv):
     study_file = write_study(
         tmp_path / "lm.yaml",

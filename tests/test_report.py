@@ -246,6 +246,7 @@ def test_report_json_is_stable_and_complete(built_study):
     json.dumps(report)  # plain JSON all the way down
 
 
+@pytest.mark.e2e
 def test_report_command_finds_the_study_like_run(built_study):
     tmp_path, url, _ = built_study
     study_file = tmp_path / "built.yaml"
@@ -274,6 +275,7 @@ def test_report_command_finds_the_study_like_run(built_study):
     assert r.returncode == 2 and "run it first" in r.stderr
 
 
+@pytest.mark.e2e
 def test_status_shows_progress_by_host_and_what_runs(tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="built", storage=url)

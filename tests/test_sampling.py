@@ -133,6 +133,7 @@ def test_a_first_rung_before_the_curves_separate_is_flagged():
     assert rung_warning(off, crossing) is None  # nothing is pruned
 
 
+@pytest.mark.e2e
 def test_validate_warns_on_a_resumed_study_whose_first_rung_is_too_early(
     tmp_path, tiny_bert, sentiment_csv
 ):

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -116,6 +117,7 @@ def _check_lost_trial_recovered(study: optuna.Study, lost: int, n_trials: int, r
     assert retries[0].state == TrialState.COMPLETE
 
 
+@pytest.mark.e2e
 def test_parallel_trials_on_cpu_run_at_once(tmp_path, tiny_bert, sentiment_csv):
     study = _study_file(tmp_path, tiny_bert, sentiment_csv, "par", 4, parallel_trials=2)
     out = tmp_path / "out"
@@ -141,6 +143,8 @@ def test_parallel_trials_on_cpu_run_at_once(tmp_path, tiny_bert, sentiment_csv):
     assert len(warm) == min(2, len(trained))  # one warm worker per slot, each reused
 
 
+@pytest.mark.e2e
+@pytest.mark.services
 def test_three_processes_share_one_postgres_study_and_survive_a_lost_worker(
     tmp_path, tiny_bert, sentiment_csv
 ):
@@ -185,6 +189,7 @@ def test_three_processes_share_one_postgres_study_and_survive_a_lost_worker(
     assert not _workers(tmp_path / "node-c")
 
 
+@pytest.mark.e2e
 def test_two_processes_on_one_sqlite_study_survive_a_killed_one(tmp_path, tiny_bert, sentiment_csv):
     """Same machine, one SQLite file and one MLflow store: the dead orchestrator's pid gives its
     trial away at once (the heartbeat, 60 s by default, is not waited for)."""

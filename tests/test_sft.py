@@ -73,6 +73,7 @@ def trl_dataset(tiny_llama, tmp_path, rows: list[dict], **config):
     return trainer.train_dataset["input_ids"], trainer.train_dataset["labels"]
 
 
+@pytest.mark.pretrained
 def test_prompt_completion_labels_equal_trl_completion_only(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 
@@ -94,6 +95,7 @@ def test_prompt_completion_labels_equal_trl_completion_only(tiny_llama, tmp_path
     assert tok.decode([t for t in ours.labels[0] if t != IGNORE]) == " positive<|im_end|>"
 
 
+@pytest.mark.pretrained
 def test_messages_labels_equal_trl_assistant_only(tiny_llama, tmp_path):
     """Our spans come from rendering turn by turn with the model's own template (which has no
     generation markers); TRL's from the markers. Same ids, same labels."""
@@ -114,6 +116,7 @@ def test_messages_labels_equal_trl_assistant_only(tiny_llama, tmp_path):
     assert trained == "positive<|im_end|>negative<|im_end|>"
 
 
+@pytest.mark.pretrained
 def test_truncation_drops_rows_whose_answer_is_cut_and_counts_them(tiny_llama):
     from transformers import AutoTokenizer
 
@@ -144,6 +147,7 @@ def examples(tiny_llama, n: int = 7):
     return rows, tok.pad_token_id
 
 
+@pytest.mark.pretrained
 @pytest.mark.parametrize("capacity", [None, 120, 200])
 def test_packed_rows_give_the_unpacked_loss(tiny_llama, capacity):
     from transformers import AutoModelForCausalLM
@@ -169,6 +173,7 @@ def test_pack_rows_fills_first_fit_and_keeps_every_example():
     assert pack_rows([5, 5], None) == [[0, 1]]
 
 
+@pytest.mark.pretrained
 def test_answer_accuracy_is_every_answer_token_the_argmax(tiny_llama):
     from transformers import AutoModelForCausalLM
 

@@ -171,6 +171,8 @@ def test_default_sqlite_store(tracked_study):
     check_readback(MlflowClient(f"sqlite:///{tracked_study / 'mlflow.db'}"), study)
 
 
+@pytest.mark.e2e
+@pytest.mark.services
 def test_mlflow_server_and_credentials_stay_out_of_logs(
     tmp_path, tiny_bert, sentiment_csv, mlflow_server
 ):
@@ -197,6 +199,7 @@ def test_mlflow_server_and_credentials_stay_out_of_logs(
     assert not (out / "mlflow.db").exists()
 
 
+@pytest.mark.e2e
 def test_failed_trials_are_failed_runs_with_their_reason(tmp_path, tiny_bert, sentiment_csv):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_bert, broken)
@@ -216,6 +219,7 @@ def test_failed_trials_are_failed_runs_with_their_reason(tmp_path, tiny_bert, se
     assert all("safetensors" in r.data.tags["fail_reason"].lower() for r in runs)
 
 
+@pytest.mark.e2e
 def test_sigkilled_orchestrator_leaves_no_running_run_after_restart(
     tmp_path, tiny_bert, sentiment_csv
 ):
@@ -251,6 +255,7 @@ def test_sigkilled_orchestrator_leaves_no_running_run_after_restart(
     assert killed.info.status == "FAILED" and "orchestrator died" in killed.data.tags["fail_reason"]
 
 
+@pytest.mark.e2e
 def test_two_orchestrators_share_one_study_and_one_store(tmp_path, tiny_bert, sentiment_csv):
     study_file = write_study(
         tmp_path / "shared.yaml",
@@ -319,6 +324,7 @@ def test_tracking_errors_carry_their_key_as_data(tmp_path):
         assert "secret" not in str(raised.value) and "--storage" not in str(raised.value)
 
 
+@pytest.mark.e2e
 def test_unreachable_tracking_server_exits_2_before_anything(tmp_path, tiny_bert, sentiment_csv):
     study_file = _tiny(tmp_path, tiny_bert, sentiment_csv)
     out = tmp_path / "out"
@@ -336,6 +342,7 @@ def test_unreachable_tracking_server_exits_2_before_anything(tmp_path, tiny_bert
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_tracking_can_be_turned_off(tmp_path, tiny_bert, sentiment_csv):
     study_file = _tiny(
         tmp_path,
@@ -353,6 +360,8 @@ def test_tracking_can_be_turned_off(tmp_path, tiny_bert, sentiment_csv):
     assert not (out / "mlflow.db").exists() and "MLflow:" not in r.stdout
 
 
+@pytest.mark.e2e
+@pytest.mark.services
 def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
     """`ranksearch ui` serves the study; headless Chromium finds every trial run on the page."""
     chromium = require_chromium()
@@ -412,6 +421,7 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
         assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.e2e
 def test_report_draws_plots_and_attaches_them_to_the_parent_run(tracked_study, tmp_path):
     study_file = tracked_study.parent / "tracked.yaml"
     r = run_cli(
@@ -448,6 +458,7 @@ def _tracked_trial(study, cfg, tracker, **attrs):
     return trial
 
 
+@pytest.mark.e2e
 def test_nodes_with_their_own_mlflow_stores_never_crash_on_each_others_runs(
     tmp_path, tiny_bert, sentiment_csv, caplog
 ):

@@ -17,6 +17,7 @@ from ranksearch.tracking.ui import wait_healthy
 from .conftest import free_port, write_study
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_ui_stops_its_whole_server_on_sigterm_and_sighup(tmp_path, tiny_bert, sentiment_csv, sig):
     study_file = write_study(tmp_path / "ui.yaml", tiny_bert, sentiment_csv)

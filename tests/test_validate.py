@@ -128,6 +128,7 @@ def _sft(tmp_path, model_dir, data_file, **data):
                   search=search)  # fmt: skip
 
 
+@pytest.mark.pretrained
 def test_a_chat_study_is_valid(tmp_path, tiny_llama, sentiment_csv):
     assert resource_problems(_sft(tmp_path, tiny_llama, sentiment_csv)) == []
 
@@ -140,6 +141,7 @@ def test_messages_need_a_chat_template(tmp_path, tiny_gpt2, sentiment_csv):
     assert "prompt-completion" in problems["data.format"]  # the fix
 
 
+@pytest.mark.pretrained
 def test_a_conversation_without_an_assistant_turn_is_refused(tmp_path, tiny_llama):
     import json
 
@@ -156,12 +158,14 @@ def test_a_conversation_without_an_assistant_turn_is_refused(tmp_path, tiny_llam
     assert "must hold a list of {role, content} messages" in problems["data.messages"]
 
 
+@pytest.mark.pretrained
 def test_most_answers_cut_by_max_length_is_refused(tmp_path, tiny_llama, sentiment_csv):
     problems = dict(resource_problems(_sft(tmp_path, tiny_llama, sentiment_csv, max_length=12)))
     assert "lose their whole completion at max_length 12" in problems["data.max_length"]
     assert "raise `data.max_length`" in problems["data.max_length"]
 
 
+@pytest.mark.pretrained
 def test_templates_must_name_existing_columns(tmp_path, tiny_llama, sentiment_csv):
     data = {"format": "prompt-completion", "prompt": "Review: {body}", "completion": "{mood}"}
     cfg = _sft(tmp_path, tiny_llama, sentiment_csv, messages=None, **data)

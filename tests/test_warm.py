@@ -92,6 +92,7 @@ def warm(worker: WarmWorker, spec: Path, timeout: float = 300):
     return trial
 
 
+@pytest.mark.pretrained
 @pytest.mark.parametrize("model", ["bert", "gpt2", MINILM])
 def test_a_warm_trial_reports_what_a_cold_start_reports(tmp_path, make_spec, model):
     """Configurations cold, then warm: a on a fresh worker, b (other rank and learning rate)
@@ -198,6 +199,7 @@ def test_an_idle_worker_leaves_when_its_orchestrator_is_gone(tmp_path):
         time.sleep(0.2)
 
 
+@pytest.mark.e2e
 def test_a_study_on_warm_workers_finds_what_it_finds_cold(tmp_path, tiny_bert, sentiment_csv):
     """The same study, warm (the default) and cold: the same trials, values, curves and
     pruning; the warm one trains its trials on the worker it started first."""
