@@ -266,8 +266,16 @@ def config_attr(rank: int, modules: str = "qv", learning_rate: float = 1e-3) -> 
     ).as_attr()
 
 
+# Commands that only read and check run in the test's process: the same `main`, the same exit
+# code and output, without a second interpreter importing torch (seconds per call). Commands that
+# launch trials, serve or take signals (run, confirm, export, ui) run in a subprocess.
+IN_PROCESS = {"validate", "report", "status", "estimate", "list", "--help", "-h"}
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real `ranksearch` command in a subprocess, as a user runs it."""
+    """The real `ranksearch` command, as a user runs it (a read command: in this process)."""
+    if args and args[0] in IN_PROCESS and "--measure" not in args:
+        return _in_process(list(args), cwd)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "ranksearch.cli", *args],
@@ -277,6 +285,32 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
         text=True,
         timeout=timeout,
     )
+
+
+def _in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`main(args)` run in `cwd` with its output captured and the environment put back; an
+    uncaught exception is exit code 1 with its traceback on stderr, as the interpreter does."""
+    import io
+    import traceback
+
+    from ranksearch.cli.commands import main
+
+    out, err, environ, here = io.StringIO(), io.StringIO(), dict(os.environ), os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse: --help, a usage error
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+            except Exception:  # noqa: BLE001 - what a user would see: a traceback, exit 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess(["ranksearch", *args], code, out.getvalue(), err.getvalue())
 
 
 # The PostgreSQL server the storage tests use (CI starts one on 127.0.0.1; never skipped).
