@@ -4,7 +4,8 @@ Unlike launch.py (builds the command, starts and stops the process), this watche
 
 The orchestrator polls every running trial in turn (one thread, however many run at once):
 `poll()` moves the worker's new reports into Optuna and MLflow, asks the pruner, beats the
-trial's heartbeat, and returns an `Outcome` once the trial is over.
+trial's heartbeat, fails a trial whose worker stopped reporting (hung), and returns an
+`Outcome` once the trial is over.
 """
 
 from __future__ import annotations
