@@ -1,6 +1,8 @@
 """The answer: recommendation on constructed trial sets, and the report JSON through the CLI."""
 
 import json
+import re
+import time
 
 import optuna
 import pytest
@@ -290,6 +292,8 @@ def test_status_shows_progress_by_host_and_what_runs(tmp_path):
     running.set_user_attr("host", "node-1")
     running.set_user_attr("orchestrator_pid", 4242)
     running.set_user_attr("last_step", 40)
+    quiet_since = time.time() - 600  # its worker's last report
+    running.set_user_attr("last_report_time", quiet_since)
     study_file = tmp_path / "built.yaml"
     study_file.write_text(
         yaml.safe_dump({"model": "unused", "data": {"source": "unused"}, "budget": {"n_trials": 6}})
@@ -304,9 +308,11 @@ def test_status_shows_progress_by_host_and_what_runs(tmp_path):
     assert status["hosts"]["node-0"] == {"complete": 1, "pruned": 1, "fail": 0, "running": 0}
     assert status["hosts"]["node-1"] == {"complete": 2, "pruned": 0, "fail": 0, "running": 1}
     assert status["running"][0]["pid"] == 4242 and status["running"][0]["last_step"] == 40
+    assert status["running"][0]["last_report_time"] == quiet_since
     r = run_cli("status", "--study", str(study_file), "--storage", url, cwd=tmp_path)
     assert "3 complete, 1 pruned, 0 failed, 1 running, 1 to go of 6" in r.stdout
     assert "running: trial 4 on node-1 (pid 4242), step 40" in r.stdout
+    assert re.search(r"step 40, started \S+, last report \d+ s ago", r.stdout), r.stdout
 
 
 def test_every_reader_names_the_same_best_trial(tmp_path):

@@ -224,3 +224,16 @@ def test_a_required_key_at_fault_stops_after_the_schema(tmp_path):
     with pytest.raises(StudyError) as err:
         check_study(study_file)
     assert [p.key for p in err.value.problems] == ["model", "training.batch_size"]
+
+
+def test_a_rule_across_sections_is_a_problem_like_any_other(tmp_path, tiny_bert, sentiment_csv):
+    """A file rule (min_steps below eval_every) with the machine checks after it: one error
+    naming the key, not a crash in the checks that read the problems so far."""
+    pruner = {"type": "hyperband", "min_steps": 2, "reduction_factor": 3}
+    training = {"max_steps": 20, "eval_every": 10, "batch_size": 8, "seed": 0}
+    study_file = write_study(
+        tmp_path / "s.yaml", tiny_bert, sentiment_csv, pruner=pruner, training=training
+    )
+    with pytest.raises(StudyError) as err:
+        check_study(study_file, out=tmp_path / "out", mlflow=False)
+    assert "multiple of eval_every" in dict(err.value.problems)["pruner.min_steps"]

@@ -174,6 +174,7 @@ def study_status(
                     "host": host,
                     "pid": t.user_attrs.get("orchestrator_pid"),
                     "last_step": t.user_attrs.get("last_step", 0),
+                    "last_report_time": t.user_attrs.get("last_report_time"),  # epoch s
                     "started": t.datetime_start.isoformat(timespec="seconds")
                     if t.datetime_start
                     else None,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +168,11 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
         table.add_row(host, str(n["complete"]), str(n["pruned"]), str(n["fail"]), str(n["running"]))
     console.print(table)
     for r in status["running"]:
+        seen = r.get("last_report_time")  # a hung worker shows as a long silence
+        heard = f"last report {time.time() - seen:.0f} s ago" if seen else "no report yet"
         console.print(
             Text(
                 f"running: trial {r['trial']} on {r['host']} (pid {r['pid']}), "
-                f"step {r['last_step']}, started {r['started']}"
+                f"step {r['last_step']}, started {r['started']}, {heard}"
             )
         )

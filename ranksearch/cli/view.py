@@ -180,7 +180,3 @@ def make_view(quiet: bool, console: Console | None = None) -> QuietView:
     if quiet:
         return QuietView()
     return LiveView(console) if console.is_terminal else PlainView()
-
-
-# The commands' own output: what `run` says before the view starts, and the tables of
-# `report`, `estimate` and `status`.

@@ -29,15 +29,17 @@ def file_problems(cfg: StudyConfig) -> list[Problem]:
     t, p = cfg.training, cfg.pruner
     if t.eval_every > t.max_steps:
         problems.append(
-            ("training.eval_every", f"{t.eval_every} > max_steps {t.max_steps}; lower it")
+            Problem("training.eval_every", f"{t.eval_every} > max_steps {t.max_steps}; lower it")
         )
     if p.type != "none" and p.min_steps is not None and p.min_steps > t.max_steps:
         problems.append(
-            ("pruner.min_steps", f"{p.min_steps} > training.max_steps {t.max_steps}; lower it")
+            Problem(
+                "pruner.min_steps", f"{p.min_steps} > training.max_steps {t.max_steps}; lower it"
+            )
         )
     if p.type != "none" and p.min_steps is not None and p.min_steps < t.eval_every:
         problems.append(
-            (
+            Problem(
                 "pruner.min_steps",
                 f"{p.min_steps} < training.eval_every {t.eval_every}: no report arrives before "
                 "the first rung; set it to a multiple of eval_every",
@@ -45,14 +47,14 @@ def file_problems(cfg: StudyConfig) -> list[Problem]:
         )
     problems += format_problems(cfg)
     if cfg.data.labels is not None and len(set(cfg.data.labels.values())) < 2:
-        problems.append(("data.labels", "map at least two classes, e.g. {neg: 0, pos: 1}"))
+        problems.append(Problem("data.labels", "map at least two classes, e.g. {neg: 0, pos: 1}"))
     if cfg.data.labels and sorted(set(cfg.data.labels.values())) != list(
         range(len(set(cfg.data.labels.values())))
     ):
-        problems.append(("data.labels", "class ids must be 0..K-1 without gaps"))
+        problems.append(Problem("data.labels", "class ids must be 0..K-1 without gaps"))
     if cfg.launch.stale_after_seconds <= 2 * cfg.launch.heartbeat_seconds:
         problems.append(
-            (
+            Problem(
                 "launch.stale_after_seconds",
                 f"{cfg.launch.stale_after_seconds:g} must exceed twice heartbeat_seconds "
                 f"({cfg.launch.heartbeat_seconds:g}), or live trials would be failed as lost",
@@ -60,14 +62,14 @@ def file_problems(cfg: StudyConfig) -> list[Problem]:
         )
     if cfg.tracking.registered_model and cfg.tracking.log_adapters == "none":
         problems.append(
-            (
+            Problem(
                 "tracking.register",
                 "registers the logged model, but `tracking.log_adapters: none` logs none; "
                 "set log_adapters to answer, or drop register",
             )
         )
     if cfg.launch.device == "cpu" and cfg.model.quantization == "4bit":
-        problems.append(("model.quantization", "4bit needs CUDA; use `none` on CPU"))
+        problems.append(Problem("model.quantization", "4bit needs CUDA; use `none` on CPU"))
     problems += space_problems(cfg)
     return problems
 

@@ -187,6 +187,13 @@ class LaunchConfig(_Strict):
     # (one-process, unquantized trials; others always start cold).
     reuse_workers: bool = True
     trial_timeout_minutes: float | None = Field(None, gt=0)
+    stall_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="a trial whose worker sends no report for this long is hung: it is failed, "
+        "its worker killed and its configuration queued again; null: 10 x the slowest interval "
+        "between reports seen, at least 10 minutes",
+    )
     max_memory_gb: float | None = Field(None, gt=0)  # refuse configurations estimated above it
     heartbeat_seconds: float = Field(10.0, gt=0)  # a running trial's heartbeat in the storage
     stale_after_seconds: float = Field(60.0, gt=0)  # no heartbeat this long: its worker is lost

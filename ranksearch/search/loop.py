@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -30,16 +30,19 @@ from ranksearch.search.launch import (
     single_process_plan,
 )
 from ranksearch.search.packing import GpuPool, Slots, free_port, plan_slots, usable_cpus
-from ranksearch.search.recovery import ask_retry_first, fail_lost, requeue, worker_host
+from ranksearch.search.recovery import (
+    ask_retry_first,
+    fail_lost,
+    requeue,
+    requeue_lost,
+    worker_host,
+)
 from ranksearch.search.sampling import create_pruner, create_sampler, informed_start, search_budget
 from ranksearch.search.storage import open_storage, study_lock
-from ranksearch.search.supervise import Outcome, TrialRun
+from ranksearch.search.supervise import Outcome, Pace, TrialRun
 from ranksearch.search.trialspec import trial_spec
 from ranksearch.search.warm import WarmPool, WarmTrial, serve_plan
 from ranksearch.tracking.tracker import NullTracker, Tracker
-
-if TYPE_CHECKING:
-    pass
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 0.2
@@ -145,6 +148,7 @@ class Orchestrator:
         self._waiting = False  # told the user we wait for trials running elsewhere
         self._active: list[TrialRun] = []  # this process's running trials
         self._warm = WarmPool(study_dir / "warm-workers.log")  # idle warm workers
+        self._pace = Pace()  # how fast its trials report: a hung one is told by it
         self.study = open_study(cfg, storage_url)
         self.replay_duplicates = True  # a configuration the study finished is not retrained
         self.budget = search_budget(cfg)
@@ -371,7 +375,9 @@ class Orchestrator:
             worker = self._warm.take(warm).run(spec_path, TrialFiles(log, reports), plan.launcher)
         else:
             worker = WorkerProcess(plan, log, reports).start()
-        return TrialRun(trial, config, worker, self.cfg, self.tracker, self.view, gpus, port)
+        return TrialRun(
+            trial, config, worker, self.cfg, self.tracker, self.view, gpus, port, pace=self._pace
+        )
 
     def _reuse_workers(self, ranks: int) -> bool:
         """Warm workers for one-process trials of an unquantized model (a 4-bit base is not
@@ -387,6 +393,9 @@ class Orchestrator:
             trial.set_user_attr("fail_reason", outcome.reason[-2000:])
         value = outcome.value if outcome.state == TrialState.COMPLETE else None
         self._tell(trial, value, outcome.state)
+        if outcome.lost:  # its worker hung: the configuration runs again, as a lost trial's
+            frozen = self.study._storage.get_trial(trial._trial_id)
+            requeue_lost(self.study, self.cfg, frozen, self.view)
         if isinstance(run.worker, WarmTrial):
             self._warm.give_back(run.worker)
         if run.gpus:

@@ -32,10 +32,15 @@ def fail_lost(study: optuna.Study, cfg: StudyConfig, tracker: Tracker, view) -> 
         frozen = storage.get_trial(trial_id)
         tracker.end_trial(frozen, frozen.user_attrs.get("mlflow_run_id"))
         view.message(f"trial {frozen.number}: {reason} -> FAIL")
-        if requeue(study, cfg, frozen, lost=True):
-            view.message(f"trial {frozen.number}: configuration queued again")
+        requeue_lost(study, cfg, frozen, view)
         failed.append(frozen.number)
     return failed
+
+
+def requeue_lost(study: optuna.Study, cfg: StudyConfig, trial: FrozenTrial, view) -> None:
+    """Queue a lost trial's configuration again (orchestrator gone, worker hung), and say so."""
+    if requeue(study, cfg, trial, lost=True):
+        view.message(f"trial {trial.number}: configuration queued again")
 
 
 def _lost_trials(study: optuna.Study, cfg: StudyConfig) -> dict[int, str]:

@@ -4,7 +4,8 @@ Unlike launch.py (builds the command, starts and stops the process), this watche
 
 The orchestrator polls every running trial in turn (one thread, however many run at once):
 `poll()` moves the worker's new reports into Optuna and MLflow, asks the pruner, beats the
-trial's heartbeat, and returns an `Outcome` once the trial is over.
+trial's heartbeat, fails a trial whose worker stopped reporting (hung), and returns an
+`Outcome` once the trial is over.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from ranksearch.worker.spec import KEPT_FROM_EVENTS, KEPT_PER_EVALUATION
 
 EXIT_GRACE_SECONDS = 20  # after a worker's final report, before it is stopped
 REASON_CHARS = 2000  # a fail reason's length, as stored on the trial
+# A worker silent for STALL_FACTOR x the slowest interval between reports seen is hung (a wedged
+# GPU call, a hung collective, a stopped process), and never sooner than STALL_FLOOR_MINUTES:
+# 10 x leaves room for an interval slowed by trials sharing the machine, an evaluation longer
+# than the steps before it, or a slower configuration; the floor covers the intervals not
+# measured yet (loading the model, the first `eval_every` steps and evaluation) and is the
+# time torch.distributed gives a hung NCCL collective. `launch.stall_minutes` replaces both.
+STALL_FACTOR = 10
+STALL_FLOOR_MINUTES = 10
 
 
 @dataclass
@@ -34,6 +43,22 @@ class Outcome:
     state: TrialState
     value: float | None = None
     reason: str = ""
+    lost: bool = False  # its worker was lost (hung): the configuration runs again
+
+
+@dataclass
+class Pace:
+    """The slowest interval between two signs of progress of a trial (its launch, its `start`
+    event, its evaluations) over the trials of one orchestrator, who share it: what a
+    worker's silence is measured against."""
+
+    slowest: float = 0.0
+
+    def allowed_seconds(self, stall_minutes: float | None) -> float:
+        """How long a worker may send nothing before its trial counts as hung."""
+        if stall_minutes is not None:
+            return stall_minutes * 60
+        return max(STALL_FLOOR_MINUTES * 60, STALL_FACTOR * self.slowest)
 
 
 @dataclass
@@ -53,6 +78,8 @@ class TrialRun:
     _beat: float = -math.inf
     _ended: float = math.inf  # when the final report arrived
     _last: dict[str, Any] = field(default_factory=dict)
+    pace: Pace = field(default_factory=Pace)
+    _progress: float = field(default_factory=time.monotonic)  # the last sign of progress
 
     def __post_init__(self) -> None:
         timeout = self.cfg.launch.trial_timeout_minutes
@@ -67,7 +94,7 @@ class TrialRun:
         """Take in what the worker reported since the last call; the outcome once it is over."""
         trial, launch = self.trial, self.cfg.launch
         rc = self.worker.poll()  # read the exit code first: no report can follow it
-        for rec in self.worker.read_reports():
+        for rec in self._reports():
             if rec.get("event"):
                 self._record_event(rec)
                 if rec["event"] == "end":
@@ -91,6 +118,8 @@ class TrialRun:
             self.stop(retire=True)
             trial.set_user_attr("note", "worker stopped after its final report (hung at exit)")
             rc = 0
+        if rc is None and self._ended == math.inf and (stalled := self._stalled(now)):
+            return stalled
         if rc is None and now > self._deadline:
             self.stop(retire=True)
             return Outcome(
@@ -103,6 +132,32 @@ class TrialRun:
             return None
         self.worker.reap()
         return self._exit_outcome(rc)
+
+    def _reports(self) -> list[dict]:
+        """The worker's new reports; each is a sign of progress, timed for the pace."""
+        records = self.worker.read_reports()
+        if records:
+            now = time.monotonic()
+            self.pace.slowest = max(self.pace.slowest, now - self._progress)
+            self._progress = now
+            # what `ranksearch status` shows: how long ago the worker last said anything
+            self.trial.set_user_attr("last_report_time", time.time())
+        return records
+
+    def _stalled(self, now: float) -> Outcome | None:
+        """FAIL, its worker killed (a warm one replaced), once the worker has sent nothing for
+        longer than the pace allows; its configuration runs again as a lost trial's does."""
+        allowed = self.pace.allowed_seconds(self.cfg.launch.stall_minutes)
+        if now - self._progress <= allowed:
+            return None
+        self.stop(retire=True)
+        return Outcome(
+            TrialState.FAIL,
+            reason=f"no progress for {allowed / 60:.3g} minutes at step "
+            f"{self._last.get('step', 0)}: its worker sent no report and was killed "
+            "(launch.stall_minutes sets this limit)",
+            lost=True,
+        )
 
     def _exit_outcome(self, rc: int) -> Outcome:
         max_steps = self.cfg.training.max_steps
