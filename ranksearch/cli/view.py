@@ -10,6 +10,7 @@ never branches on how it is watched. After it: the lines and tables of `run`, `r
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,9 @@ def _counts(study: optuna.Study, budget: int) -> dict[str, int]:
 class QuietView:
     """Warnings only."""
 
+    # the compute line (search/budget.compute_line); the orchestrator sets it
+    compute: Callable[[list[FrozenTrial]], str] | None = None
+
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
 
@@ -102,6 +106,8 @@ class PlainView(QuietView):
 
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.console.print(Text(finished_line(trial)))
+        if self.compute is not None:
+            self.console.print(Text(self.compute(study.get_trials(deepcopy=False))))
 
 
 class LiveView(QuietView):
@@ -167,6 +173,8 @@ class LiveView(QuietView):
                 )
             )
         best = best_of(self._study.get_trials(deepcopy=False))
+        if self.compute is not None:
+            lines.append(Text(self.compute(self._study.get_trials(deepcopy=False))))
         if best is not None:
             lines.append(
                 Text(
@@ -299,6 +307,8 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
         console.print(
             Text(f"best: trial {status['best']}, recommended: trial {status['recommended']}")
         )
+    if status.get("compute"):
+        console.print(Text(status["compute"]))
     table = Table(title="by worker host", title_justify="left")
     for col in ("host", "complete", "pruned", "failed", "running"):
         table.add_column(col, justify="left" if col == "host" else "right")
