@@ -71,6 +71,8 @@ def build(name: str, header: dict[str, Any], rows: list[dict[str, Any]]) -> Grid
     for k in names:
         values = sorted({r["params"][k] for r in rows}, key=str if k == "target_modules" else None)
         search[k] = values if len(values) > 1 else values[0]
+    if "alpha" not in search and "alpha_ratio" not in search:
+        search["alpha_ratio"] = 2  # fixed where the rows do not say (the study default searches)
     modules = header.get("target_modules", {})
     sets = search["target_modules"] if isinstance(search["target_modules"], list) else [
         search["target_modules"]]  # fmt: skip

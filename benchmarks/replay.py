@@ -153,14 +153,15 @@ def replay(grid: gridfile.Grid, method: Method, seed: int, max_cost: float = MAX
     return s.get_trials(deepcopy=False)
 
 
-def cut(trials: list, max_steps: int, full_trials: float | None, converged: bool) -> list:
+def cut(trials: list, max_steps: int, full_trials: float | None, patience: float | None) -> list:
     """The trials a search stopped by these rules runs: the same ones (the sampler's draws
-    depend on the history only), up to where budget.stop_reason would start no more."""
+    depend on the history only), up to where budget.stop_reason would start no more
+    (`patience`: budget.converged with that patience; None: no convergence rule)."""
     for i in range(1, len(trials) + 1):
         spent = budget.full_trials_spent(trials[:i], max_steps)
         if full_trials is not None and spent >= full_trials - 1e-9:
             return trials[:i]
-        if converged and budget.converged(trials[:i], max_steps):
+        if patience is not None and budget.converged(trials[:i], max_steps, patience):
             return trials[:i]
     return trials
 
@@ -208,13 +209,16 @@ def aggregate(runs: list[dict]) -> dict:
     }
 
 
-def stop_rules() -> dict[str, tuple[float | None, bool]]:
-    """Fixed compute budgets, and what the study file's budget defaults stop at."""
+def stop_rules() -> dict[str, tuple[float | None, float | None]]:
+    """Fixed compute budgets, what the study file's budget defaults stop at, and the
+    convergence rule at other patiences (full trials of compute without a real gain)."""
     b = BudgetConfig()
-    rules: dict[str, tuple[float | None, bool]] = {}
-    rules.update({f"{x:g} full trials": (x, False) for x in BUDGETS})
-    rules["shipped stop"] = (b.full_trials, b.stop_when_converged)
-    rules["stop when converged, no cap"] = (None, True)
+    rules: dict[str, tuple[float | None, float | None]] = {}
+    rules.update({f"{x:g} full trials": (x, None) for x in BUDGETS})
+    shipped_patience = budget.CONVERGED_PATIENCE if b.stop_when_converged else None
+    rules["shipped stop"] = (b.full_trials, shipped_patience)
+    for p in (1.5, 2.0, 3.0):
+        rules[f"converged, patience {p:g}"] = (MAX_COST, p)
     return rules
 
 
@@ -222,10 +226,12 @@ def evaluate(grid: gridfile.Grid, method: Method, repeats: int, rules: dict) -> 
     """Every rule's summary over `repeats` sampler seeds, one replay per seed."""
     runs = [replay(grid, method, seed) for seed in range(repeats)]
     out = {}
-    for name, (cap, conv) in rules.items():
-        if conv and not grid.has_per_example:
+    for name, (cap, patience) in rules.items():
+        if patience is not None and not grid.has_per_example:
             continue  # the convergence rule's noise is paired: skipped, with a note
-        out[name] = aggregate([summarize(grid, cut(t, grid.max_steps, cap, conv)) for t in runs])
+        out[name] = aggregate(
+            [summarize(grid, cut(t, grid.max_steps, cap, patience)) for t in runs]
+        )
     return out
 
 

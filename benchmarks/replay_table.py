@@ -69,9 +69,11 @@ def main() -> None:
                 row[m] = replay.evaluate(grid, method, a.repeats, replay.stop_rules())
                 r = row[m]
                 cells = " ".join(f"{r[f'{b:g} full trials']['reach']:4.0%}" for b in replay.BUDGETS)
-                conv = r.get("stop when converged, no cap")
-                stop = "" if conv is None else (
-                    f" | conv {conv['reach']:4.0%} at {conv['cost_median']:.2f}")  # fmt: skip
+                stop = "".join(
+                    f" | {k[-3:]} {c['reach']:4.0%} at {c['cost_median']:.2f}"
+                    for k, c in r.items()
+                    if k.startswith("converged")
+                )
                 print(f"{grid.name:28s} {m:40s} {cells}{stop}", flush=True)
             a.out.write_text(json.dumps(results, indent=1))
 
