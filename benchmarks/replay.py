@@ -50,20 +50,16 @@ class Method:
     sampler: str = "tpe"
     pruner: str = "hyperband"
     informed: bool = True  # the informed first trial (tpe only, as `run` does)
-    informed_in_rung: bool = True  # its reports enter the pruner's rungs (sets the bar)
+    # candidates measured and not shipped (BENCHMARKS.md): `run` runs the informed trial first,
+    # its reports in the pruner's rungs like any trial's
+    informed_in_rung: bool = True  # False: it never asks the pruner, so it sets no bar
     informed_position: int = 1  # the search trial it runs as (1: first)
 
 
 def shipped() -> Method:
     """What a study file that leaves every key out runs."""
     s = StudyConfig.model_validate({"study_name": "x", "model": "m", "data": {"source": "d"}})
-    return Method(
-        s.sampler.type,
-        s.pruner.type,
-        s.sampler.informed_start,
-        sampling.INFORMED_IN_RUNG,
-        sampling.INFORMED_POSITION,
-    )
+    return Method(s.sampler.type, s.pruner.type, s.sampler.informed_start)
 
 
 def methods() -> dict[str, Method]:

@@ -126,8 +126,6 @@ def search_budget(cfg: StudyConfig) -> int:
 # -- the informed first trial ------------------------------------------------------------------
 
 GUIDED_RANKS = (16, 8)  # published guidance: rank 8 or 16 (16 where both are in the space)
-INFORMED_IN_RUNG = True  # whether the informed trial's reports enter the pruner's rungs
-INFORMED_POSITION = 1  # the search trial the informed one runs as (1: the first)
 
 
 def informed_params(search: SearchConfig) -> dict[str, Any] | None:
