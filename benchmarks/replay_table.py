@@ -41,6 +41,40 @@ def candidates() -> dict[str, replay.Method]:
     return out
 
 
+def pct(r: dict, rule: str) -> str:
+    return "-" if rule not in r else f"{100 * r[rule]['reach']:.0f}"
+
+
+def markdown(results: dict) -> None:
+    """BENCHMARKS.md's tables from the results: reach, then cost and the test gap."""
+    ship, tpe, rnd = "shipped defaults", "TPE, no pruning", "random, no pruning"
+    fixed = [f"{b:g} full trials" for b in replay.BUDGETS]
+    print("| grid | variant | prior | shipped defaults | TPE, no pruning | random |")
+    print("|---|---|---|---|---|---|")
+    for name, row in results.items():
+        grid, _, variant = name.partition(" ")
+        cells = [" / ".join(pct(row[m], b) for b in fixed) + " %" for m in (ship, tpe, rnd)]
+        print(f"| {grid} | {variant or 'all'} | {row.get('prior', '?')} | {' | '.join(cells)} |")
+    print("\n| grid | variant | cost at 2 / 4 / 6: median (max) | converged (patience 2): reach, "
+          "cost min / median / p90 / max | test gap at 4 / 6: mean (p90) |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for name, row in results.items():
+        grid, _, variant = name.partition(" ")
+        r = row[ship]
+        costs = " / ".join(f"{r[b]['cost_median']:.2f} ({r[b]['cost_max']:.2f})" for b in fixed)
+        c = r.get("converged, patience 2")
+        conv = "- (no per-example losses)" if c is None else (
+            f"{100 * c['reach']:.0f} %, {c['cost_min']:.2f} / {c['cost_median']:.2f} / "
+            f"{c['cost_p90']:.2f} / {c['cost_max']:.2f}")  # fmt: skip
+        gaps = " / ".join(
+            "-"
+            if r[b]["gap_mean"] is None
+            else f"{100 * r[b]['gap_mean']:.2f} ({100 * r[b]['gap_p90']:.2f}) pt"
+            for b in fixed[1:]
+        )
+        print(f"| {grid} | {variant or 'all'} | {costs} | {conv} | {gaps} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--grids", type=Path, required=True, help="the folder of `replay.py convert`")
@@ -48,7 +82,10 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", help="only these methods (default: all)")
     p.add_argument("--variants", nargs="*", default=list(gridfile.VARIANTS))
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--markdown", action="store_true", help="print the tables of --out and stop")
     a = p.parse_args()
+    if a.markdown:
+        return markdown(json.loads(a.out.read_text()))
     methods = {k: m for k, m in candidates().items() if not a.methods or k in a.methods}
     results = json.loads(a.out.read_text()) if a.out.exists() else {}
     for name in GRIDS:
