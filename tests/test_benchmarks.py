@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from .conftest import CHAT_TURNS, make_rows, write_study
@@ -387,3 +388,83 @@ def test_gpu_check_quick_on_cpu(tmp_path, tiny_llama):
     assert seen["device"] == "cpu" and seen["estimate"]["measured_mb"] > 0
     run = seen["trials_per_gpu_1"]
     assert "error" not in run and run["trials"] == 2, run
+
+
+def _grid_file(path: Path, per_example: bool) -> Path:
+    """A 12-configuration grid file (rank x modules x lr) with crossing curves."""
+    rng = random.Random(1)
+    lines = [{"format": "ranksearch-grid/1", "max_steps": 40, "seed_std": 0.01}]
+    for rank, modules, lr in itertools.product([4, 8, 16], ["qv", "all-linear"], [1e-3, 3e-3]):
+        final, slow = rng.uniform(0.3, 0.6), rng.uniform(0.0, 0.4)
+        row = {
+            "params": {"rank": rank, "target_modules": modules, "learning_rate": lr},
+            "curve": {str(s): final + slow * (40 - s) / 40 for s in (10, 20, 30, 40)},
+            "test_score": 1 - final,
+            "trainable_params": rank * (2 if modules == "qv" else 7),
+        }
+        if per_example:
+            row["val_losses"] = [final + 0.1 * math.sin(i * rank) for i in range(32)]
+        lines.append(row)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_replay_runs_any_grid_file_with_the_shipped_defaults_and_the_baselines(tmp_path):
+    grid = _grid_file(tmp_path / "grid.jsonl", per_example=True)
+    out = tmp_path / "result.json"
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "replay.py"), "run", str(grid), "--repeats", "3",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"shipped defaults", "TPE, no pruning", "random, no pruning"} <= set(result)
+    for method in ("shipped defaults", "random, no pruning"):
+        rules = result[method]
+        for budget in (2, 4, 6):
+            row = rules[f"{budget} full trials"]
+            assert 0 <= row["reach"] <= 1 and row["cost_min"] >= budget - 1e-9
+            assert row["gap_mean"] is not None  # per-example losses and test scores: replayed
+        assert rules["converged, patience 2"]["cost_max"] <= 8 + 1e-9
+    assert "| shipped defaults | 4 full trials |" in r.stdout
+    assert result["notes"] == []
+
+
+def test_replay_says_which_rules_a_grid_without_per_example_losses_skips(tmp_path):
+    grid = _grid_file(tmp_path / "grid.jsonl", per_example=False)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "replay.py"), "run", str(grid), "--repeats", "2",
+         "--variant", "no-all-linear"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "note: no per-example losses: the paired recommendation rule" in r.stdout
+    assert "converged, patience" not in r.stdout  # skipped
+    assert "grid no-all-linear: 6 configurations" in r.stdout
+
+
+def test_a_replayed_trial_that_reaches_max_steps_is_never_pruned(tmp_path):
+    """The pruner is not asked at max_steps: every trial that reported it is complete."""
+    sys.path.insert(0, str(BENCH))
+    import gridfile
+    import replay
+
+    grid = gridfile.load(_grid_file(tmp_path / "grid.jsonl", per_example=False))
+    for seed in range(5):
+        for t in replay.replay(grid, replay.shipped(), seed, max_cost=6):
+            if max(t.intermediate_values) == 40:
+                assert t.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_the_stored_grids_convert_to_grid_files_that_replay_the_same_space(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import gridfile
+    import replay
+
+    replay.convert_stored(tmp_path)
+    grid = gridfile.load(tmp_path / "tweets3.jsonl")
+    table = json.loads((BENCH / "results" / replay.STORED["tweets3"]).read_text())
+    assert set(grid.rows) == set(table["configs"])  # the same configuration keys
+    assert grid.best == table["best"] and grid.has_per_example and grid.has_test
+    assert gridfile.load(tmp_path / "tweets3.jsonl", "no-r8-r16").rows.keys() < grid.rows.keys()

@@ -175,6 +175,7 @@ def _confirmation_jobs(cfg: StudyConfig, study, top: int, seeds: int) -> list:
 def cmd_run(args, console: Console) -> int:
     from ranksearch.answer.text import best_summary
     from ranksearch.cli.output import trials_table
+    from ranksearch.search.budget import compute_line
 
     cfg, orchestrator, view = _orchestrator(args, console)
     code = _drive(orchestrator.run, view, console)
@@ -192,6 +193,7 @@ def cmd_run(args, console: Console) -> int:
         console.print(trials_table(orchestrator.study, title=f"study {cfg.study_name}"))
         for line in best_summary(orchestrator.study, cfg.report.tolerance):
             console.print(Text(line))
+        console.print(Text(compute_line(orchestrator.study.get_trials(deepcopy=False), cfg)))
     return code
 
 
@@ -292,10 +294,12 @@ def cmd_status(args, console: Console) -> int:
 
     from ranksearch.answer.report import study_status
     from ranksearch.cli.output import print_status
+    from ranksearch.search.budget import compute_line
     from ranksearch.search.sampling import search_budget
 
     cfg, _, study = open_existing(args)
     status = study_status(study, search_budget(cfg), cfg.report.tolerance)
+    status["compute"] = compute_line(study.get_trials(deepcopy=False), cfg)
     if args.format == "json":
         print(json.dumps(status, indent=2))
     else:

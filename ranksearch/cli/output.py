@@ -161,6 +161,8 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
         console.print(
             Text(f"best: trial {status['best']}, recommended: trial {status['recommended']}")
         )
+    if status.get("compute"):
+        console.print(Text(status["compute"]))
     table = Table(title="by worker host", title_justify="left")
     for col in ("host", "complete", "pruned", "failed", "running"):
         table.add_column(col, justify="left" if col == "host" else "right")

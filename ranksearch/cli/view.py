@@ -8,6 +8,7 @@ after is in output.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -58,6 +59,9 @@ def _counts(study: optuna.Study, budget: int) -> dict[str, int]:
 class QuietView:
     """Warnings only."""
 
+    # the compute line (search/budget.compute_line); the orchestrator sets it
+    compute: Callable[[list[FrozenTrial]], str] | None = None
+
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
 
@@ -99,6 +103,8 @@ class PlainView(QuietView):
 
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.console.print(Text(finished_line(trial)))
+        if self.compute is not None:
+            self.console.print(Text(self.compute(study.get_trials(deepcopy=False))))
 
 
 class LiveView(QuietView):
@@ -164,6 +170,8 @@ class LiveView(QuietView):
                 )
             )
         best = best_of(self._study.get_trials(deepcopy=False))
+        if self.compute is not None:
+            lines.append(Text(self.compute(self._study.get_trials(deepcopy=False))))
         if best is not None:
             lines.append(
                 Text(

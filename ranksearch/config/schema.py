@@ -168,6 +168,12 @@ class SamplerConfig(_Strict):
 
 class BudgetConfig(_Strict):
     n_trials: int = Field(20, gt=0)  # finished (complete + pruned) trials in the whole study
+    # compute: no trial starts once the search trials trained this many full trials of
+    # optimizer steps (a trial pruned at 40 of 100 steps: 0.4); trials running then finish
+    full_trials: float | None = Field(None, gt=0)
+    # no trial starts once the last 2 full trials of compute found no better answer beyond the
+    # noise (paired standard error of per-example losses; search/budget.py)
+    stop_when_converged: bool = False
     max_consecutive_failures: int = Field(3, gt=0)
     # A trial whose worker was lost (orchestrator killed, machine gone: found by its heartbeat
     # or its dead pid) is failed and its configuration queued again, at most this many times.

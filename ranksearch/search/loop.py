@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ranksearch.config.paths import redact_url
 from ranksearch.config.problems import StudyError
 from ranksearch.config.schema import StudyConfig
 from ranksearch.data.prepare import PreparedData
+from ranksearch.search.budget import compute_line, stop_reason
 from ranksearch.search.launch import (
     TrialFiles,
     WorkerProcess,
@@ -146,10 +148,12 @@ class Orchestrator:
         self._ports: set[int] = set()  # main process ports of this process's running trials
         self._failures: list[str] = []  # reasons of the failures in a row, newest last
         self._waiting = False  # told the user we wait for trials running elsewhere
+        self._stop_told = False  # told the user the compute budget ends the search
         self._active: list[TrialRun] = []  # this process's running trials
         self._warm = WarmPool(study_dir / "warm-workers.log")  # idle warm workers
         self._pace = Pace()  # how fast its trials report: a hung one is told by it
         self.study = open_study(cfg, storage_url)
+        view.compute = partial(compute_line, cfg=cfg)  # compute spent, in the view's lines
         self.replay_duplicates = True  # a configuration the study finished is not retrained
         self.budget = search_budget(cfg)
         if self.budget < cfg.budget.n_trials:
@@ -174,7 +178,7 @@ class Orchestrator:
             fail_lost(self.study, self.cfg, self.tracker, self.view)
             c = trial_counts(self.study)
             finished = c["complete"] + c["pruned"]
-            if finished >= self.budget:
+            if finished >= self.budget or self._compute_spent():
                 return None
             if finished + c["running"] >= self.budget:
                 elsewhere = c["running"] - len(self._active)
@@ -187,6 +191,15 @@ class Orchestrator:
                 return WAIT
             self._waiting = False
             return ask_retry_first(self.study)
+
+    def _compute_spent(self) -> bool:
+        """Whether `budget.full_trials` or `budget.stop_when_converged` ends the search (said
+        once). Trials running then, here or elsewhere, finish; none starts."""
+        reason = stop_reason(self.study.get_trials(deepcopy=False), self.cfg)
+        if reason is not None and not self._stop_told:
+            self.view.message(f"search stops: {reason}")
+            self._stop_told = True
+        return reason is not None
 
     def confirm(self, jobs: list[dict[str, Any]]) -> optuna.Study:
         """Train each job's configuration again with its seed, at the full budget, unpruned.
