@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,25 @@ def data_line(counts: dict[str, int]) -> str:
     return line + (f"; dropped: {', '.join(dropped)}" if dropped else "")
 
 
-def study_lines(checked: Any, mlflow_uri: str | None, study_arg: str) -> list[str]:
-    """Where a study runs and logs, said once before it starts (a `validate.CheckedStudy`)."""
+def ui_command(args: Any) -> str:
+    """The `ranksearch ui` command that opens the study `args` (of `run` or `confirm`) names:
+    the same study file, overrides, study directory and stores, quoted for a shell (a storage
+    URL with its password masked: `ui` reads only the MLflow store)."""
+    parts = ["ranksearch", "ui", "--study", args.study]
+    for override in args.overrides:
+        parts += ["--set", override]
+    if args.out is not None:
+        parts += ["--out", str(args.out)]
+    if args.storage:
+        parts += ["--storage", redact_url(args.storage)]
+    if args.tracking_uri:
+        parts += ["--tracking-uri", redact_url(args.tracking_uri)]
+    return shlex.join(parts)
+
+
+def study_lines(checked: Any, mlflow_uri: str | None, browse: str) -> list[str]:
+    """Where a study runs and logs, said once before it starts (a `validate.CheckedStudy`);
+    `browse`: the command that opens its runs (`ui_command`)."""
     parallel = checked.slots.parallel
     trials = f"{parallel} trial{'s' if parallel > 1 else ''} at a time"
     lines = [
@@ -81,16 +99,19 @@ def study_lines(checked: Any, mlflow_uri: str | None, study_arg: str) -> list[st
         f"{redact_url(checked.storage_url)}, device {checked.device}, {trials})"
     ]
     if mlflow_uri:
-        browse = f"browse: ranksearch ui --study {study_arg}"
-        lines.append(f"MLflow: {redact_url(mlflow_uri)} ({browse})")
+        lines.append(f"MLflow: {redact_url(mlflow_uri)} (browse: {browse})")
     return lines
 
 
 def print_report(
-    console: Console, report: dict[str, Any], in_mlflow: bool, page: Path | None = None
+    console: Console,
+    report: dict[str, Any],
+    in_mlflow: bool,
+    page: Path | None = None,
+    kept: Path | None = None,
 ) -> None:
     """`ranksearch report` as tables: the trials, by rank, the answer, where the plots and the
-    page `report.html` went."""
+    page `report.html` went (`kept`: the earlier page a `--no-plots` report left as it was)."""
     console.print(rows_table(report))
     console.print(rank_table(report))
     for line in summary_lines(report):
@@ -101,6 +122,10 @@ def print_report(
         console.print(Text(f"Plots:       {len(report['plots'])} files in {folder}{where}"))
     if page is not None:
         console.print(Text(f"Report:      {page}{where}"))
+    elif kept is not None:
+        console.print(
+            Text(f"Report:      {kept} left as the last full report wrote it (--no-plots)")
+        )
 
 
 ESTIMATE_COLUMNS = (
