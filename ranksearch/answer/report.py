@@ -74,14 +74,17 @@ def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
 
 
 def _importances(study: optuna.Study) -> dict[str, float] | None:
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    from ranksearch.answer.marks import drawn_study
+
+    search = drawn_study(study)[0]  # a replayed duplicate would count its configuration twice
+    complete = [t for t in search.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if len(complete) < 4:
         return None
     try:
         return {
             k: round(v, 4)
             for k, v in optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+                search, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
             ).items()
         }
     except (ValueError, RuntimeError, ZeroDivisionError):
