@@ -189,7 +189,7 @@ def cmd_run(args, console: Console) -> int:
             )
         code = _drive(lambda: orchestrator.confirm(jobs), view, console) if jobs else 0
     if not args.quiet:
-        console.print(trials_table(orchestrator.study, title=f"study {cfg.study_name}"))
+        console.print(trials_table(orchestrator.study, f"study {cfg.study_name}", console.width))
         for line in best_summary(orchestrator.study, cfg.report.tolerance):
             console.print(Text(line))
     return code
