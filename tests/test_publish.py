@@ -81,7 +81,7 @@ def test_the_readme_mlflow_snippet_loads_the_model_of_a_moved_study(finished_stu
     exp = client.get_experiment_by_name("finished")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`ranksearch.role` = 'study'")
     model_id = parent.data.tags["ranksearch.model_uri"].removeprefix("models:/")
-    folder = f"{moved}/mlartifacts/{exp.experiment_id}/models/{model_id}/artifacts"
+    folder = f"{moved}/mlartifacts/models/{model_id}/artifacts"
     snippet = (  # the README's, with this study's paths
         "import mlflow, pandas as pd\n"
         f"model = mlflow.pyfunc.load_model({folder!r})\n"
