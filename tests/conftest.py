@@ -407,6 +407,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 # `pytest -m "not slow"` (docs/development.md).
 SLOW_MARKERS = ("e2e", "services", "pretrained", "bench")
 FIXTURE_MARKERS = {
+    "finished_study": "e2e",  # tests/test_losses.py, test_publish.py: a real 5-trial study
     "tracked_study": "e2e",  # tests/test_tracking.py: a real `ranksearch run`, tracked
     "finished": "e2e",  # tests/test_export.py: a finished study to export from
     "registered": "e2e",  # tests/test_mlmodel.py: a study whose answer is a registered model
@@ -438,3 +439,18 @@ def pytest_configure(config):
         and os.environ.get("RANKSEARCH_TEST_PIN", "1") == "1"
     ):
         os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory, tiny_bert, sentiment_csv) -> Path:
+    """A small real study, run to its end by the real command with the default MLflow store and
+    no `report` yet: 5 trials on the tiny BERT, some complete, some pruned. Tests copy it
+    (`shutil.copytree`) before changing it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    study_file = write_study(
+        tmp / "finished.yaml", tiny_bert, sentiment_csv, budget={"n_trials": 5}
+    )
+    out = tmp / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out

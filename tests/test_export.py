@@ -182,15 +182,15 @@ def test_a_moved_study_reports_exports_and_resumes(tmp_path, tiny_bert, sentimen
 
     r = run_cli("report", "--study", str(study_file), "--out", str(copy), cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert (copy / "plots" / "curves.html").is_file()
+    assert (copy / "plots" / "curves.png").is_file()
     client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
     exp = client.get_experiment_by_name("moved")
     assert exp.artifact_location == (copy / "mlartifacts").resolve().as_uri()
     (parent,) = client.search_runs([exp.experiment_id], "tags.`ranksearch.role` = 'study'")
     assert parent.info.artifact_uri.startswith(exp.artifact_location)
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert "plots/curves.html" in logged
-    assert (copy / "mlartifacts" / parent.info.run_id / "artifacts/plots/curves.html").is_file()
+    assert "plots/curves.png" in logged
+    assert (copy / "mlartifacts" / parent.info.run_id / "artifacts/plots/curves.png").is_file()
 
     # export: the kept adapter is copied; a deleted one is retrained from the moved spec
     shutil.rmtree(copy / "trials" / "1" / "adapter")

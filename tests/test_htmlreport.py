@@ -76,7 +76,7 @@ def test_report_html_renders_offline_in_chromium(tmp_path):
     study = study_with_confirmation()
     report = build_report(study)
     figs = figures(study)
-    pngs = [p for p in make_plots(study, tmp_path / "plots", figs) if p.suffix == ".png"]
+    pngs = make_plots(study, tmp_path / "plots")
     page_file = write_html(report, figs, pngs, tmp_path / "report.html")
     text = page_file.read_text()
     assert text.count(get_plotlyjs()[:2000]) == 1  # plotly.js embedded once, not per plot
@@ -117,3 +117,84 @@ def test_report_html_renders_offline_in_chromium(tmp_path):
     # the PNG plots plotly does not draw: val loss by rank, the two Pareto fronts
     assert len(images) == len([p for p in pngs if p.stem not in figs]) == 3 and all(images)
     assert shot.stat().st_size > 50_000
+
+
+def study_of_six_parameters() -> optuna.Study:
+    """Six searched parameters (Optuna draws its slice view 300 px wide per parameter) and a
+    replayed duplicate of trial 1, as the orchestrator records one."""
+    study = optuna.create_study(direction="minimize", study_name="wide")
+    distributions = {
+        "rank": CategoricalDistribution([2, 4, 8, 16]),
+        "alpha_ratio": CategoricalDistribution([1, 2]),
+        "dropout": CategoricalDistribution([0.0, 0.1]),
+        "target_modules": CategoricalDistribution(["qv", "all-linear"]),
+        "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
+        "use_rslora": CategoricalDistribution([False, True]),
+    }
+    rows = [(2, 1, 0.0, "qv", 1e-3, False, 0.5), (4, 2, 0.1, "qv", 3e-3, True, 0.42),
+            (8, 2, 0.0, "all-linear", 5e-3, False, 0.40), (16, 1, 0.1, "qv", 2e-4, True, 0.61),
+            (8, 1, 0.0, "qv", 1e-3, False, 0.45), (4, 2, 0.1, "qv", 3e-3, True, 0.42)]  # fmt: skip
+    for number, (rank, ratio, dropout, modules, lr, rslora, loss) in enumerate(rows):
+        attrs = {"config": config_attr(rank, modules, lr), "trainable_params": rank * 1000,
+                 "wall_seconds": 10.0, "val_loss_se": 0.02}  # fmt: skip
+        if number == 5:
+            attrs["duplicate_of"] = 1
+        params = {"rank": rank, "alpha_ratio": ratio, "dropout": dropout,
+                  "target_modules": modules, "learning_rate": lr, "use_rslora": rslora}  # fmt: skip
+        study.add_trial(
+            create_trial(
+                value=loss,
+                params=params,
+                distributions=distributions,
+                user_attrs=attrs,
+                intermediate_values={2: loss + 0.2, 4: loss},
+            )  # fmt: skip
+        )
+    return study
+
+
+def test_the_slice_fits_the_page_its_legend_clear_and_duplicates_drawn_once(tmp_path):
+    chromium = require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    study = study_of_six_parameters()
+    figs = figures(study)
+    numbers = [n for trace in figs["slice"].data[:1] for n in trace.marker.color]
+    assert sorted(numbers) == [0, 1, 2, 3, 4]  # the study's own numbers, trial 5 replays 1
+    lines = [trace for trace in figs["parallel_coordinate"].data if trace.customdata]
+    assert len(lines) == 5  # one line per trial, drawn with its values as hover data
+    page_file = write_html(build_report(study), figs, [], tmp_path / "report.html")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(page_file.as_uri())
+        slice_plot = page.locator("#plot-slice")
+        slice_plot.locator(".legend").wait_for(timeout=30_000)
+        width = slice_plot.locator("svg.main-svg").first.bounding_box()["width"]
+        legend = slice_plot.locator(".legend").bounding_box()
+        colorbar = slice_plot.locator(".colorbar").bounding_box()
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "report-slice.png"
+        slice_plot.screenshot(path=str(shot))
+        browser.close()
+    print(f"slice screenshot: {shot}")
+    assert width <= 1200
+    apart_x = (
+        legend["x"] + legend["width"] <= colorbar["x"]
+        or colorbar["x"] + colorbar["width"] <= legend["x"]
+    )
+    apart_y = (
+        legend["y"] >= colorbar["y"] + colorbar["height"]
+        or legend["y"] + legend["height"] <= colorbar["y"]
+    )
+    assert apart_x or apart_y, (legend, colorbar)
+
+
+def test_importances_leave_a_replayed_duplicate_out():
+    study = study_of_six_parameters()  # trial 5 replays trial 1
+    without = optuna.create_study(direction="minimize")
+    without.add_trials(study.trials[:5])
+    assert build_report(study)["importances"] == build_report(without)["importances"]
+    assert build_report(study)["importances"]["learning_rate"] > 0.5

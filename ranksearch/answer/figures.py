@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from ranksearch.answer.marks import MARKS, OTHERS, answer_roles, curve_trials, trial_label
+from ranksearch.answer.marks import (
+    MARKS,
+    OTHERS,
+    answer_roles,
+    curve_trials,
+    drawn_study,
+    trial_label,
+)
 from ranksearch.answer.recommend import Answer, answer
 
 if TYPE_CHECKING:
@@ -120,6 +127,23 @@ def mark_slice(fig: go.Figure, ans: Answer) -> None:
             )
 
 
+def fit_slice(fig: go.Figure, numbers: list[int]) -> None:
+    """Optuna's slice view, as the study names its trials and within the report's 1,200 px:
+    its points are colored by the number of the trial in the copy `drawn_study` made (given
+    back their number in the study, `numbers`); it is 300 px wide per parameter (1,500 px and
+    more), so it takes its container's width instead; and the legend of the answer's marks goes
+    under the panels, clear of the trial color bar on the right."""
+    for trace in fig.data:
+        if trace.marker is not None and isinstance(trace.marker.color, tuple | list):
+            trace.marker.color = [numbers[i] for i in trace.marker.color]
+    fig.update_layout(
+        width=None,
+        autosize=True,
+        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.3, "yanchor": "top"},
+        margin={"b": 120},
+    )
+
+
 def figures(study: optuna.Study, tolerance: str | float = "1se") -> dict[str, go.Figure]:
     """The interactive views of a study, by name; those it has too few trials for are left out."""
     from optuna import visualization as ov
@@ -133,18 +157,22 @@ def figures(study: optuna.Study, tolerance: str | float = "1se") -> dict[str, go
     drawn = curves(study, ans)
     if drawn is not None:
         made["curves"] = drawn
+    search, numbers = drawn_study(study)  # no replayed duplicate or confirmation counted twice
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, draw, mark in (
-            ("parallel_coordinate", ov.plot_parallel_coordinate, mark_parallel),
-            ("slice", ov.plot_slice, mark_slice),
-            ("importances", ov.plot_param_importances, None),  # parameters, not trials
+        for name, draw in (
+            ("parallel_coordinate", ov.plot_parallel_coordinate),
+            ("slice", ov.plot_slice),
+            ("importances", ov.plot_param_importances),  # parameters, not trials: no marks
         ):
             try:
-                fig = draw(study)
+                fig = draw(search)
             except (ValueError, RuntimeError, ZeroDivisionError):
                 continue  # too few trials for this view
-            if mark is not None:
-                mark(fig, ans)
+            if name == "slice":
+                fit_slice(fig, numbers)
+                mark_slice(fig, ans)
+            elif name == "parallel_coordinate":
+                mark_parallel(fig, ans)
             made[name] = fig
     return made

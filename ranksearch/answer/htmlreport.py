@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +138,10 @@ def render(report: dict[str, Any], figures: dict[str, go.Figure], pngs: list[Pat
 def write_html(
     report: dict[str, Any], figures: dict[str, go.Figure], pngs: list[Path], path: Path
 ) -> Path:
+    """Write the page as a new file, renamed into place: the old one may be a hard link to its
+    copy in the MLflow store (publish.py), which must not change until it is logged again."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(report, figures, pngs), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(report, figures, pngs), encoding="utf-8")
+    os.replace(tmp, path)
     return path

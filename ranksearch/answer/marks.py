@@ -40,3 +40,21 @@ def curve_trials(study: optuna.Study) -> list[FrozenTrial]:
         and "duplicate_of" not in t.user_attrs
         and not t.user_attrs.get("confirmation")
     ]
+
+
+def drawn_study(study: optuna.Study) -> tuple[optuna.Study, list[int]]:
+    """The study as Optuna's own plots and importances should see it: an in-memory copy holding
+    the search trials that trained, and their numbers in the study (the copy numbers them from
+    0). A replayed duplicate (`= trial N (not retrained)`) repeats its original's result and a
+    confirmation training repeats a configuration with another seed: counted again, each would
+    weigh its configuration twice."""
+    kept = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and "duplicate_of" not in t.user_attrs
+        and not t.user_attrs.get("confirmation")
+    ]
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials(kept)
+    return copy, [t.number for t in kept]

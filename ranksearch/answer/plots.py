@@ -1,4 +1,5 @@
-"""Plots of a study as PNG (matplotlib), for people; `figures.py` draws the interactive ones.
+"""Plots of a study as PNG (matplotlib), for people; `figures.py` draws the interactive ones,
+which live in `report.html` only: each on its own would carry plotly.js (4.8 MB) again.
 
 Every plot names trials by their configuration (`#3 r8 qv lr 1e-3`) and marks the best and the
 recommended trial wherever they appear: a star for the best, a ring for the recommended.
@@ -13,13 +14,18 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ranksearch.answer.figures import figures
-from ranksearch.answer.marks import MARKS, OTHERS, answer_roles, curve_trials, trial_label
+from ranksearch.answer.marks import (
+    MARKS,
+    OTHERS,
+    answer_roles,
+    curve_trials,
+    drawn_study,
+    trial_label,
+)
 from ranksearch.answer.recommend import Answer, answer, distinct_complete
 from ranksearch.config.space import TrialConfig
 
 if TYPE_CHECKING:
-    import plotly.graph_objects as go
     from matplotlib.figure import Figure
 
 
@@ -144,7 +150,7 @@ def _importances_png(study: optuna.Study, out: Path) -> list[Path]:
     from optuna.visualization import matplotlib as ovm
 
     try:
-        ax = ovm.plot_param_importances(study)
+        ax = ovm.plot_param_importances(drawn_study(study)[0])
     except (ValueError, RuntimeError, ZeroDivisionError):
         return []  # too few trials for this view
     ax.figure.set_size_inches(8, 5)
@@ -154,19 +160,18 @@ def _importances_png(study: optuna.Study, out: Path) -> list[Path]:
     return [out / "importances.png"]
 
 
-def make_plots(
-    study: optuna.Study,
-    out: Path,
-    figs: dict[str, go.Figure] | None = None,
-    tolerance: str | float = "1se",
-) -> list[Path]:
-    """Write every plot the study has enough trials for into `out`; return the files.
-    `figs`: the study's `figures.figures`, when the caller drew them already."""
+def make_plots(study: optuna.Study, out: Path, tolerance: str | float = "1se") -> list[Path]:
+    """Write every PNG plot the study has enough trials for into `out`; return the files.
+    What an earlier `report` left there goes first: a file of the same name may be a hard link
+    to its copy in the MLflow store (publish.py), which drawing into it would change too, and
+    the per-plot HTML files of earlier versions are now parts of `report.html`."""
     import matplotlib
     import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("*.png"), *out.glob("*.html")]:
+        old.unlink()
     all_trials = study.get_trials(deepcopy=False)
     ans = answer(all_trials, tolerance)
     trials = [t for t in distinct_complete(all_trials) if "config" in t.user_attrs]
@@ -189,7 +194,4 @@ def make_plots(
                 made.append(out / f"{name}.png")
         if any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in all_trials):
             made += _importances_png(study, out)
-    for name, fig in (figures(study, tolerance) if figs is None else figs).items():
-        fig.write_html(out / f"{name}.html", include_plotlyjs=True)  # offline: no CDN
-        made.append(out / f"{name}.html")
     return made

@@ -5,6 +5,7 @@ pick as a tag, and `ranksearch report`'s page and plots as the parent's artifact
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -83,9 +84,9 @@ def _confirmed_trial(trials: list[FrozenTrial]) -> int | None:
 
 
 def log_report(uri: str, experiment: str, study_name: str, study_dir: Path) -> bool:
-    """Attach what `ranksearch report` wrote (`report.html`, the `plots/` folder) to the study's
-    parent run in the store at `uri`; False, with a warning, where that store has none (the
-    study ran on other nodes). A default store in `study_dir` is rebased first."""
+    """Attach what `ranksearch report` wrote (`report.html`, the PNGs in `plots/`) to the
+    study's parent run in the store at `uri`; False, with a warning, where that store has none
+    (the study ran on other nodes). A default store in `study_dir` is rebased first."""
     from mlflow import MlflowClient
 
     rebase_artifacts(uri, study_dir)
@@ -97,10 +98,34 @@ def log_report(uri: str, experiment: str, study_name: str, study_dir: Path) -> b
         _log.warning("no MLflow parent run of study %s in %s: report not logged", study_name, uri)
         return False
     run_id = parents[0].info.run_id
-    if (study_dir / "plots").is_dir():
-        retry(client.log_artifacts, run_id, str(study_dir / "plots"), "plots")
-    retry(client.log_artifact, run_id, str(study_dir / "report.html"))
+    files = sorted((study_dir / "plots").glob("*.png")) + [study_dir / "report.html"]
+    for path in files:
+        folder = path.parent.relative_to(study_dir).as_posix()
+        retry(client.log_artifact, run_id, str(path), None if folder == "." else folder)
+    _link_to_logged(parents[0].info.artifact_uri, study_dir, files)
     return True
+
+
+def _link_to_logged(artifact_uri: str, study_dir: Path, files: list[Path]) -> None:
+    """The default store keeps its artifacts inside the study directory (`mlartifacts`), so
+    each page and plot just logged would be there twice: make the study's own file a hard link
+    to the logged copy, one set of bytes under two names. A store elsewhere, or a file system
+    without hard links, keeps its own copy."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(artifact_uri)
+    root = Path(unquote(parts.path)) if parts.scheme in ("file", "") else None
+    if root is None or not root.resolve().is_relative_to(study_dir.resolve()):
+        return
+    for path in files:
+        logged = root / path.relative_to(study_dir)
+        link = path.with_name(path.name + ".link")
+        try:
+            link.unlink(missing_ok=True)
+            os.link(logged, link)
+            os.replace(link, path)
+        except OSError:
+            link.unlink(missing_ok=True)
 
 
 def write_report(
@@ -110,15 +135,19 @@ def write_report(
     out: Path,
     plots: bool = True,
     uri_option: str | None = None,
-) -> tuple[Path, bool]:
-    """Plots into <out>/plots (listed in `report`, unless `plots` is False) and the page
-    <out>/report.html, both onto the study's MLflow parent run when it has one; the page, and
-    whether MLflow has them too."""
+) -> tuple[Path | None, bool]:
+    """The plots into <out>/plots (listed in `report`) and the page <out>/report.html, both onto
+    the study's MLflow parent run when it has one; the page, and whether MLflow has it too.
+
+    Without `plots` nothing is written (the page is None): a page without its plots would
+    replace the last full one, on disk and on the parent run, and sit beside plots of another
+    time. `--no-plots` asks for less work; it must not destroy what an earlier report made."""
+    if not plots:
+        return None, False
     tolerance = cfg.report.tolerance
-    figs = figures(study, tolerance) if plots else {}
-    if plots:
-        report["plots"] = [str(p) for p in make_plots(study, out / "plots", figs, tolerance)]
-    pngs = [Path(p) for p in report.get("plots", []) if p.endswith(".png")]
+    figs = figures(study, tolerance)
+    report["plots"] = [str(p) for p in make_plots(study, out / "plots", tolerance)]
+    pngs = [Path(p) for p in report["plots"]]
     page = write_html(report, figs, pngs, out / "report.html")
     tracked = "mlflow_parent_run_id" in study.user_attrs  # by this node or another one
     if not (tracked and cfg.tracking.enabled):

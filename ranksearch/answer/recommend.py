@@ -34,6 +34,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from ranksearch.answer.losses import per_example
 from ranksearch.config.space import TrialConfig
 
 FALLBACK_RELATIVE_TOLERANCE = 0.01  # when a trial carries no standard error
@@ -92,7 +93,7 @@ def margin(best: FrozenTrial, tolerance: str | float) -> tuple[float, str]:
 def paired_se(candidate: FrozenTrial, best: FrozenTrial) -> float | None:
     """Standard error of the mean of (candidate - best) per-example validation losses; None when
     either trial lacks them or they were not scored on the same examples."""
-    a, b = candidate.user_attrs.get("val_losses"), best.user_attrs.get("val_losses")
+    a, b = per_example(candidate), per_example(best)
     if not a or not b or len(a) != len(b) or len(a) < 2:
         return None
     return statistics.stdev(x - y for x, y in zip(a, b, strict=True)) / math.sqrt(len(a))
@@ -168,7 +169,7 @@ def answer(trials: Sequence[FrozenTrial], tolerance: str | float = "1se") -> Ans
     complete = distinct_complete(trials)  # never a pruned trial: its loss is a partial one
     notes: list[str] = []
     noise = None
-    if tolerance == "1se" and best.user_attrs.get("val_losses"):
+    if tolerance == "1se" and per_example(best):
         margins, rule, noise, notes = _paired_margins(complete, best, trials)
     else:
         delta, rule = margin(best, tolerance)

@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ranksearch.answer.marks import trial_label
 from ranksearch.answer.recommend import accuracy
 from ranksearch.config.space import shown_config
 
@@ -74,18 +75,48 @@ def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
 
 
 def _importances(study: optuna.Study) -> dict[str, float] | None:
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    from ranksearch.answer.marks import drawn_study
+
+    search = drawn_study(study)[0]  # a replayed duplicate would count its configuration twice
+    complete = [t for t in search.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if len(complete) < 4:
         return None
     try:
         return {
             k: round(v, 4)
             for k, v in optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+                search, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
             ).items()
         }
     except (ValueError, RuntimeError, ZeroDivisionError):
         return None  # too few distinct values to say anything
+
+
+def _baseline(t: FrozenTrial, best: FrozenTrial | None) -> dict[str, Any]:
+    """An enqueued baseline and what the best gained over it, at equal steps: a baseline pruned
+    at step 40 is compared with the best's val loss at step 40, not with its final one; where
+    the best has none there, `best_gain_val_loss` is None and `partial` says why."""
+    steps = t.intermediate_values
+    step = max(steps) if steps else t.user_attrs.get("last_step")
+    entry = {
+        "trial": t.number,
+        "state": t.state.name,
+        "config": shown_config(t),
+        "val_loss": t.value,
+        "accuracy": accuracy(t.user_attrs),
+        "step": step,
+    }
+    if best is None or t.value is None:
+        return entry
+    if t.state == TrialState.COMPLETE:
+        entry["best_gain_val_loss"] = t.value - best.value
+    elif step in best.intermediate_values:
+        entry["best_val_loss_at_step"] = best.intermediate_values[step]
+        entry["best_gain_val_loss"] = t.value - best.intermediate_values[step]
+    else:
+        entry["best_gain_val_loss"] = None
+        entry["partial"] = True
+    return entry
 
 
 def build_report(
@@ -102,18 +133,8 @@ def build_report(
     rows = [trial_row(t) for t in trials if t.state not in (TrialState.RUNNING, TrialState.WAITING)]
     key = SORT_KEYS[sort]
     rows.sort(key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0, r["number"]))
-    base = []
-    for t in baselines(trials):
-        entry = {
-            "trial": t.number,
-            "state": t.state.name,
-            "config": shown_config(t),
-            "val_loss": t.value,
-            "accuracy": accuracy(t.user_attrs),
-        }
-        if ans.best is not None and t.value is not None:
-            entry["best_gain_val_loss"] = t.value - ans.best.value
-        base.append(entry)
+    base = [_baseline(t, ans.best) for t in baselines(trials)]
+    by_number = {t.number: t for t in trials}
     return {
         "schema": SCHEMA,
         "study": study.study_name,
@@ -125,6 +146,7 @@ def build_report(
             "rule": ans.tolerance_rule,
             "val_loss": ans.tolerance,  # the recommended trial's margin
             "candidates": ans.candidates,
+            "qualified": [trial_label(by_number[n]) for n in ans.candidates],  # named
             "seed_std": ans.seed_std,
             "notes": ans.notes,
         },

@@ -88,6 +88,24 @@ def _config_line(b: dict[str, Any]) -> str:
     )
 
 
+def _qualified(tol: dict[str, Any]) -> str:
+    """`qualified (2): #6 r16 all-linear lr 8.5e-4, #9 r8 all-linear lr 1.6e-3`."""
+    names = tol.get("qualified") or [f"#{n}" for n in tol["candidates"]]  # older JSON
+    return f"qualified ({len(names)}): {', '.join(names)}"
+
+
+def _baseline_line(b: dict[str, Any]) -> str:
+    """A baseline against the best, at equal steps (report._baseline)."""
+    head = f"Baseline:    trial {b['trial']} ({_config_line(b)}): val_loss {b['val_loss']:.4f}"
+    gain = b.get("best_gain_val_loss")
+    if b.get("state") == "COMPLETE" or b.get("step") is None:
+        return head + (f", the best is {gain:.4f} lower" if gain is not None else "")
+    head += f" at step {b['step']} ({b['state'].lower()} there)"
+    if gain is None:
+        return head + ": partial, not compared with the best's final val loss"
+    return f"{head}; the best had {b['best_val_loss_at_step']:.4f} at that step, {gain:.4f} lower"
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     best, rec, tol = report["best"], report["recommended"], report["tolerance"]
     if best is None:
@@ -115,8 +133,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"Recommended: trial {rec['trial']}  val_loss {rec['val_loss']:.4f}{acc(rec)}  "
         f"{_config_line(rec)}",
         f"             cost: {_cost_line(rec)}",
-        f"             the fewest trainable parameters within its margin ({rule}) of the best; "
-        f"{len(tol['candidates'])} configuration(s) qualified; its margin {tol['val_loss']:.4f}",
+        f"             the fewest trainable parameters within its margin ({rule}) of the best "
+        f"({tol['val_loss']:.4f}); {_qualified(tol)}",
     ]
     lines += [f"             note: {n}" for n in tol.get("notes", [])]
     pruned = report.get("pruned_never_recommended")
@@ -125,12 +143,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"             {pruned} pruned trial(s) not considered: a trial stopped before the "
             "full budget is never recommended"
         )
-    for b in report["baselines"]:
-        if b.get("best_gain_val_loss") is not None:
-            lines.append(
-                f"Baseline:    trial {b['trial']} ({_config_line(b)}): val_loss "
-                f"{b['val_loss']:.4f}, the best is {b['best_gain_val_loss']:.4f} lower"
-            )
+    lines += [_baseline_line(b) for b in report["baselines"] if b["val_loss"] is not None]
     confirmation = report.get("confirmation")
     if confirmation and confirmation["recommended"] is not None:
         rows = {r["trial"]: r for r in confirmation["candidates"]}

@@ -104,7 +104,7 @@ def _orchestrator(args, console: Console):
     """What `run` and `confirm` share: checked study, prepared data, tracker, view."""
     import torch
 
-    from ranksearch.cli.output import data_line, study_lines
+    from ranksearch.cli.output import data_line, study_lines, ui_command
     from ranksearch.cli.validate import empty_warnings
     from ranksearch.cli.view import PlainView, make_view
     from ranksearch.data.prepare import prepare
@@ -123,7 +123,7 @@ def _orchestrator(args, console: Console):
     tracker = make_tracker(
         cfg, out, args.tracking_uri, args.no_mlflow, args.overrides, publish=publish_answer
     )
-    for line in [] if args.quiet else study_lines(checked, tracker.uri, args.study):
+    for line in [] if args.quiet else study_lines(checked, tracker.uri, ui_command(args)):
         console.print(Text(line))
     data = prepare(cfg, out)
     if not args.quiet:
@@ -190,7 +190,7 @@ def cmd_run(args, console: Console) -> int:
             )
         code = _drive(lambda: orchestrator.confirm(jobs), view, console) if jobs else 0
     if not args.quiet:
-        console.print(trials_table(orchestrator.study, title=f"study {cfg.study_name}"))
+        console.print(trials_table(orchestrator.study, f"study {cfg.study_name}", console.width))
         for line in best_summary(orchestrator.study, cfg.report.tolerance):
             console.print(Text(line))
         console.print(Text(compute_line(orchestrator.study.get_trials(deepcopy=False), cfg)))
@@ -266,7 +266,8 @@ def cmd_report(args, console: Console) -> int:
     elif args.format == "markdown":
         print(to_markdown(report), end="")
     else:
-        print_report(console, report, in_mlflow, page)
+        earlier = out / "report.html"
+        print_report(console, report, in_mlflow, page, earlier if earlier.is_file() else None)
     return 0
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -24,16 +25,51 @@ from ranksearch.answer.text import (
 )
 from ranksearch.config.paths import redact_url
 
+# the trial table's columns in the order they give way to a narrow terminal (first: first
+# dropped); the number, state, rank, modules, lr, val loss and note always stay
+DROPPED_FIRST = ("sec", "dropout", "alpha", "trainable", "step", "acc")
+TEXT_COLUMNS = ("state", "modules", "note")
+NOTE_MIN = 12  # the note wraps (`pruned at` / `step 40`), never narrower than this
 
-def trials_table(study: optuna.Study, title: str | None = None) -> Table:
+
+def fitted_columns(cells: list[list[str]], width: int) -> list[int]:
+    """Which COLUMNS to show at `width` terminal columns: every cell but the note's is shown
+    whole (a number cut to `0.…` would be wrong, not short), so columns are dropped by
+    priority (DROPPED_FIRST) until the rest fits, borders and padding counted."""
+    need = [max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(COLUMNS)]
+    need[COLUMNS.index("note")] = min(need[COLUMNS.index("note")], NOTE_MIN)
+    kept = list(range(len(COLUMNS)))
+    for name in DROPPED_FIRST:
+        if sum(need[i] + 3 for i in kept) + 1 <= width:  # "│ " + cell + " " each, a last "│"
+            break
+        kept.remove(COLUMNS.index(name))
+    return kept
+
+
+def rows_table(rows: list[dict[str, Any]], title: str, width: int) -> Table:
+    """The trials (`report.trial_row` rows) as a table that fits `width` columns."""
+    cells = [format_row(r) for r in rows]
+    kept = fitted_columns(cells, width)
     table = Table(title=title, title_justify="left")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("state", "modules", "note") else "right")
-    for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.RUNNING, TrialState.WAITING):
-            continue
-        table.add_row(*format_row(trial_row(t)))
+    for i in kept:
+        name = COLUMNS[i]
+        if name == "note":
+            table.add_column(name, overflow="fold", min_width=NOTE_MIN)
+        else:
+            table.add_column(name, justify="left" if name in TEXT_COLUMNS else "right",
+                             no_wrap=True)  # fmt: skip
+    for row in cells:
+        table.add_row(*(row[i] for i in kept))
     return table
+
+
+def trials_table(study: optuna.Study, title: str | None, width: int) -> Table:
+    """`run`'s closing table: every finished trial, in order."""
+    finished = [
+        t for t in study.get_trials(deepcopy=False)
+        if t.state not in (TrialState.RUNNING, TrialState.WAITING)
+    ]  # fmt: skip
+    return rows_table([trial_row(t) for t in finished], title or "", width)
 
 
 def rank_table(report: dict[str, Any]) -> Table:
@@ -42,15 +78,6 @@ def rank_table(report: dict[str, Any]) -> Table:
         table.add_column(col, justify="right")
     for r in report["ranks"]:
         table.add_row(*rank_cells(r), cell(r["mean_seconds"], ".0f"))
-    return table
-
-
-def rows_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"study {report['study']}", title_justify="left")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("state", "modules", "note") else "right")
-    for r in report["trials"]:
-        table.add_row(*format_row(r))
     return table
 
 
@@ -73,8 +100,25 @@ def data_line(counts: dict[str, int]) -> str:
     return line + (f"; dropped: {', '.join(dropped)}" if dropped else "")
 
 
-def study_lines(checked: Any, mlflow_uri: str | None, study_arg: str) -> list[str]:
-    """Where a study runs and logs, said once before it starts (a `validate.CheckedStudy`)."""
+def ui_command(args: Any) -> str:
+    """The `ranksearch ui` command that opens the study `args` (of `run` or `confirm`) names:
+    the same study file, overrides, study directory and stores, quoted for a shell (a storage
+    URL with its password masked: `ui` reads only the MLflow store)."""
+    parts = ["ranksearch", "ui", "--study", args.study]
+    for override in args.overrides:
+        parts += ["--set", override]
+    if args.out is not None:
+        parts += ["--out", str(args.out)]
+    if args.storage:
+        parts += ["--storage", redact_url(args.storage)]
+    if args.tracking_uri:
+        parts += ["--tracking-uri", redact_url(args.tracking_uri)]
+    return shlex.join(parts)
+
+
+def study_lines(checked: Any, mlflow_uri: str | None, browse: str) -> list[str]:
+    """Where a study runs and logs, said once before it starts (a `validate.CheckedStudy`);
+    `browse`: the command that opens its runs (`ui_command`)."""
     parallel = checked.slots.parallel
     trials = f"{parallel} trial{'s' if parallel > 1 else ''} at a time"
     lines = [
@@ -82,17 +126,20 @@ def study_lines(checked: Any, mlflow_uri: str | None, study_arg: str) -> list[st
         f"{redact_url(checked.storage_url)}, device {checked.device}, {trials})"
     ]
     if mlflow_uri:
-        browse = f"browse: ranksearch ui --study {study_arg}"
-        lines.append(f"MLflow: {redact_url(mlflow_uri)} ({browse})")
+        lines.append(f"MLflow: {redact_url(mlflow_uri)} (browse: {browse})")
     return lines
 
 
 def print_report(
-    console: Console, report: dict[str, Any], in_mlflow: bool, page: Path | None = None
+    console: Console,
+    report: dict[str, Any],
+    in_mlflow: bool,
+    page: Path | None = None,
+    kept: Path | None = None,
 ) -> None:
     """`ranksearch report` as tables: the trials, by rank, the answer, where the plots and the
-    page `report.html` went."""
-    console.print(rows_table(report))
+    page `report.html` went (`kept`: the earlier page a `--no-plots` report left as it was)."""
+    console.print(rows_table(report["trials"], f"study {report['study']}", console.width))
     console.print(rank_table(report))
     for line in summary_lines(report):
         console.print(Text(line))
@@ -102,6 +149,10 @@ def print_report(
         console.print(Text(f"Plots:       {len(report['plots'])} files in {folder}{where}"))
     if page is not None:
         console.print(Text(f"Report:      {page}{where}"))
+    elif kept is not None:
+        console.print(
+            Text(f"Report:      {kept} left as the last full report wrote it (--no-plots)")
+        )
 
 
 ESTIMATE_COLUMNS = (

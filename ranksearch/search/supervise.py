@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from ranksearch.answer import losses
 from ranksearch.config.schema import StudyConfig
 from ranksearch.search.launch import WorkerProcess
 from ranksearch.search.warm import WarmTrial
@@ -175,6 +176,8 @@ class TrialRun:
         for name in KEPT_FROM_EVENTS:
             if name in rec:
                 self.trial.set_user_attr(name, rec[name])
+        if "val_losses" in rec:
+            losses.store(self.trial, rec["val_losses"])
         if "trainable_params" in rec:
             self.trial.set_user_attr(
                 "trainable_fraction", rec["trainable_params"] / rec["total_params"]

@@ -40,12 +40,12 @@ KEPT_PER_EVALUATION = (
     "val_loss", "val_loss_se", "accuracy", "answer_accuracy", "f1", "perplexity", "train_loss",
     "train_seconds",
 )  # fmt: skip
-# what the trial keeps of the start and end events; `val_losses` is the final evaluation's
-# per-example losses (rounded) for paired comparisons, kept in the storage because on several
-# nodes the trial folders are not shared
+# what the trial keeps of the start and end events as user attributes; the end event's
+# `val_losses` (the final evaluation's per-example losses, rounded, for paired comparisons) is
+# kept in the storage too, because on several nodes the trial folders are not shared, but
+# compactly and apart (answer/losses.py): hundreds of numbers would flood Optuna's own tools
 KEPT_FROM_EVENTS = (
     "trainable_params", "total_params", "peak_memory_mb", "train_seconds", "eval_seconds",
-    "val_losses",
 )  # fmt: skip
 # what the trial's MLflow run logs at every evaluation step
 LOGGED_PER_STEP = (
