@@ -70,7 +70,9 @@ def _description(trial: FrozenTrial, ans: Answer | None, run_id: str | None) -> 
     what = f"The recommended LoRA configuration: trial {trial_label(trial)}"
     if trial.value is not None:
         what += f", val loss {trial.value:.4f}"
-    if ans is not None and ans.tolerance is not None and ans.best is not None:
+    if ans is not None and ans.best is not None and ans.best.number == trial.number:
+        what += "; the best trial itself"
+    elif ans is not None and ans.tolerance is not None and ans.best is not None:
         what += (
             f"; within {ans.tolerance:.4g} ({ans.tolerance_rule}) of the best, "
             f"trial {ans.best.number}"
