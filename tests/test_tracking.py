@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from rich.console import Console
 
+from ranksearch.answer.marks import answer_roles, run_name, trial_label
 from ranksearch.answer.recommend import answer
 from ranksearch.cli.view import PlainView
 from ranksearch.config import space
@@ -74,6 +75,16 @@ def _runs(client: MlflowClient, study: str) -> tuple:
     return exp, parents, trials
 
 
+def run_names(study: optuna.Study) -> dict[int, str]:
+    """Trial number -> its run's name: its configuration, and the answer's marks it has
+    (`★ best #3 r8 qv lr 1e-3`)."""
+    roles = answer_roles(answer(study.trials))
+    return {
+        t.number: run_name(trial_label(t), [r for r, a in roles if a.number == t.number])
+        for t in study.trials
+    }
+
+
 def check_readback(client: MlflowClient, study: optuna.Study) -> None:
     """What a user sees in the UI matches what Optuna recorded, trial by trial."""
     exp, parents, runs = _runs(client, study.study_name)
@@ -93,9 +104,10 @@ def check_readback(client: MlflowClient, study: optuna.Study) -> None:
         assert json.loads(d.dataset.source)["uri"].endswith("/reviews.csv")
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
     assert sorted(by_number) == [t.number for t in study.trials]  # one run per trial
+    names = run_names(study)
     for t in study.trials:
         run = by_number[t.number]
-        assert run.info.run_name == f"trial-{t.number}"
+        assert run.info.run_name == names[t.number]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == STATUS[t.state]
         assert run.data.tags["optuna.state"] == t.state.name
@@ -362,8 +374,10 @@ def test_tracking_can_be_turned_off(tmp_path, tiny_bert, sentiment_csv):
 
 @pytest.mark.e2e
 @pytest.mark.services
-def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
-    """`ranksearch ui` serves the study; headless Chromium finds every trial run on the page."""
+def test_mlflow_ui_opens_on_the_studys_runs_with_the_answer_in_sight(tracked_study, tmp_path):
+    """`ranksearch ui` serves the study; headless Chromium, at the URL it prints, lands on the
+    Model training view (not MLflow 3's GenAI one) with every trial run listed by its
+    configuration and the best and recommended runs marked, nothing unfolded by hand."""
     chromium = require_chromium()
     from playwright.sync_api import sync_playwright
 
@@ -392,7 +406,10 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
             line = ui.stdout.readline()
         assert f"http://127.0.0.1:{port}/#/experiments/" in line, line
         url = line.split(": ", 1)[1].split()[0]
-        n_trials = len(_load(tracked_study, "tracked").trials)
+        assert "workflowType=machine_learning" in url
+        study = _load(tracked_study, "tracked")
+        ans = answer(study.trials)
+        marked = run_names(study)
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=chromium,
@@ -400,19 +417,21 @@ def test_mlflow_ui_shows_the_trial_runs(tracked_study, tmp_path):
             )
             page = browser.new_page(viewport={"width": 1500, "height": 900})
             page.goto(url)
-            parent = page.get_by_role("link", name="tracked", exact=True).last
-            parent.wait_for(timeout=60_000)
-            # the parent run folds its trials: unfold them as a user would
-            page.locator("[role=row]", has=parent).locator("button, [role=button]").first.click()
-            names = [f"trial-{n}" for n in range(n_trials)]
-            page.get_by_text(names[-1], exact=True).wait_for(timeout=30_000)
-            found = [n for n in names if page.get_by_text(n, exact=True).count()]
+            best = page.get_by_text(marked[ans.best.number], exact=True).first
+            best.wait_for(timeout=90_000)  # listed without unfolding the parent run
+            page.wait_for_timeout(1_000)  # the table settles (column widths)
+            found = {n for n, name in marked.items() if page.get_by_text(name, exact=True).count()}
+            model_training = page.get_by_text("Model training").count()
+            genai = page.get_by_text("Agent versions").count()
             ARTIFACTS.mkdir(exist_ok=True)
             shot = ARTIFACTS / "mlflow-ui.png"
             page.screenshot(path=str(shot))
             browser.close()
         print(f"MLflow UI screenshot: {shot}")
-        assert found == names
+        assert found == set(marked), (found, marked)
+        assert "★ best" in marked[ans.best.number]
+        assert "◎ recommended" in marked[ans.recommended.number]
+        assert model_training and not genai  # the classic runs view, not the GenAI one
         assert shot.stat().st_size > 10_000
     finally:
         ui.send_signal(signal.SIGINT)

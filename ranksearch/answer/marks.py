@@ -15,14 +15,28 @@ MARKS = {"best": ("#d62728", "*", "star"), "recommended": ("#2ca02c", "o", "circ
 OTHERS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
+# how a run name marks the answer (the plots' star and ring)
+RUN_MARKS = {"best": "★ best", "recommended": "◎ recommended"}
+
+
 def trial_label(t: FrozenTrial) -> str:
     """`#3 r8 qv lr 1e-3`: a trial by its number and configuration."""
-    c = TrialConfig.of(t)
+    return config_label(t.number, TrialConfig.of(t))
+
+
+def config_label(number: int, c: TrialConfig | None) -> str:
+    """`#3 r8 qv lr 1e-3`: trial `number` with configuration `c` (before it is a FrozenTrial)."""
     if c is None:
-        return f"#{t.number}"
+        return f"#{number}"
     mantissa, exponent = f"{c.learning_rate:.1e}".split("e")
     lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"#{t.number} r{c.rank} {c.target_modules} lr {lr}"
+    return f"#{number} r{c.rank} {c.target_modules} lr {lr}"
+
+
+def run_name(label: str, roles: list[str]) -> str:
+    """A trial's MLflow run name: the answer's marks it carries, then its label (`★ best #9
+    r8 qv lr 1e-3`); marks first, since the UI's narrow name column cuts a name's end."""
+    return " ".join([*(RUN_MARKS[r] for r in roles), label])
 
 
 def answer_roles(ans: Answer) -> list[tuple[str, FrozenTrial]]:

@@ -17,6 +17,7 @@ from ranksearch.answer.export import export
 from ranksearch.answer.figures import figures
 from ranksearch.answer.htmlreport import write_html
 from ranksearch.answer.mlmodel import log_adapter_model
+from ranksearch.answer.modelcard import model_card
 from ranksearch.answer.plots import make_plots
 from ranksearch.answer.recommend import Answer
 from ranksearch.config.paths import trial_dir
@@ -49,12 +50,12 @@ def publish_answer(tracker: MlflowTracker, study, ans: Answer) -> None:
         return
     chosen = trials[confirmed] if confirmed is not None else ans.recommended
     try:
-        log_model(tracker, study, chosen)
+        log_model(tracker, study, chosen, ans)
     except Exception as e:  # noqa: BLE001 - the study's results stand without it
         _log.warning("the recommended model was not logged to MLflow: %s", e)
 
 
-def log_model(tracker: MlflowTracker, study, trial: FrozenTrial) -> None:
+def log_model(tracker: MlflowTracker, study, trial: FrozenTrial, ans: Answer | None) -> None:
     """The recommendation's adapter, as `ranksearch export` writes it, logged as the MLflow
     model `recommended` of the parent run (mlmodel.py) and registered as `tracking.register`
     names it; logged again only when the recommendation changes (resume, confirm)."""
@@ -67,8 +68,11 @@ def log_model(tracker: MlflowTracker, study, trial: FrozenTrial) -> None:
     with tempfile.TemporaryDirectory(prefix="ranksearch-model-") as tmp:
         folder = Path(tmp) / "adapter"  # the name MLflow gives it in the model
         export(study, trial, folder, tracker.study_file, tracker.overrides, tracker.study_dir)
+        card = model_card(tracker.client, tracker.parent_id, trial, ans)
         with global_uri(tracker._client_uri):
-            info = log_adapter_model(tracker.client, tracker.parent_id, folder, tracker.register)
+            info = log_adapter_model(
+                tracker.client, tracker.parent_id, folder, card, tracker.register
+            )
     tags = {MODEL_TRIAL: str(trial.number), MODEL_URI: info.model_uri}
     if info.registered_model_version is not None:
         tags[MODEL_VERSION] = f"models:/{tracker.register}/{info.registered_model_version}"

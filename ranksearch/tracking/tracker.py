@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from optuna.trial import FrozenTrial, TrialState
 
+from ranksearch.answer.marks import config_label, run_name, trial_label
 from ranksearch.answer.recommend import Answer
 from ranksearch.config.paths import trial_dir
 from ranksearch.search.storage import init_lock
@@ -263,7 +264,7 @@ class MlflowTracker:
             run = retry(
                 self.client.create_run,
                 self.experiment_id,
-                run_name=f"trial-{trial_number}",
+                run_name=config_label(trial_number, config),  # `#9 r8 qv lr 1.5e-3`
                 tags={
                     "mlflow.parentRunId": self.parent_id,
                     ROLE: "trial",
@@ -369,14 +370,15 @@ class MlflowTracker:
             metrics.append(Metric("tolerance", ans.tolerance, now, step))
             tags.append(RunTag("tolerance_rule", ans.tolerance_rule))
         retry(self.client.log_batch, self.parent_id, metrics=metrics, tags=tags)
-        self._mark_answer(ans)
+        self._mark_answer(ans, trials)
         if self.publish is not None:
             self.publish(self, study, ans)  # the answer's MLflow model (answer/publish.py)
         retry(self.client.set_terminated, self.parent_id, "FINISHED")
 
-    def _mark_answer(self, ans: Answer) -> None:
-        """Tag the best and recommended trials' runs (`ranksearch.answer`) and keep their
-        adapters as `tracking.log_adapters` asks; the tag leaves runs no longer in the answer."""
+    def _mark_answer(self, ans: Answer, trials: list[FrozenTrial]) -> None:
+        """Tag and name the best and recommended trials' runs (`ranksearch.answer`; `★ best
+        #9 r8 qv lr 1e-3`) and keep their adapters as `tracking.log_adapters` asks; tag and
+        marks leave runs no longer in the answer."""
         roles: dict[int, list[str]] = {}
         for role, trial in (("best", ans.best), ("recommended", ans.recommended)):
             if trial is not None:
@@ -387,14 +389,20 @@ class MlflowTracker:
             f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.`{ANSWER}` LIKE '%'",
         )
         for run in tagged:
-            if int(run.data.tags.get("optuna.trial_number", -1)) not in roles:
+            number = int(run.data.tags.get("optuna.trial_number", -1))
+            if number not in roles:
                 retry(self.client.delete_tag, run.info.run_id, ANSWER)
+                if 0 <= number < len(trials):
+                    name = trial_label(trials[number])
+                    retry(self.client.update_run, run.info.run_id, name=name)
         keep = {"answer": {"best", "recommended"}, "best": {"best"}}.get(self.log_adapters, set())
         for trial in {t.number: t for t in (ans.best, ans.recommended) if t}.values():
             run_id = trial.user_attrs.get("mlflow_run_id")
             if not run_id or not self._has_run(run_id, f"trial {trial.number} of the answer"):
                 continue
             set_tag(self.client, run_id, ANSWER, ",".join(roles[trial.number]))
+            name = run_name(trial_label(trial), roles[trial.number])
+            retry(self.client.update_run, run_id, name=name)
             if keep & set(roles[trial.number]):
                 self._log_adapter(trial, run_id)
 

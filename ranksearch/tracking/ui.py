@@ -38,8 +38,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# The runs page as a study is read. MLflow 3 opens an experiment in its GenAI mode unless the
+# URL (or the browser's last choice) says `workflowType=machine_learning`, the "Model training"
+# view. Ordered by a metric, its table lists trial runs flat instead of folded under the parent
+# run (it nests only when ordered by start time), so the best trial is the first row and the
+# recommended one near it, each marked in its run name.
+RUNS_VIEW = {
+    "workflowType": "machine_learning",
+    "orderByKey": "metrics.`final_val_loss`",
+    "orderByAsc": "true",
+}
+
+
 def experiment_url(base: str, experiment_id: str) -> str:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    from urllib.parse import urlencode
+
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{urlencode(RUNS_VIEW)}"
 
 
 def find_experiment(uri: str, name: str) -> str:
