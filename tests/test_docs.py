@@ -37,3 +37,14 @@ def test_the_readme_is_a_front_door():
     assert len(text.splitlines()) <= 250
     first_block = text.split("```bash", 1)[1].split("```", 1)[0]
     assert "ranksearch run --study cls-task" in first_block and "python -m pytest" in first_block
+
+
+def test_the_study_file_reference_is_generated_from_the_schema():
+    """docs/study-file.md's reference is the schema's own field descriptions: a key added or
+    changed without regenerating it (`python -m ranksearch.config.reference`) fails here."""
+    from ranksearch.config.reference import BEGIN, END, reference
+
+    page = (ROOT / "docs" / "study-file.md").read_text()
+    assert BEGIN in page and END in page, "the reference markers are missing"
+    written = page[page.index(BEGIN) : page.index(END) + len(END)] + "\n"
+    assert written == reference(), "stale: python -m ranksearch.config.reference"
