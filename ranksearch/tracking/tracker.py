@@ -37,6 +37,7 @@ from ranksearch.tracking.store import (
     study_parents,
     tracking_uri,
 )
+from ranksearch.tracking.sysmetrics import finish_watch, watch
 
 _log = logging.getLogger(__name__)
 # a pruned trial ended as the study planned: FINISHED, told apart by its `optuna.state` tag
@@ -53,17 +54,6 @@ FINAL_METRICS = (
     "pruned_at_step",
     "best_val_loss",
 )
-
-
-def _finish_watch(monitor) -> None:
-    """Stop a trial's SystemMetricsMonitor and log what it sampled, before the run closes. MLflow's
-    loop drops the samples of its last, unfinished interval, so a trial shorter than
-    `tracking.system_metrics_seconds` (a warm worker's takes under a second) would get none."""
-    monitor.finish()
-    monitor.collect_metrics()  # the trial's end: psutil measures CPU since the sample before
-    if leftover := monitor.aggregate_metrics():
-        monitor.publish_metrics(leftover)
-        monitor.mlflow_logger.flush()
 
 
 class Tracker(Protocol):
@@ -284,25 +274,11 @@ class MlflowTracker:
                 self.client.log_batch, run_id, params=[Param(k, str(v)) for k, v in params.items()]
             )
         self._runs[trial_number] = run_id
-        self._watch(trial_number, run_id, resume=bool(existing))
+        if self.system_metrics_seconds:
+            self._monitors[trial_number] = watch(
+                run_id, self.system_metrics_seconds, self._client_uri, resume=bool(existing)
+            )
         return run_id
-
-    def _watch(self, trial_number: int, run_id: str, resume: bool) -> None:
-        """MLflow's system metrics on the trial's run while it trains (`system/cpu_...`,
-        `system/system_memory_usage_megabytes`, disk, network, and `system/gpu_...` where
-        nvidia-ml-py finds a GPU): the whole machine's, every `tracking.system_metrics_seconds`."""
-        if not self.system_metrics_seconds:
-            return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(
-            run_id,
-            sampling_interval=self.system_metrics_seconds,
-            resume_logging=resume,  # a re-attached run continues its steps
-            tracking_uri=self._client_uri,
-        )
-        monitor.start()
-        self._monitors[trial_number] = monitor
 
     def log_report(self, trial_number: int, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -321,7 +297,7 @@ class MlflowTracker:
         started_here = self._runs.pop(trial.number, None)
         monitor = self._monitors.pop(trial.number, None)
         if monitor is not None:
-            _finish_watch(monitor)
+            finish_watch(monitor)
         run_id = run_id or started_here
         if run_id is None:
             return
