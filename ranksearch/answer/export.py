@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from ranksearch.answer.recommend import accuracy
+from ranksearch.answer.recommend import accuracy, answer
+from ranksearch.config.load import parse_study
 from ranksearch.config.paths import model_reference, trial_dir
 from ranksearch.config.space import shown_config
 from ranksearch.search.launch import WorkerProcess, accelerate_argv
+from ranksearch.worker import TrialSpec
 
 if TYPE_CHECKING:
     from ranksearch.worker import TrialSpec
@@ -33,7 +35,6 @@ class ExportError(Exception):
 
 def pick_trial(study: optuna.Study, which: str, tolerance: str | float) -> FrozenTrial:
     """`best`, `recommended` or a trial number; a replayed duplicate resolves to its original."""
-    from ranksearch.answer.recommend import answer
 
     trials = study.get_trials(deepcopy=False)
     if which in ("best", "recommended"):
@@ -54,7 +55,6 @@ def pick_trial(study: optuna.Study, which: str, tolerance: str | float) -> Froze
 
 def retrain(spec_path: Path, adapter_dir: Path, log: Path) -> dict[str, Any]:
     """Train the trial's spec again into `adapter_dir`; return its last report."""
-    from ranksearch.worker import TrialSpec
 
     spec = TrialSpec.read(spec_path)  # absolute: the copy below lives elsewhere
     with tempfile.TemporaryDirectory(prefix="ranksearch-export-") as tmp:
@@ -106,7 +106,6 @@ def export(
             f"trial {trial.number} has no spec at {spec_path}; was it trained in this study "
             "directory? (pass the study's --out)"
         )
-    from ranksearch.worker import TrialSpec
 
     try:
         spec = TrialSpec.read(spec_path)
@@ -119,7 +118,6 @@ def export(
         retrained = retrain(spec_path, out, out / "retrain.log")
     else:
         shutil.copytree(source, out, dirs_exist_ok=True)
-    from ranksearch.config.load import parse_study
 
     cfg = parse_study(study_file, overrides)[0]
     (out / "lora_config.json").write_text(json.dumps(spec.lora, indent=2) + "\n")

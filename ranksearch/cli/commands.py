@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.text import Text
 
-from ranksearch.answer.publish import publish_answer, write_report
 from ranksearch.cli.parser import build_parser
 from ranksearch.config.load import parse_study
 from ranksearch.config.paths import BUILTIN_STUDIES, PathError, study_dir
@@ -104,6 +103,7 @@ def _orchestrator(args, console: Console):
     """What `run` and `confirm` share: checked study, prepared data, tracker, view."""
     import torch
 
+    from ranksearch.answer.publish import publish_answer
     from ranksearch.cli.output import data_line, study_lines, ui_command
     from ranksearch.cli.validate import empty_warnings
     from ranksearch.cli.view import PlainView, make_view
@@ -251,6 +251,7 @@ def open_existing(args) -> tuple[StudyConfig, Path, optuna.Study]:
 def cmd_report(args, console: Console) -> int:
     import json
 
+    from ranksearch.answer.publish import write_report
     from ranksearch.answer.report import build_report
     from ranksearch.answer.text import to_markdown
     from ranksearch.cli.output import print_report

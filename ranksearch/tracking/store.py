@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ranksearch.config.paths import redact_url
-from ranksearch.search.storage import init_lock
+from ranksearch.search.storage import StorageError, check_storage, init_lock
 
 if TYPE_CHECKING:
     pass
@@ -102,7 +102,6 @@ def check_tracking(uri: str) -> None:
         raise TrackingError(f"{shown}: /health did not answer 200")
     if "://" not in uri:
         raise TrackingError(f"{shown}: expected sqlite:///..., a database URL or http://host:port")
-    from ranksearch.search.storage import StorageError, check_storage
 
     try:
         check_storage(uri)

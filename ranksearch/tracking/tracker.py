@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ranksearch.config.space import TrialConfig
 
 
+from ranksearch.answer.recommend import count_states
 from ranksearch.tracking.describe import dataset_inputs, study_params
 from ranksearch.tracking.store import (
     ANSWER,
@@ -322,8 +323,6 @@ class MlflowTracker:
         `recommended_trial` as tags and metrics on the parent, `ranksearch.answer` on those
         trials' runs (moved when a resumed study changes its answer), and their adapters."""
         from mlflow.entities import Metric, RunTag
-
-        from ranksearch.answer.recommend import count_states
 
         trials = study.get_trials(deepcopy=False)
         counts = count_states(trials)
