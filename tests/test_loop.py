@@ -28,15 +28,9 @@ from ranksearch.cli.commands import main
 
 from .conftest import write_study
 from .fake_worker import SCRIPT_ENV, default_loss
+from .test_cli import FIXED
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXED = {
-    "rank": [2, 4],
-    "alpha_ratio": 1,
-    "dropout": 0.0,
-    "target_modules": ["query", "value"],
-    "learning_rate": 5e-3,
-}
 COLD = ["--set", "launch.reuse_workers=false"]  # one process per trial, stopped by SIGTERM
 
 
