@@ -21,15 +21,7 @@ from optuna.trial import TrialState
 
 from ranksearch.config.space import TrialConfig
 
-from .conftest import CHAT_TURNS, free_port, run_cli, write_study
-
-FIXED = {
-    "rank": [2, 4],
-    "alpha_ratio": 1,
-    "dropout": 0.0,
-    "target_modules": ["query", "value"],
-    "learning_rate": 5e-3,
-}
+from .conftest import CHAT_TURNS, FIXED, free_port, run_cli, write_study
 
 
 def _load(out: Path, name: str) -> optuna.Study:

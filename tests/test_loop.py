@@ -26,9 +26,8 @@ from optuna.trial import TrialState
 
 from ranksearch.cli.commands import main
 
-from .conftest import write_study
+from .conftest import FIXED, write_study
 from .fake_worker import SCRIPT_ENV, default_loss
-from .test_cli import FIXED
 
 ROOT = Path(__file__).resolve().parent.parent
 COLD = ["--set", "launch.reuse_workers=false"]  # one process per trial, stopped by SIGTERM

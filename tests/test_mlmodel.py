@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import mlflow
-import optuna
 import pandas as pd
 import pytest
 import torch
@@ -17,29 +16,14 @@ from mlflow import MlflowClient
 from ranksearch.answer.recommend import answer
 
 from .conftest import run_cli, write_study
-from .test_cli import FIXED
 
 TEXTS = ["the movie was great and fine", "awful plot so sad", "it was the cast", "love love"]
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory, tiny_bert, sentiment_csv):
-    tmp = tmp_path_factory.mktemp("mlmodel")
-    study_file = write_study(
-        tmp / "reg.yaml",
-        tiny_bert,
-        sentiment_csv,
-        search=FIXED,
-        sampler="grid",
-        pruner={"type": "none"},
-        training={"max_steps": 6, "eval_every": 3, "batch_size": 8},
-        tracking={"register": "reg-lora"},
-    )
-    out = tmp / "out"
-    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert not (tmp / "mlruns").exists()  # nothing written where the command ran
-    study = optuna.load_study(study_name="reg", storage=f"sqlite:///{out / 'optuna.db'}")
+def registered(grid_study):
+    """conftest's finished study: its recommendation is logged and registered as `reg-lora`."""
+    _, _, out, study = grid_study
     return out, study, MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
 
 
