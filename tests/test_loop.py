@@ -99,6 +99,8 @@ def test_run_prunes_completes_then_resumes_without_repeating(
             assert t.user_attrs["pruned_at_step"] == steps[-1] < 12
             assert (out / "trials" / str(t.number) / "worker.log").is_file()
     assert "pruned at step" in printed and "Best: trial" in printed
+    header = (out / "trials/0/worker.log").read_text().splitlines()[0]  # how it was started
+    assert header.startswith("# accelerate launch" if mode else "# warm worker pid"), header
 
     started = {t.number: t.datetime_start for t in study.trials}
     code, printed = run(capsys, study_file, out, "--no-mlflow", *mode)
