@@ -216,6 +216,44 @@ def write_study(path: Path, model_dir: Path, data_file: Path, **overrides) -> Pa
     return path
 
 
+# one configuration but for its rank: two trials on the grid, or duplicates to replay
+FIXED = {
+    "rank": [2, 4],
+    "alpha_ratio": 1,
+    "dropout": 0.0,
+    "target_modules": ["query", "value"],
+    "learning_rate": 5e-3,
+}
+
+
+@pytest.fixture(scope="session")
+def grid_study(tmp_path_factory, tiny_bert, sentiment_csv) -> tuple[Path, Path, Path, object]:
+    """A finished study, built once for the tests that read one: both ranks of FIXED on the
+    grid, trained in full, tracked in the default store with the recommendation registered as
+    `reg-lora` (test_mlmodel) and adapters kept (test_export). Run with a relative --out, so
+    the paths trials record must resolve from any directory. A test that changes the study
+    directory works on a copy of it. Returns (folder, study file, study dir, study)."""
+    import optuna
+
+    tmp = tmp_path_factory.mktemp("grid-study")
+    study_file = write_study(
+        tmp / "reg.yaml",
+        tiny_bert,
+        sentiment_csv,
+        search=FIXED,
+        sampler="grid",
+        pruner={"type": "none"},
+        training={"max_steps": 6, "eval_every": 3, "batch_size": 8},
+        tracking={"register": "reg-lora"},
+    )
+    r = run_cli("run", "--study", str(study_file), "--out", "out", cwd=tmp)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (tmp / "mlruns").exists()  # nothing written where the command ran
+    out = tmp / "out"
+    study = optuna.load_study(study_name="reg", storage=f"sqlite:///{out / 'optuna.db'}")
+    return tmp, study_file, out, study
+
+
 def trial_spec(
     cfg, data, reports: str, adapter_dir: str | None, search: dict | None = None, **training
 ) -> TrialSpec:
@@ -408,8 +446,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
 SLOW_MARKERS = ("e2e", "services", "pretrained", "bench")
 FIXTURE_MARKERS = {
     "finished_study": "e2e",  # tests/test_losses.py, test_publish.py: a real 5-trial study
+    "grid_study": "e2e",  # tests/test_export.py: a finished grid study to export from
     "tracked_study": "e2e",  # tests/test_tracking.py: a real `ranksearch run`, tracked
-    "finished": "e2e",  # tests/test_export.py: a finished study to export from
     "registered": "e2e",  # tests/test_mlmodel.py: a study whose answer is a registered model
     "mlflow_server": "services",
     "pg_url": "services",

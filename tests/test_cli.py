@@ -1,11 +1,12 @@
-"""The whole loop through the real CLI: real `accelerate launch`, real PEFT, real SQLite storage."""
+"""The whole loop through the real CLI: real `accelerate launch`, real PEFT, real SQLite storage.
+
+The loop's own cases (duplicates, grid, crashes, interrupts, failures in a row) run in
+test_loop.py with a scripted worker; here the real worker and the loop run together."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,15 +21,7 @@ from optuna.trial import TrialState
 
 from ranksearch.config.space import TrialConfig
 
-from .conftest import CHAT_TURNS, free_port, run_cli, write_study
-
-FIXED = {
-    "rank": [2, 4],
-    "alpha_ratio": 1,
-    "dropout": 0.0,
-    "target_modules": ["query", "value"],
-    "learning_rate": 5e-3,
-}
+from .conftest import CHAT_TURNS, FIXED, free_port, run_cli, write_study
 
 
 def _load(out: Path, name: str) -> optuna.Study:
@@ -70,6 +63,7 @@ def _wait_for_report(path: Path, timeout: float = 120) -> None:
 
 @pytest.mark.e2e
 def test_run_prunes_completes_then_resumes_without_repeating(tmp_path, tiny_bert, sentiment_csv):
+    """The loop with the real worker, end to end (test_loop.py has it with a scripted one)."""
     study_file = write_study(tmp_path / "tiny.yaml", tiny_bert, sentiment_csv)
     out = tmp_path / "out"
     r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
@@ -110,54 +104,6 @@ def test_run_prunes_completes_then_resumes_without_repeating(tmp_path, tiny_bert
     assert {t.number: t.datetime_start for t in study.trials[:6]} == started
 
 
-@pytest.mark.e2e
-def test_a_repeated_configuration_is_not_trained_again(tmp_path, tiny_bert, sentiment_csv):
-    study_file = write_study(
-        tmp_path / "dup.yaml",
-        tiny_bert,
-        sentiment_csv,
-        search=FIXED,
-        sampler={"type": "random", "seed": 1},
-        pruner={"type": "none"},
-        training={"max_steps": 4, "eval_every": 2, "batch_size": 8},
-        budget={"n_trials": 4},
-    )
-    out = tmp_path / "out"
-    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    trials = _load(out, "dup").trials
-    assert all(t.state == TrialState.COMPLETE for t in trials)
-    trained = [t for t in trials if "duplicate_of" not in t.user_attrs]
-    replayed = [t for t in trials if "duplicate_of" in t.user_attrs]
-    assert len(trained) <= 2 and len(replayed) >= 2
-    assert len(list((out / "trials").iterdir())) == len(trained)
-    for t in replayed:
-        origin = trials[t.user_attrs["duplicate_of"]]
-        assert t.params == origin.params and t.value == origin.value
-        assert t.intermediate_values == origin.intermediate_values
-    assert "not retrained" in r.stdout
-
-
-@pytest.mark.e2e
-def test_grid_runs_every_rank_once(tmp_path, tiny_bert, sentiment_csv):
-    study_file = write_study(
-        tmp_path / "grid.yaml",
-        tiny_bert,
-        sentiment_csv,
-        search=FIXED,
-        sampler="grid",
-        pruner={"type": "none"},
-        training={"max_steps": 2, "eval_every": 2, "batch_size": 8},
-    )
-    out = tmp_path / "out"
-    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    trials = _load(out, "grid").trials
-    assert sorted(t.params["rank"] for t in trials) == [2, 4]
-    assert "budget.n_trials 6 -> 2" in r.stdout
-
-
-@pytest.mark.e2e
 def test_two_ranks_report_once_and_evaluate_the_whole_split(tmp_path, tiny_bert, sentiment_csv):
     study_file = write_study(
         tmp_path / "ddp.yaml",
@@ -180,89 +126,6 @@ def test_two_ranks_report_once_and_evaluate_the_whole_split(tmp_path, tiny_bert,
     assert all(r["eval_examples"] == 60 for r in records if "val_loss" in r)  # both ranks
     assert "--multi_gpu" in (out / "trials/0/worker.log").read_text()
     assert not _workers(out)
-
-
-@pytest.mark.e2e
-def test_a_crashing_trial_fails_alone(tmp_path, tiny_bert, sentiment_csv):
-    study_file = write_study(
-        tmp_path / "crash.yaml",
-        tiny_bert,
-        sentiment_csv,
-        search=FIXED,
-        sampler="random",
-        pruner={"type": "none"},
-        training={"max_steps": 40, "eval_every": 2, "batch_size": 8},
-        budget={"n_trials": 2},
-    )
-    out = tmp_path / "out"
-    proc = _popen_run(study_file, out)
-    _wait_for_report(out / "trials/0/reports.jsonl")
-    # what the OOM killer does: the rank dies with SIGKILL, the launcher stays
-    for p in _workers(out):
-        if "accelerate_cli" not in " ".join(p.cmdline()):
-            p.kill()
-    output, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, output
-    trials = _load(out, "crash").trials
-    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"]
-    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE, TrialState.COMPLETE]
-    assert "FAIL" in output and "COMPLETE" in output
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_interrupt_stops_the_trial_records_it_and_resume_finishes(
-    tmp_path, tiny_bert, sentiment_csv, sig
-):
-    study_file = write_study(
-        tmp_path / "stop.yaml",
-        tiny_bert,
-        sentiment_csv,
-        search=FIXED,
-        sampler="random",
-        pruner={"type": "none"},
-        training={"max_steps": 60, "eval_every": 2, "batch_size": 8},
-        budget={"n_trials": 2},
-    )
-    out = tmp_path / "out"
-    proc = _popen_run(study_file, out)
-    _wait_for_report(out / "trials/0/reports.jsonl")
-    proc.send_signal(sig)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + sig.value, output
-    assert "run the same command to resume" in output
-    assert not _workers(out)  # every rank of the trial is gone
-    study = _load(out, "stop")
-    first = study.trials[0]
-    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "interrupted"
-    if sig == signal.SIGTERM:
-        return
-    proc = _popen_run(study_file.with_name("stop.yaml"), out)
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output
-    study = _load(out, "stop")
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(done) == 2 and done[0].params == first.params  # the stopped one ran first
-
-
-@pytest.mark.e2e
-def test_failures_in_a_row_stop_the_study(tmp_path, tiny_bert, sentiment_csv):
-    broken = tmp_path / "broken-model"
-    shutil.copytree(tiny_bert, broken)
-    (broken / "model.safetensors").write_bytes(b"not weights")  # config loads, weights do not
-    study_file = write_study(
-        tmp_path / "broken.yaml",
-        broken,
-        sentiment_csv,
-        budget={"n_trials": 5, "max_consecutive_failures": 2},
-    )
-    out = tmp_path / "out"
-    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "2 trials failed in a row" in r.stdout and "worker.log" in r.stdout
-    trials = _load(out, "broken").trials
-    assert [t.state for t in trials] == [TrialState.FAIL] * 2
-    assert "safetensors" in trials[0].user_attrs["fail_reason"].lower()
 
 
 def test_bad_input_exits_2_before_anything_is_written(tmp_path, tiny_bert, sentiment_csv):

@@ -14,29 +14,7 @@ from torch.utils.data import DataLoader
 from ranksearch.worker import TrialSpec
 from ranksearch.worker.batches import pad_collate
 
-from .conftest import run_cli, write_study
-from .test_cli import FIXED
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_bert, sentiment_csv):
-    tmp = tmp_path_factory.mktemp("export")
-    study_file = write_study(
-        tmp / "exp.yaml",
-        tiny_bert,
-        sentiment_csv,
-        search=FIXED,
-        sampler="grid",
-        pruner={"type": "none"},
-        tracking="none",
-        training={"max_steps": 6, "eval_every": 3, "batch_size": 8},
-    )
-    out = tmp / "out"
-    # a relative --out: the paths trials record must still resolve from any directory
-    r = run_cli("run", "--study", str(study_file), "--out", "out", cwd=tmp)
-    assert r.returncode == 0, r.stdout + r.stderr
-    study = optuna.load_study(study_name="exp", storage=f"sqlite:///{out / 'optuna.db'}")
-    return tmp, study_file, out, study
+from .conftest import FIXED, run_cli, write_study
 
 
 def _val_loss(adapter: Path, spec: TrialSpec) -> float:
@@ -62,8 +40,8 @@ def _val_loss(adapter: Path, spec: TrialSpec) -> float:
     return total / n
 
 
-def test_export_copies_a_loadable_adapter_with_its_settings(finished):
-    tmp, study_file, out, study = finished
+def test_export_copies_a_loadable_adapter_with_its_settings(grid_study):
+    tmp, study_file, out, study = grid_study
     dest = tmp / "best"
     r = run_cli(
         "export",
@@ -99,8 +77,10 @@ def test_export_copies_a_loadable_adapter_with_its_settings(finished):
 
 
 @pytest.mark.e2e
-def test_a_missing_adapter_is_retrained_from_the_spec_with_the_same_seed(finished):
-    tmp, study_file, out, study = finished
+def test_a_missing_adapter_is_retrained_from_the_spec_with_the_same_seed(grid_study):
+    tmp, study_file, shared, study = grid_study
+    out = tmp / "missing-adapter"  # a copy: the study is shared with other tests
+    shutil.copytree(shared, out)
     trial = study.trials[1]
     shutil.rmtree(out / trial.user_attrs["trial_dir"] / "adapter")
     dest = tmp / "retrained"
@@ -126,8 +106,8 @@ def test_a_missing_adapter_is_retrained_from_the_spec_with_the_same_seed(finishe
     assert _val_loss(dest, spec) == pytest.approx(trial.value, abs=1e-5)
 
 
-def test_export_names_a_bad_trial(finished):
-    tmp, study_file, out, _ = finished
+def test_export_names_a_bad_trial(grid_study):
+    tmp, study_file, out, _ = grid_study
     r = run_cli(
         "export",
         "--study",
@@ -143,8 +123,8 @@ def test_export_names_a_bad_trial(finished):
     assert r.returncode == 2 and "--trial 99" in r.stderr
 
 
-def test_a_spec_of_another_version_is_refused_before_anything_is_written(finished):
-    tmp, study_file, out, _ = finished
+def test_a_spec_of_another_version_is_refused_before_anything_is_written(grid_study):
+    tmp, study_file, out, _ = grid_study
     other = tmp / "other-version"
     shutil.copytree(out, other)
     spec = other / "trials" / "0" / "spec.json"

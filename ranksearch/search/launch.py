@@ -20,6 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def worker_module() -> str:
+    """The module every trial runs (`python -m`), named here once: `accelerate_argv` launches
+    it and `warm.serve_plan` recognises it. `RANKSEARCH_WORKER_MODULE` replaces it, the seam
+    through which tests run a scripted worker (tests/fake_worker.py) that speaks the report
+    protocol of ranksearch.worker, so the loop is tested without training a model."""
+    return os.environ.get("RANKSEARCH_WORKER_MODULE", "ranksearch.worker")
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     argv: list[str]
@@ -80,7 +88,7 @@ def accelerate_argv(
         "--mixed_precision", mixed_precision,
         "--dynamo_backend", "no",
         "--main_process_port", str(main_process_port),
-        "-m", "ranksearch.worker", str(spec_path),
+        "-m", worker_module(), str(spec_path),
     ]  # fmt: skip
     return LaunchPlan(argv, env)
 

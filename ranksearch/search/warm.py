@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ranksearch.search.launch import LaunchPlan, TrialFiles
+from ranksearch.search.launch import LaunchPlan, TrialFiles, worker_module
 
 CLOSE_GRACE_SECONDS = 5  # for an idle worker to leave after its stdin closes
 
@@ -32,7 +32,7 @@ CLOSE_GRACE_SECONDS = 5  # for an idle worker to leave after its stdin closes
 def serve_plan(plan: LaunchPlan, study_dir: Path) -> LaunchPlan | None:
     """The warm-worker command for the slot of a one-process trial's plan; None where the plan
     runs accelerate's launcher itself (it would sit between the worker and its signals)."""
-    if not plan.launcher or plan.argv[1:3] != ["-m", "ranksearch.worker"]:
+    if not plan.launcher or plan.argv[1:3] != ["-m", worker_module()]:
         return None
     return LaunchPlan([*plan.argv[:3], "--serve", str(study_dir.absolute())], plan.env)
 
