@@ -1,7 +1,7 @@
 """Supervised fine-tuning, side by side: ranksearch's worker against TRL's SFTTrainer.
 
 Both train the same model on the same examples (the ids and answer-only labels ranksearch
-prepares, which equal TRL's own masks: tests/test_sft.py), with the same LoRA configuration,
+prepares, which equal TRL's own masks: tests/data/test_sft.py), with the same LoRA configuration,
 batch size, steps, learning rate, schedule, clipping and seed, each with and without packing:
 ranksearch's `training.packing: true` and TRL's `padding_free=True` both put a batch's examples
 in one row with position ids restarting per example, so a step sees the same examples.

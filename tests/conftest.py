@@ -445,10 +445,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
 # `pytest -m "not slow"` (docs/development.md).
 SLOW_MARKERS = ("e2e", "services", "pretrained", "bench")
 FIXTURE_MARKERS = {
-    "finished_study": "e2e",  # tests/test_losses.py, test_publish.py: a real 5-trial study
-    "grid_study": "e2e",  # tests/test_export.py: a finished grid study to export from
-    "tracked_study": "e2e",  # tests/test_tracking.py: a real `ranksearch run`, tracked
-    "registered": "e2e",  # tests/test_mlmodel.py: a study whose answer is a registered model
+    "finished_study": "e2e",  # tests/answer/test_losses.py, test_publish.py: a real 5-trial study
+    "grid_study": "e2e",  # tests/answer/test_export.py: a finished grid study to export from
+    "tracked_study": "e2e",  # tests/tracking/test_tracker.py: a real `ranksearch run`, tracked
+    "registered": "e2e",  # tests/answer/test_mlmodel.py: a study whose answer is a registered model
     "mlflow_server": "services",
     "pg_url": "services",
     "smollm2_dir": "pretrained",

@@ -7,7 +7,7 @@ reads, with -100 where the loss must not look.
   turns only (their content and the end-of-turn token the template writes after it).
 
 The masks are the ones TRL's SFTTrainer builds with `completion_only_loss` and
-`assistant_only_loss` on the same rows (tests/test_sft.py compares them). Assistant spans are
+`assistant_only_loss` on the same rows (tests/data/test_sft.py compares them). Assistant spans are
 found by rendering the conversation turn by turn, so any chat template works, including those
 without `{% generation %}` markers.
 """

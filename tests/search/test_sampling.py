@@ -22,7 +22,7 @@ from ranksearch.search.sampling import (
     rung_warning,
 )
 
-from .conftest import run_cli, write_study
+from ..conftest import run_cli, write_study
 
 LINEAR = {"qv": ["query", "value"], "qkv": ["query", "key", "value"], "all-linear": "all-linear"}
 

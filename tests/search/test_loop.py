@@ -26,10 +26,10 @@ from optuna.trial import TrialState
 
 from ranksearch.cli.commands import main
 
-from .conftest import FIXED, write_study
-from .fake_worker import SCRIPT_ENV, default_loss
+from ..conftest import FIXED, write_study
+from ..fake_worker import SCRIPT_ENV, default_loss
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COLD = ["--set", "launch.reuse_workers=false"]  # one process per trial, stopped by SIGTERM
 
 

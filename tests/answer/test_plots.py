@@ -11,7 +11,7 @@ from ranksearch.answer.marks import trial_label
 from ranksearch.answer.plots import curves_figure, loss_by_rank_figure, make_plots, pareto_figure
 from ranksearch.answer.recommend import answer, distinct_complete
 
-from .conftest import config_attr
+from ..conftest import config_attr
 
 
 def _study() -> optuna.Study:

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from ranksearch.answer.recommend import answer
 
-from .conftest import FIXED, run_cli, write_study
+from ..conftest import FIXED, run_cli, write_study
 
 TEXTS = ["the movie was great and fine", "awful plot so sad", "it was the cast", "love love"]
 

@@ -9,7 +9,7 @@ from ranksearch.config.load import load_study
 from ranksearch.config.problems import StudyError
 from ranksearch.search.packing import available_memory_gb, memory_problems
 
-from .conftest import CHAT_TURNS, make_rows, run_cli, write_study
+from ..conftest import CHAT_TURNS, make_rows, run_cli, write_study
 
 
 def _study(tmp_path, model_dir, data_file, **overrides):

@@ -16,7 +16,7 @@ from ranksearch.worker.batches import LengthGroupedSampler
 from ranksearch.worker.spec import EVALUATION_KEYS, EVENT_KEYS
 from ranksearch.worker.train import OrphanedError, training_function
 
-from .conftest import trial_spec, write_study
+from ..conftest import trial_spec, write_study
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from datasets import load_from_disk
 from ranksearch.config.load import load_study
 from ranksearch.data.prepare import DataError, prepare, stratified_split
 
-from .conftest import write_study
+from ..conftest import write_study
 
 
 @pytest.fixture

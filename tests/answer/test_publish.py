@@ -16,7 +16,7 @@ from plotly.offline import get_plotlyjs
 from ranksearch.cli.output import ui_command
 from ranksearch.cli.parser import build_parser
 
-from .conftest import run_cli
+from ..conftest import run_cli
 
 
 def _size(folder: Path) -> int:

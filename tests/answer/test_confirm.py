@@ -8,8 +8,8 @@ from mlflow import MlflowClient
 
 from ranksearch.answer.recommend import answer
 
-from .conftest import run_cli, write_study
-from .test_cli import FIXED
+from ..cli.test_commands import FIXED
+from ..conftest import run_cli, write_study
 
 
 @pytest.mark.e2e

@@ -13,7 +13,7 @@ from optuna.trial import TrialState, create_trial
 from ranksearch.answer.recommend import answer, rank_view
 from ranksearch.answer.report import SCHEMA, build_report
 
-from .conftest import config_attr, run_cli
+from ..conftest import config_attr, run_cli
 
 MODULES = {"qv": 2, "all-linear": 6}  # adapted-module multiplier of a toy model
 

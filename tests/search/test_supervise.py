@@ -19,9 +19,9 @@ from ranksearch.search.loop import open_study
 from ranksearch.search.supervise import Outcome, Pace, TrialRun, killed_reason
 from ranksearch.tracking.tracker import NullTracker
 
-from .conftest import write_study
-from .test_cli import _load, _popen_run, _workers
-from .test_study import _cfg, _view
+from ..cli.test_commands import _load, _popen_run, _workers
+from ..conftest import write_study
+from .test_recovery import _cfg, _view
 
 HEADER = "accelerate launch --cpu -m ranksearch.worker spec.json"  # what the log starts with
 

@@ -9,7 +9,7 @@ from ranksearch.config.load import load_study, parse_study, set_override
 from ranksearch.config.paths import BUILTIN_STUDIES, PathError, redact_url, resolve_study_file
 from ranksearch.config.problems import StudyError
 
-from .conftest import run_cli
+from ..conftest import run_cli
 
 SHIPPED = sorted(BUILTIN_STUDIES.glob("*.yaml"))
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ranksearch.worker import TrialSpec
 from ranksearch.worker.batches import pad_collate
 
-from .conftest import FIXED, run_cli, write_study
+from ..conftest import FIXED, run_cli, write_study
 
 
 def _val_loss(adapter: Path, spec: TrialSpec) -> float:

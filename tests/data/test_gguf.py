@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SMOLLM2_GGUF, require_smollm2
+from ..conftest import SMOLLM2_GGUF, require_smollm2
 
 
 @pytest.mark.pretrained

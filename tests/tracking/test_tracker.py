@@ -32,7 +32,8 @@ from ranksearch.search.loop import open_study
 from ranksearch.search.recovery import fail_lost, worker_host
 from ranksearch.tracking.tracker import MlflowTracker, NullTracker, Tracker, make_tracker
 
-from .conftest import (
+from ..cli.test_commands import FIXED, _popen_run, _wait_for_report
+from ..conftest import (
     config_attr,
     free_port,
     mlflow_server_at,
@@ -40,10 +41,9 @@ from .conftest import (
     run_cli,
     write_study,
 )
-from .test_cli import FIXED, _popen_run, _wait_for_report
-from .test_study import _dead_pid
+from ..search.test_recovery import _dead_pid
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 # pruned trials are not drawn as failures: FINISHED, told apart by their `optuna.state` tag
 STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 

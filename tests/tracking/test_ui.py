@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from ranksearch.tracking.store import TrackingError
 from ranksearch.tracking.ui import wait_healthy
 
-from .conftest import free_port, write_study
+from ..conftest import free_port, write_study
 
 
 @pytest.mark.services

@@ -107,7 +107,7 @@ def test_counts_equal_peft(build, task, targets, rank, use_dora):
 def test_estimate_space_covers_every_rank_and_set(tmp_path, tiny_bert, sentiment_csv):
     from ranksearch.config.load import load_study
 
-    from .conftest import write_study
+    from ..conftest import write_study
 
     cfg = load_study(write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv))[0]
     rows = estimate_space(cfg)
@@ -124,7 +124,7 @@ def test_estimate_space_covers_every_rank_and_set(tmp_path, tiny_bert, sentiment
 def test_estimate_command_measures_one_real_step(tmp_path, tiny_bert, sentiment_csv):
     import json
 
-    from .conftest import run_cli, write_study
+    from ..conftest import run_cli, write_study
 
     study_file = write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv)
     r = run_cli(
@@ -143,7 +143,7 @@ def test_estimate_command_measures_one_real_step(tmp_path, tiny_bert, sentiment_
 
 
 def test_a_study_that_would_not_fit_is_refused_before_it_starts(tmp_path, tiny_bert, sentiment_csv):
-    from .conftest import run_cli, write_study
+    from ..conftest import run_cli, write_study
 
     study_file = write_study(
         tmp_path / "s.yaml",

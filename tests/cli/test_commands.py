@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from ranksearch.config.space import TrialConfig
 
-from .conftest import CHAT_TURNS, FIXED, free_port, run_cli, write_study
+from ..conftest import CHAT_TURNS, FIXED, free_port, run_cli, write_study
 
 
 def _load(out: Path, name: str) -> optuna.Study:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from ranksearch.config.schema import BudgetConfig, StudyConfig
 from ranksearch.search import budget
 
-from .conftest import run_cli, write_study
+from ..conftest import run_cli, write_study
 
 MAX = 100
 

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 
 from ranksearch.worker import TrialSpec
 
-from .conftest import mlflow_server_at, postgres_database, write_study
-from .test_cli import _workers
+from ..cli.test_commands import _workers
+from ..conftest import mlflow_server_at, postgres_database, write_study
 
 # 12 distinct configurations, each trained 4 steps: short trials, few duplicates.
 SPACE = {

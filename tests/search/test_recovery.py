@@ -21,7 +21,7 @@ from ranksearch.search.loop import open_study
 from ranksearch.search.recovery import ask_retry_first, fail_lost, requeue, worker_host
 from ranksearch.tracking.tracker import NullTracker
 
-from .conftest import write_study
+from ..conftest import write_study
 
 
 def _cfg(tmp_path: Path, **overrides):
