@@ -140,6 +140,19 @@ def test_replayed_hyperband_searches_are_reproducible():
         assert trace and 1 <= spent[-1] <= 12  # complete trials cost 1, pruned ones less
 
 
+def test_a_replayed_trial_that_reaches_max_steps_is_complete():
+    """A first rung at 30 of 100 steps puts Hyperband's top rung at 90: the report at step 100
+    reaches it. The replay, as the orchestrator, never asks the pruner there, so every trial
+    that spent a full trial of compute is a complete one in the trace."""
+    search_cost = _search_cost()
+    table = _synthetic_grid(search_cost)
+    method = ("tpe", "hyperband", 0.3, 3, False)
+    for seed in range(8):
+        trace, spent = search_cost.replay(table, method, seed, n_trials=20, max_cost=1e9)
+        increments = [b - a for a, b in zip([0.0, *spent], spent, strict=False)]
+        assert sum(math.isclose(d, 1.0) for d in increments) == len(trace), seed
+
+
 @pytest.mark.parametrize("name", ["old defaults: TPE + Hyperband, rung 20 %", "TPE, no pruning"])
 def test_a_smaller_budget_is_the_same_search_cut_earlier(name):
     """compare replays each seed once, to the largest budget, and cuts it at the smaller ones:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -60,3 +61,39 @@ def test_the_kernel_log_tells_an_oom_kill_from_another_sigkill():
     assert "out of memory" not in killed_reason("SIGKILL", 424, oom)  # another process
     assert "OOM killer" in killed_reason("SIGKILL", 4242, None)  # dmesg not readable: maybe
     assert killed_reason("SIGTERM", 4242, oom) == "worker killed by SIGTERM"
+
+
+def _run_to_end(tmp_path, trial, cfg, curve: dict[int, float]) -> Outcome:
+    """A real worker process that reports `curve` (step -> val loss), then exits 0."""
+    folder = tmp_path / str(trial.number)
+    folder.mkdir()
+    lines = "".join(json.dumps({"step": s, "val_loss": v}) + "\n" for s, v in curve.items())
+    script = f"open({str(folder / 'reports.jsonl')!r}, 'w').write({lines!r})"
+    plan = LaunchPlan([sys.executable, "-c", script], launcher=HEADER)
+    worker = WorkerProcess(plan, folder / "worker.log", folder / "reports.jsonl").start()
+    run = TrialRun(trial, {}, worker, cfg, NullTracker(), _view())
+    deadline = time.monotonic() + 30
+    while (outcome := run.poll()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outcome is not None
+    return outcome
+
+
+def test_a_trial_that_reaches_max_steps_is_complete_not_pruned_by_the_top_rung(tmp_path):
+    """Hyperband with rungs at steps 2 and 6 = max_steps: the second trial leads at the first
+    rung and trails the first trial at the last step, where the top rung would prune it."""
+    cfg = _cfg(
+        tmp_path,
+        training={"max_steps": 6, "eval_every": 2, "batch_size": 8, "seed": 0},
+        pruner={"type": "hyperband", "min_steps": 2, "reduction_factor": 3},
+    )
+    study = open_study(cfg, f"sqlite:///{tmp_path / 'optuna.db'}")
+    outcomes = []
+    for curve in ({2: 0.5, 4: 0.4, 6: 0.30}, {2: 0.45, 4: 0.42, 6: 0.35}):
+        trial = study.ask()
+        o = _run_to_end(tmp_path, trial, cfg, curve)
+        study.tell(trial, o.value if o.state == TrialState.COMPLETE else None, state=o.state)
+        outcomes.append(o)
+    assert [o.state for o in outcomes] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert outcomes[1].value == 0.35
+    assert "pruned_at_step" not in study.trials[1].user_attrs

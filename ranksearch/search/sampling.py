@@ -97,6 +97,16 @@ def create_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def asks_pruner(step: int, max_steps: int) -> bool:
+    """Whether a report at `step` goes to the pruner: never at (or past) `training.max_steps`.
+
+    A trial there has spent its full budget and its loss is final: it is COMPLETE. Hyperband
+    places its top rung at max_steps (rungs at min_steps x reduction_factor^k, up to
+    max_resource), where asked it would record PRUNED a trial that trained every step, and
+    leave a finished configuration out of the answer."""
+    return step < max_steps
+
+
 def min_steps(cfg: StudyConfig) -> int:
     """The first rung: `pruner.min_steps`, or derived from the budget when the study leaves it
     out."""
