@@ -55,6 +55,7 @@ def _counts(study: optuna.Study, budget: int) -> dict[str, int]:
         "PRUNED": n["pruned"],
         "FAIL": n["fail"],
         "to go": n["to_go"],
+        "not retrained": n["duplicate"],
     }
 
 
@@ -88,6 +89,7 @@ class PlainView(QuietView):
         self.console.print(
             f"study {study.study_name}: {c['COMPLETE']} complete, "
             f"{c['PRUNED']} pruned, {c['FAIL']} failed, {c['to go']} to go"
+            + (f", {c['not retrained']} not retrained" if c["not retrained"] else "")
         )
 
     def trial_started(self, number: int, config: TrialConfig) -> None:
@@ -155,6 +157,7 @@ class LiveView(QuietView):
             f"[yellow]{c['PRUNED']} pruned",
             f"[red]{c['FAIL']} failed",
             f"{c['to go']} to go",
+            f"{c['not retrained']} not retrained" if c["not retrained"] else "",
         )
         lines: list[Any] = [head]
         for number, r in sorted(self._running.items()):
@@ -293,6 +296,7 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
             f"study {status['study']}: {c['complete']} complete, {c['pruned']} "
             f"pruned, {c['fail']} failed, {c['running']} running, "
             f"{status['to_go']} to go of {status['n_trials']}"
+            + (f", {c['duplicate']} not retrained" if c["duplicate"] else "")
         )
     )
     if status["best"] is not None:

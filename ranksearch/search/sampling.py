@@ -125,12 +125,10 @@ def space_size(cfg: StudyConfig) -> int | None:
 
 
 def search_budget(cfg: StudyConfig) -> int:
-    """The trials the search runs: `budget.n_trials`, capped at the size of the space for a
-    grid or brute-force sampler (they cannot run more distinct configurations)."""
+    """The trainings the search runs: `budget.n_trials`, capped at the size of a discrete space
+    (a configuration is never trained twice, so no sampler can run more)."""
     size = space_size(cfg)
-    if cfg.sampler.type in ("grid", "bruteforce") and size is not None:
-        return min(size, cfg.budget.n_trials)
-    return cfg.budget.n_trials
+    return cfg.budget.n_trials if size is None else min(size, cfg.budget.n_trials)
 
 
 # -- the informed first trial ------------------------------------------------------------------
