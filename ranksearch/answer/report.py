@@ -141,18 +141,9 @@ def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
 
 
 def _importances(study: optuna.Study) -> dict[str, float] | None:
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if len(complete) < 4:
-        return None
-    try:
-        return {
-            k: round(v, 4)
-            for k, v in optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
-            ).items()
-        }
-    except (ValueError, RuntimeError, ZeroDivisionError):
-        return None  # too few distinct values to say anything
+    from ranksearch.answer.importance import study_importances  # the rule and its threshold
+
+    return study_importances(study.get_trials(deepcopy=False))
 
 
 def build_report(
