@@ -10,7 +10,9 @@ from optuna.distributions import CategoricalDistribution
 
 from ranksearch.answer.importance import MIN_TRIALS, study_importances
 from ranksearch.answer.plots import make_plots
-from ranksearch.answer.report import build_report
+from ranksearch.answer.report import build_report, summary_lines
+
+from .conftest import config_attr
 
 DISTS = {
     "rank": CategoricalDistribution([4, 8, 16, 32]),
@@ -26,7 +28,12 @@ def _study(n: int, duplicates: int = 0) -> optuna.Study:
     for i, (rank, lr) in enumerate(GRID[:n]):
         params = {"rank": rank, "learning_rate": lr}
         value = {3e-4: 0.5, 1e-3: 0.3, 3e-3: 0.4}[lr] + 0.001 * i
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=DISTS, value=value))
+        attrs = {"config": config_attr(rank, learning_rate=lr)}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=DISTS, value=value, user_attrs=attrs
+            )
+        )
     first = study.trials[0]
     for _ in range(duplicates):
         study.add_trial(
@@ -34,7 +41,7 @@ def _study(n: int, duplicates: int = 0) -> optuna.Study:
                 params=first.params,
                 distributions=DISTS,
                 value=first.value,
-                user_attrs={"duplicate_of": 0},
+                user_attrs={**first.user_attrs, "duplicate_of": 0},
             )
         )
     return study
@@ -42,7 +49,10 @@ def _study(n: int, duplicates: int = 0) -> optuna.Study:
 
 def test_no_importances_from_fewer_complete_trials_than_the_threshold(tmp_path):
     study = _study(MIN_TRIALS - 1)
-    assert build_report(study)["importances"] is None
+    report = build_report(study)
+    assert report["importances"] is None
+    said = f"not shown below {MIN_TRIALS} complete trials ({MIN_TRIALS - 1} so far)"
+    assert any(said in line for line in summary_lines(report))
     made = make_plots(study, tmp_path)
     assert not (tmp_path / "importances.png").exists() and made
     assert not (tmp_path / "importances.html").exists()
@@ -54,7 +64,9 @@ def test_replayed_duplicates_do_not_reach_the_threshold():
 
 def test_importances_from_enough_complete_trials_name_the_parameter_that_matters(tmp_path):
     study = _study(MIN_TRIALS)
-    found = build_report(study)["importances"]
+    report = build_report(study)
+    found = report["importances"]
+    assert any(line.startswith("Importance:  learning_rate") for line in summary_lines(report))
     assert set(found) == {"rank", "learning_rate"} and max(found, key=found.get) == "learning_rate"
     make_plots(study, tmp_path)
     assert (tmp_path / "importances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -41,3 +41,14 @@ def study_importances(trials: Sequence[FrozenTrial]) -> dict[str, float] | None:
     if len(complete) < MIN_TRIALS:
         return None
     return param_importances(complete)
+
+
+def withheld_note(n_complete: int) -> str | None:
+    """The report's line where importances are withheld (`n_complete` trained complete search
+    trials, fewer than MIN_TRIALS); None where they are shown or nothing completed."""
+    if not n_complete or n_complete >= MIN_TRIALS:
+        return None
+    return (
+        f"Importance:  not shown below {MIN_TRIALS} complete trials ({n_complete} so far): "
+        "from fewer, their ranking is mostly noise"
+    )

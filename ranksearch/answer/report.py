@@ -225,6 +225,8 @@ def _config_line(b: dict[str, Any]) -> str:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
+    from ranksearch.answer.importance import withheld_note
+
     best, rec, tol = report["best"], report["recommended"], report["tolerance"]
     if best is None:
         return ["No trial completed: no best and no recommendation yet."]
@@ -292,6 +294,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             "Importance:  " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items())
         )
+    elif note := withheld_note(report["counts"]["complete"]):
+        lines.append(note)
     return lines
 
 
