@@ -394,3 +394,29 @@ def test_gpu_check_quick_on_cpu(tmp_path, tiny_llama):
     assert seen["device"] == "cpu" and seen["estimate"]["measured_mb"] > 0
     run = seen["trials_per_gpu_1"]
     assert "error" not in run and run["trials"] == 2, run
+
+
+def test_repeat_proposals_replays_told_and_hidden_repeats():
+    search_cost = _search_cost()
+    import repeat_proposals
+
+    table = _synthetic_grid(search_cost)
+    for told in (True, False):
+        trace, spent, repeats = repeat_proposals.replay(table, 0, told, informed=True)
+        assert len(trace) == 6 and spent[-1] == 6.0 and repeats >= 0
+        assert len({key for _, key in trace}) == 6  # a configuration is trained once
+
+
+def test_importance_reliability_measures_every_evaluator_against_the_main_effects():
+    search_cost = _search_cost()
+    import importance_reliability
+
+    table = _synthetic_grid(search_cost)
+    for key, row in table["configs"].items():
+        config = json.loads(key)
+        row["params"] = {k: config[k] for k in ("rank", "target_modules", "learning_rate")}
+    result = importance_reliability.measure(table, draws=2)
+    assert sum(result["reference"].values()) == pytest.approx(1.0)
+    for name in importance_reliability.EVALUATORS:
+        rows = [r for k, r in result["rows"].items() if k.startswith(name + "|")]
+        assert rows and all(0.0 <= r["top_match"] <= 1.0 for r in rows)
