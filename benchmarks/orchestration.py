@@ -45,6 +45,7 @@ def work(index: int, storage: str, tracking: str, n_trials: int, out: list) -> N
     from ranksearch.config import space
     from ranksearch.search.loop import open_study, trial_counts
     from ranksearch.search.recovery import fail_lost
+    from ranksearch.search.sampling import asks_pruner
     from ranksearch.search.storage import study_lock
     from ranksearch.tracking.tracker import MlflowTracker
 
@@ -75,7 +76,7 @@ def work(index: int, storage: str, tracking: str, n_trials: int, out: list) -> N
             loss = 0.3 + 0.4 * quality + 0.3 * math.exp(-step / 30) + rng.gauss(0, 0.01)
             t1 = time.perf_counter()
             trial.report(loss, step)
-            prune = trial.should_prune()
+            prune = asks_pruner(step, cfg.training.max_steps) and trial.should_prune()
             report_s.append(time.perf_counter() - t1)
             t2 = time.perf_counter()
             tracker.log_report(trial.number, {"step": step, "val_loss": loss})

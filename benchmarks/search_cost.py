@@ -430,6 +430,7 @@ def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float
     from ranksearch.config import space
     from ranksearch.config.schema import StudyConfig
     from ranksearch.search.sampling import (
+        asks_pruner,
         create_pruner,
         create_sampler,
         first_rung,
@@ -479,7 +480,7 @@ def replay(table: dict, method: tuple, seed: int, n_trials: int, max_cost: float
             # the evaluation's standard error, as a worker's report sets it; the grids keep
             # the final evaluation's only, which stands in for every step (NoiseMargin only)
             trial.set_user_attr("val_loss_se", row.get("val_loss_se"))
-            if trial.should_prune():
+            if asks_pruner(int(step), full) and trial.should_prune():  # as the orchestrator
                 cost += int(step) / full
                 seen[key] = (optuna.trial.TrialState.PRUNED, None)
                 s.tell(trial, state=optuna.trial.TrialState.PRUNED)

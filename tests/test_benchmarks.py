@@ -147,6 +147,19 @@ def test_replayed_hyperband_searches_are_reproducible():
         assert trace and 1 <= spent[-1] <= 12  # complete trials cost 1, pruned ones less
 
 
+def test_a_replayed_trial_that_reaches_max_steps_is_complete():
+    """A first rung at 30 of 100 steps puts Hyperband's top rung at 90: the report at step 100
+    reaches it. The replay, as the orchestrator, never asks the pruner there, so every trial
+    that spent a full trial of compute is a complete one in the trace."""
+    search_cost = _search_cost()
+    table = _synthetic_grid(search_cost)
+    method = ("tpe", "hyperband", 0.3, 3, False)
+    for seed in range(8):
+        trace, spent = search_cost.replay(table, method, seed, n_trials=20, max_cost=1e9)
+        increments = [b - a for a, b in zip([0.0, *spent], spent, strict=False)]
+        assert sum(math.isclose(d, 1.0) for d in increments) == len(trace), seed
+
+
 @pytest.mark.parametrize("name", ["old defaults: TPE + Hyperband, rung 20 %", "TPE, no pruning"])
 def test_a_smaller_budget_is_the_same_search_cut_earlier(name):
     """compare replays each seed once, to the largest budget, and cuts it at the smaller ones:
@@ -468,3 +481,29 @@ def test_the_stored_grids_convert_to_grid_files_that_replay_the_same_space(tmp_p
     assert set(grid.rows) == set(table["configs"])  # the same configuration keys
     assert grid.best == table["best"] and grid.has_per_example and grid.has_test
     assert gridfile.load(tmp_path / "tweets3.jsonl", "no-r8-r16").rows.keys() < grid.rows.keys()
+
+
+def test_repeat_proposals_replays_told_and_hidden_repeats():
+    search_cost = _search_cost()
+    import repeat_proposals
+
+    table = _synthetic_grid(search_cost)
+    for told in (True, False):
+        trace, spent, repeats = repeat_proposals.replay(table, 0, told, informed=True)
+        assert len(trace) == 6 and spent[-1] == 6.0 and repeats >= 0
+        assert len({key for _, key in trace}) == 6  # a configuration is trained once
+
+
+def test_importance_reliability_measures_every_evaluator_against_the_main_effects():
+    search_cost = _search_cost()
+    import importance_reliability
+
+    table = _synthetic_grid(search_cost)
+    for key, row in table["configs"].items():
+        config = json.loads(key)
+        row["params"] = {k: config[k] for k in ("rank", "target_modules", "learning_rate")}
+    result = importance_reliability.measure(table, draws=2)
+    assert sum(result["reference"].values()) == pytest.approx(1.0)
+    for name in importance_reliability.EVALUATORS:
+        rows = [r for k, r in result["rows"].items() if k.startswith(name + "|")]
+        assert rows and all(0.0 <= r["top_match"] <= 1.0 for r in rows)

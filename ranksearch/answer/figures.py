@@ -1,8 +1,9 @@
 """Interactive plots of a study (plotly), for `plots/*.html` and `report.html`.
 
 The learning curves are drawn here, one line per trial named by its configuration; the parallel
-coordinate, slice and importance views are Optuna's, with the best and the recommended trial
-marked on them (a thick line, a star, a ring) in the colors of the PNG plots.
+coordinate and slice views are Optuna's, with the best and the recommended trial marked on them
+(a thick line, a star, a ring) in the colors of the PNG plots; the importances are the report's
+(importance.py), drawn once the study has enough complete trials for them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import optuna
 
+from ranksearch.answer.importance import study_importances
 from ranksearch.answer.marks import (
     MARKS,
     OTHERS,
@@ -163,7 +165,6 @@ def figures(study: optuna.Study, tolerance: str | float = "1se") -> dict[str, go
         for name, draw in (
             ("parallel_coordinate", ov.plot_parallel_coordinate),
             ("slice", ov.plot_slice),
-            ("importances", ov.plot_param_importances),  # parameters, not trials: no marks
         ):
             try:
                 fig = draw(search)
@@ -175,4 +176,12 @@ def figures(study: optuna.Study, tolerance: str | float = "1se") -> dict[str, go
             elif name == "parallel_coordinate":
                 mark_parallel(fig, ans)
             made[name] = fig
+    found = study_importances(trials)  # the report's, with its threshold (importance.py)
+    if found:
+        import plotly.graph_objects as go
+
+        made["importances"] = go.Figure(
+            go.Bar(x=list(found.values())[::-1], y=list(found)[::-1], orientation="h"),
+            layout={"title": "Parameter importances (fANOVA)", "xaxis_title": "importance"},
+        )
     return made

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ranksearch.answer.importance import study_importances
 from ranksearch.answer.marks import (
     MARKS,
     OTHERS,
     answer_roles,
     curve_trials,
-    drawn_study,
     trial_label,
 )
 from ranksearch.answer.recommend import Answer, answer, distinct_complete
@@ -144,19 +144,20 @@ def curves_figure(study: optuna.Study, ans: Answer) -> Figure | None:
 
 
 def _importances_png(study: optuna.Study, out: Path) -> list[Path]:
-    """Optuna's parameter importances (no trial on it to mark). Its parallel-coordinate view is
-    drawn in HTML only, where the answer's lines are marked."""
+    """The report's parameter importances as bars (no trial on it to mark); none while the
+    study has too few complete trials for them (answer/importance.py)."""
     import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
 
-    try:
-        ax = ovm.plot_param_importances(drawn_study(study)[0])
-    except (ValueError, RuntimeError, ZeroDivisionError):
-        return []  # too few trials for this view
-    ax.figure.set_size_inches(8, 5)
-    ax.figure.tight_layout()
-    ax.figure.savefig(out / "importances.png", dpi=120)
-    plt.close(ax.figure)
+    found = study_importances(study.get_trials(deepcopy=False))
+    if not found:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.barh(list(found)[::-1], list(found.values())[::-1])
+    ax.set_xlabel("importance for val_loss (fANOVA)")
+    ax.set_title("Parameter importances")
+    fig.tight_layout()
+    fig.savefig(out / "importances.png", dpi=120)
+    plt.close(fig)
     return [out / "importances.png"]
 
 

@@ -60,12 +60,19 @@ def accuracy(values: dict[str, Any]) -> float | None:
 
 
 def count_states(trials: Sequence[FrozenTrial]) -> dict[str, int]:
-    """Trials per state (lower-case names); confirmation trainings under `confirmation` only,
-    since they are outside the search and its budget."""
+    """Trials per state (lower-case names), so that complete + pruned + running are the search
+    trainings, which use `budget.n_trials`. Outside them: confirmation trainings under
+    `confirmation` (they train again what the search found) and proposals of a configuration
+    the study had finished, answered from its result without training, under `duplicate`."""
     counts = {s.name.lower(): 0 for s in TrialState}
-    counts["confirmation"] = 0
+    counts["confirmation"] = counts["duplicate"] = 0
     for t in trials:
-        counts["confirmation" if t.user_attrs.get("confirmation") else t.state.name.lower()] += 1
+        if t.user_attrs.get("confirmation"):
+            counts["confirmation"] += 1
+        elif "duplicate_of" in t.user_attrs:
+            counts["duplicate"] += 1
+        else:
+            counts[t.state.name.lower()] += 1
     return counts
 
 
@@ -155,8 +162,8 @@ def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
 
 
 def progress(trials: Sequence[FrozenTrial], budget: int) -> dict[str, int]:
-    """Trials per state (count_states) and `to_go`: search trials not yet started, so that
-    finished + running + to go = the budget (`view` and `status` show these)."""
+    """Trials per state (count_states) and `to_go`: search trainings not yet started, so that
+    complete + pruned + running + to go = the budget (`view` and `status` show these)."""
     counts = count_states(trials)
     started = counts["complete"] + counts["pruned"] + counts["running"]
     return {**counts, "to_go": max(0, budget - started)}

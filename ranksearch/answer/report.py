@@ -75,21 +75,9 @@ def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
 
 
 def _importances(study: optuna.Study) -> dict[str, float] | None:
-    from ranksearch.answer.marks import drawn_study
+    from ranksearch.answer.importance import study_importances  # the rule and its threshold
 
-    search = drawn_study(study)[0]  # a replayed duplicate would count its configuration twice
-    complete = [t for t in search.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if len(complete) < 4:
-        return None
-    try:
-        return {
-            k: round(v, 4)
-            for k, v in optuna.importance.get_param_importances(
-                search, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
-            ).items()
-        }
-    except (ValueError, RuntimeError, ZeroDivisionError):
-        return None  # too few distinct values to say anything
+    return study_importances(study.get_trials(deepcopy=False))
 
 
 def _baseline(t: FrozenTrial, best: FrozenTrial | None) -> dict[str, Any]:

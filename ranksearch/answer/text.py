@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from ranksearch.answer.importance import withheld_note
 from ranksearch.answer.recommend import answer
 from ranksearch.answer.report import trial_row
 
@@ -169,6 +170,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             "Importance:  " + ", ".join(f"{k} {v:.2f}" for k, v in report["importances"].items())
         )
+    elif note := withheld_note(report["counts"]["complete"]):
+        lines.append(note)
     return lines
 
 

@@ -206,6 +206,7 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
             f"study {status['study']}: {c['complete']} complete, {c['pruned']} "
             f"pruned, {c['fail']} failed, {c['running']} running, "
             f"{status['to_go']} to go of {status['n_trials']}"
+            + (f", {c['duplicate']} not retrained" if c["duplicate"] else "")
         )
     )
     if status["best"] is not None:

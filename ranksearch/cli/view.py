@@ -53,6 +53,7 @@ def _counts(study: optuna.Study, budget: int) -> dict[str, int]:
         "PRUNED": n["pruned"],
         "FAIL": n["fail"],
         "to go": n["to_go"],
+        "not retrained": n["duplicate"],
     }
 
 
@@ -89,6 +90,7 @@ class PlainView(QuietView):
         self.console.print(
             f"study {study.study_name}: {c['COMPLETE']} complete, "
             f"{c['PRUNED']} pruned, {c['FAIL']} failed, {c['to go']} to go"
+            + (f", {c['not retrained']} not retrained" if c["not retrained"] else "")
         )
 
     def trial_started(self, number: int, config: TrialConfig) -> None:
@@ -158,6 +160,7 @@ class LiveView(QuietView):
             f"[yellow]{c['PRUNED']} pruned",
             f"[red]{c['FAIL']} failed",
             f"{c['to go']} to go",
+            f"{c['not retrained']} not retrained" if c["not retrained"] else "",
         )
         lines: list[Any] = [head]
         for number, r in sorted(self._running.items()):

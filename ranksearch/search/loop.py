@@ -39,6 +39,7 @@ from ranksearch.search.recovery import (
     requeue_lost,
     worker_host,
 )
+from ranksearch.search.repeats import search_over
 from ranksearch.search.sampling import create_pruner, create_sampler, informed_start, search_budget
 from ranksearch.search.storage import open_storage, study_lock
 from ranksearch.search.supervise import Outcome, Pace, TrialRun
@@ -155,6 +156,7 @@ class Orchestrator:
         self.study = open_study(cfg, storage_url)
         view.compute = partial(compute_line, cfg=cfg)  # compute spent, in the view's lines
         self.replay_duplicates = True  # a configuration the study finished is not retrained
+        self._repeats = 0  # proposals of finished configurations in a row (repeats.py)
         self.budget = search_budget(cfg)
         if self.budget < cfg.budget.n_trials:
             view.message(
@@ -178,7 +180,10 @@ class Orchestrator:
             fail_lost(self.study, self.cfg, self.tracker, self.view)
             c = trial_counts(self.study)
             finished = c["complete"] + c["pruned"]
-            if finished >= self.budget or self._compute_spent():
+            over = search_over(self.cfg, self.study.get_trials(deepcopy=False), self._repeats)
+            if over:
+                self.view.message(over)
+            if finished >= self.budget or over or self._compute_spent():
                 return None
             if finished + c["running"] >= self.budget:
                 elsewhere = c["running"] - len(self._active)
@@ -324,6 +329,7 @@ class Orchestrator:
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
         twin = self._find_twin(key, trial.number) if self.replay_duplicates else None
+        self._repeats = self._repeats + 1 if twin is not None else 0
         if twin is not None:
             return self._replay(trial, twin)
         self.view.trial_started(trial.number, config)

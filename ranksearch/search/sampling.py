@@ -97,6 +97,16 @@ def create_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def asks_pruner(step: int, max_steps: int) -> bool:
+    """Whether a report at `step` goes to the pruner: never at (or past) `training.max_steps`.
+
+    A trial there has spent its full budget and its loss is final: it is COMPLETE. Hyperband
+    places its top rung at max_steps (rungs at min_steps x reduction_factor^k, up to
+    max_resource), where asked it would record PRUNED a trial that trained every step, and
+    leave a finished configuration out of the answer."""
+    return step < max_steps
+
+
 def min_steps(cfg: StudyConfig) -> int:
     """The first rung: `pruner.min_steps`, or derived from the budget when the study leaves it
     out."""
@@ -115,12 +125,10 @@ def space_size(cfg: StudyConfig) -> int | None:
 
 
 def search_budget(cfg: StudyConfig) -> int:
-    """The trials the search runs: `budget.n_trials`, capped at the size of the space for a
-    grid or brute-force sampler (they cannot run more distinct configurations)."""
+    """The trainings the search runs: `budget.n_trials`, capped at the size of a discrete space
+    (a configuration is never trained twice, so no sampler can run more)."""
     size = space_size(cfg)
-    if cfg.sampler.type in ("grid", "bruteforce") and size is not None:
-        return min(size, cfg.budget.n_trials)
-    return cfg.budget.n_trials
+    return cfg.budget.n_trials if size is None else min(size, cfg.budget.n_trials)
 
 
 # -- the informed first trial ------------------------------------------------------------------

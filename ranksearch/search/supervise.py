@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from ranksearch.answer import losses
 from ranksearch.config.schema import StudyConfig
 from ranksearch.search.launch import WorkerProcess
+from ranksearch.search.sampling import asks_pruner
 from ranksearch.search.warm import WarmTrial
 from ranksearch.worker.spec import KEPT_FROM_EVENTS, KEPT_PER_EVALUATION
 
@@ -108,7 +109,7 @@ class TrialRun:
                 return Outcome(
                     TrialState.FAIL, reason=f"val_loss is {rec['val_loss']} at step {rec['step']}"
                 )
-            if trial.should_prune():
+            if asks_pruner(rec["step"], self.cfg.training.max_steps) and trial.should_prune():
                 self.stop()
                 trial.set_user_attr("pruned_at_step", rec["step"])
                 return Outcome(TrialState.PRUNED, rec["val_loss"])

@@ -132,8 +132,10 @@ def test_a_repeated_configuration_is_not_trained_again(
     assert all(t.state == TrialState.COMPLETE for t in trials)
     trained = [t for t in trials if "duplicate_of" not in t.user_attrs]
     replayed = [t for t in trials if "duplicate_of" in t.user_attrs]
-    assert len(trained) == 2 and len(replayed) == 2  # two ranks, four trials
+    # two configurations: both trained once, repeats outside the budget, then the study ends
+    assert len(trained) == 2 and len(replayed) >= 1
     assert len(list((out / "trials").iterdir())) == len(trained)
+    assert "every configuration of the search space (2) is trained" in printed
     for t in replayed:
         origin = trials[t.user_attrs["duplicate_of"]]
         assert t.params == origin.params and t.value == origin.value

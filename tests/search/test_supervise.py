@@ -157,3 +157,39 @@ def _wait_for_evaluation(run: subprocess.Popen, path: Path, timeout: float = 120
 def _reports(out: Path, number: int) -> list[dict]:
     lines = (out / "trials" / str(number) / "reports.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def _run_to_end(tmp_path, trial, cfg, curve: dict[int, float]) -> Outcome:
+    """A real worker process that reports `curve` (step -> val loss), then exits 0."""
+    folder = tmp_path / str(trial.number)
+    folder.mkdir()
+    lines = "".join(json.dumps({"step": s, "val_loss": v}) + "\n" for s, v in curve.items())
+    script = f"open({str(folder / 'reports.jsonl')!r}, 'w').write({lines!r})"
+    plan = LaunchPlan([sys.executable, "-c", script], launcher=HEADER)
+    worker = WorkerProcess(plan, folder / "worker.log", folder / "reports.jsonl").start()
+    run = TrialRun(trial, {}, worker, cfg, NullTracker(), _view())
+    deadline = time.monotonic() + 30
+    while (outcome := run.poll()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outcome is not None
+    return outcome
+
+
+def test_a_trial_that_reaches_max_steps_is_complete_not_pruned_by_the_top_rung(tmp_path):
+    """Hyperband with rungs at steps 2 and 6 = max_steps: the second trial leads at the first
+    rung and trails the first trial at the last step, where the top rung would prune it."""
+    cfg = _cfg(
+        tmp_path,
+        training={"max_steps": 6, "eval_every": 2, "batch_size": 8, "seed": 0},
+        pruner={"type": "hyperband", "min_steps": 2, "reduction_factor": 3},
+    )
+    study = open_study(cfg, f"sqlite:///{tmp_path / 'optuna.db'}")
+    outcomes = []
+    for curve in ({2: 0.5, 4: 0.4, 6: 0.30}, {2: 0.45, 4: 0.42, 6: 0.35}):
+        trial = study.ask()
+        o = _run_to_end(tmp_path, trial, cfg, curve)
+        study.tell(trial, o.value if o.state == TrialState.COMPLETE else None, state=o.state)
+        outcomes.append(o)
+    assert [o.state for o in outcomes] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert outcomes[1].value == 0.35
+    assert "pruned_at_step" not in study.trials[1].user_attrs
