@@ -20,7 +20,7 @@ from ranksearch.search.launch import LaunchPlan, WorkerProcess
 from ranksearch.search.loop import Orchestrator
 from ranksearch.search.supervise import TrialRun
 
-from .test_study import _cfg
+from .test_recovery import _cfg
 
 MODULES = {"qv": ["query", "value"], "all-linear": "all-linear"}
 

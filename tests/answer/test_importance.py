@@ -10,9 +10,10 @@ from optuna.distributions import CategoricalDistribution
 
 from ranksearch.answer.importance import MIN_TRIALS, study_importances
 from ranksearch.answer.plots import make_plots
-from ranksearch.answer.report import build_report, summary_lines
+from ranksearch.answer.report import build_report
+from ranksearch.answer.text import summary_lines
 
-from .conftest import config_attr
+from ..conftest import config_attr
 
 DISTS = {
     "rank": CategoricalDistribution([4, 8, 16, 32]),
