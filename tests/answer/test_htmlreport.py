@@ -190,11 +190,3 @@ def test_the_slice_fits_the_page_its_legend_clear_and_duplicates_drawn_once(tmp_
         or legend["y"] + legend["height"] <= colorbar["y"]
     )
     assert apart_x or apart_y, (legend, colorbar)
-
-
-def test_importances_leave_a_replayed_duplicate_out():
-    study = study_of_six_parameters()  # trial 5 replays trial 1
-    without = optuna.create_study(direction="minimize")
-    without.add_trials(study.trials[:5])
-    assert build_report(study)["importances"] == build_report(without)["importances"]
-    assert build_report(study)["importances"]["learning_rate"] > 0.5

@@ -8,6 +8,7 @@ import itertools
 import optuna
 from optuna.distributions import CategoricalDistribution
 
+from ranksearch.answer.figures import figures
 from ranksearch.answer.importance import MIN_TRIALS, study_importances
 from ranksearch.answer.plots import make_plots
 from ranksearch.answer.report import build_report
@@ -56,7 +57,7 @@ def test_no_importances_from_fewer_complete_trials_than_the_threshold(tmp_path):
     assert any(said in line for line in summary_lines(report))
     made = make_plots(study, tmp_path)
     assert not (tmp_path / "importances.png").exists() and made
-    assert not (tmp_path / "importances.html").exists()
+    assert "importances" not in figures(study)
 
 
 def test_replayed_duplicates_do_not_reach_the_threshold():
@@ -71,4 +72,4 @@ def test_importances_from_enough_complete_trials_name_the_parameter_that_matters
     assert set(found) == {"rank", "learning_rate"} and max(found, key=found.get) == "learning_rate"
     make_plots(study, tmp_path)
     assert (tmp_path / "importances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "importances.html").is_file()
+    assert "importances" in figures(study)  # report.html's interactive view

@@ -180,7 +180,7 @@ def test_an_idle_worker_leaves_when_its_orchestrator_is_gone(tmp_path):
     """kill -9 of the orchestrator closes the worker's stdin: the worker exits."""
     script = (
         "import sys, time; from pathlib import Path; from ranksearch.search.warm import WarmWorker;"
-        "from tests.test_warm import SERVE;"
+        "from tests.search.test_warm import SERVE;"
         f"w = WarmWorker(SERVE, Path({str(tmp_path / 'warm.log')!r})); print(w.pid, flush=True);"
         "time.sleep(600)"
     )
