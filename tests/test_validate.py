@@ -220,3 +220,57 @@ def test_a_required_key_at_fault_stops_after_the_schema(tmp_path):
     with pytest.raises(StudyError) as err:
         check_study(study_file)
     assert [p.key for p in err.value.problems] == ["model", "training.batch_size"]
+
+
+def validate_in_process(capsys, *args: str) -> tuple[int, str]:
+    """`ranksearch validate ARGS` in this process: its exit code and what it printed."""
+    from ranksearch.cli.commands import main
+
+    code = main(["validate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    ("sets", "key"),
+    [
+        (["data.labels={neg: 0}"], "data.labels"),  # one class: a file rule, then the data
+        (["data.labels={neg: 0, pos: x}"], "data.labels.pos"),
+        (["training=5", "pruner.min_steps=1"], "training"),  # a section at fault + a rule
+        (["search.rank=zzz"], "search.rank"),  # a string the memory estimate read as a rank
+        (["search.rank=[4, 8.5]"], "search.rank"),
+        (["search.use_dora=maybe"], "search.use_dora"),
+    ],
+)
+def test_values_later_checks_would_misread_exit_2_naming_the_key(
+    tmp_path, tiny_bert, sentiment_csv, capsys, sets, key
+):
+    study = write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv)
+    args = [f"--set={s}" for s in sets]
+    code, said = validate_in_process(capsys, "--study", str(study), "--out", str(tmp_path / "o"),
+                                     *args)  # fmt: skip
+    assert code == 2 and f"`{key}`" in said
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_schema_problem_is_said_once_not_again_by_the_rules_on_its_default(
+    tmp_path, tiny_gpt2, sentiment_csv, capsys
+):
+    data = {"source": str(sentiment_csv), "format": "prompt-completion", "completion": "x"}
+    study = write_study(tmp_path / "s.yaml", tiny_gpt2, sentiment_csv, task="causal-lm",
+                        data=data, search={"target_modules": {"attn": ["c_attn"]}})  # fmt: skip
+    for value in ("[1, 2]", "Review: {review}"):  # a list; unquoted, YAML reads a mapping
+        code, said = validate_in_process(capsys, "--study", str(study), "--set",
+                                         f"data.prompt={value}")  # fmt: skip
+        assert code == 2 and "1 problem(s)" in said and "`data.prompt`" in said
+    assert "quote it" in said and """--set 'data.prompt="Review: {text}"'""" in said
+
+
+def test_a_malformed_storage_url_exits_2_without_its_password(
+    tmp_path, tiny_bert, sentiment_csv, capsys
+):
+    study = write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv)
+    url = "postgresql://alice:secret@[::1/optuna"  # the IPv6 host is not closed
+    code, said = validate_in_process(capsys, "--study", str(study), "--storage", url)
+    assert code == 2 and "`--storage`" in said and "not a database URL" in said
+    assert "secret" not in said

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.text import Text
 
-from ranksearch.config.load import parse_study
+from ranksearch.config.load import load_study, parse_study
 from ranksearch.config.paths import BUILTIN_STUDIES, PathError, study_dir
 from ranksearch.config.problems import StudyError
 from ranksearch.config.schema import StudyConfig
@@ -493,7 +493,7 @@ def cmd_estimate(args, console: Console) -> int:
     from ranksearch.cli.view import print_estimate
     from ranksearch.data.estimate import estimate_space, measure
 
-    cfg, _, _ = parse_study(args.study, args.overrides)
+    cfg, _ = load_study(args.study, args.overrides)  # a space the rules refuse is not estimated
     rows = estimate_space(cfg, args.rank, args.targets)
     largest = max(rows, key=lambda r: r.memory_estimate_mb)
     measured = measure(cfg, largest) if args.measure else None

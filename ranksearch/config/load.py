@@ -37,7 +37,7 @@ def file_problems(cfg: StudyConfig) -> list[Problem]:
         )
     if p.type != "none" and p.min_steps is not None and p.min_steps < t.eval_every:
         problems.append(
-            (
+            Problem(
                 "pruner.min_steps",
                 f"{p.min_steps} < training.eval_every {t.eval_every}: no report arrives before "
                 "the first rung; set it to a multiple of eval_every",
@@ -45,14 +45,14 @@ def file_problems(cfg: StudyConfig) -> list[Problem]:
         )
     problems += format_problems(cfg)
     if cfg.data.labels is not None and len(set(cfg.data.labels.values())) < 2:
-        problems.append(("data.labels", "map at least two classes, e.g. {neg: 0, pos: 1}"))
+        problems.append(Problem("data.labels", "map at least two classes, e.g. {neg: 0, pos: 1}"))
     if cfg.data.labels and sorted(set(cfg.data.labels.values())) != list(
         range(len(set(cfg.data.labels.values())))
     ):
-        problems.append(("data.labels", "class ids must be 0..K-1 without gaps"))
+        problems.append(Problem("data.labels", "class ids must be 0..K-1 without gaps"))
     if cfg.launch.stale_after_seconds <= 2 * cfg.launch.heartbeat_seconds:
         problems.append(
-            (
+            Problem(
                 "launch.stale_after_seconds",
                 f"{cfg.launch.stale_after_seconds:g} must exceed twice heartbeat_seconds "
                 f"({cfg.launch.heartbeat_seconds:g}), or live trials would be failed as lost",
@@ -60,14 +60,14 @@ def file_problems(cfg: StudyConfig) -> list[Problem]:
         )
     if cfg.tracking.registered_model and cfg.tracking.log_adapters == "none":
         problems.append(
-            (
+            Problem(
                 "tracking.register",
                 "registers the logged model, but `tracking.log_adapters: none` logs none; "
                 "set log_adapters to answer, or drop register",
             )
         )
     if cfg.launch.device == "cpu" and cfg.model.quantization == "4bit":
-        problems.append(("model.quantization", "4bit needs CUDA; use `none` on CPU"))
+        problems.append(Problem("model.quantization", "4bit needs CUDA; use `none` on CPU"))
     problems += space_problems(cfg)
     return problems
 
@@ -81,12 +81,17 @@ def _format_pydantic(err: ValidationError) -> list[Problem]:
             for x in e["loc"]
             if not re.search(r"[\[\]]|^(Range|str|int|float|bool)$", str(x))
         ]
-        msg = e["msg"].removeprefix("Value error, ")
+        key, msg = ".".join(loc), e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling or remove it (see search_spaces/cls-task.yaml)"
         elif e["type"] == "missing":
             msg = "required key is missing; add it"
-        problems.append(Problem(".".join(loc), msg))
+        elif e["type"] == "string_type" and isinstance(e.get("input"), dict):
+            msg += (
+                "; YAML read a mapping here (a `: ` inside the value): quote it, e.g. "
+                f"'Review: {{text}}', or on the command line --set '{key}=\"Review: {{text}}\"'"
+            )
+        problems.append(Problem(key, msg))
     # A union reports one error per branch; keep each distinct (path, message) once.
     return list(dict.fromkeys(problems))
 

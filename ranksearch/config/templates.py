@@ -8,41 +8,52 @@ from __future__ import annotations
 
 from typing import Any
 
+from ranksearch.config.problems import Problem
 from ranksearch.config.schema import StudyConfig
 
 
-def format_problems(cfg: StudyConfig) -> list[tuple[str, str]]:
+def format_problems(cfg: StudyConfig) -> list[Problem]:
     """`data.format` and the keys each format needs (causal-lm only)."""
     d, problems = cfg.data, []
     if cfg.task != "causal-lm":
         if d.format != "text":
-            problems.append(("data.format", "prompt-completion and messages need task: causal-lm"))
+            problems.append(
+                Problem("data.format", "prompt-completion and messages need task: causal-lm")
+            )
         if cfg.training.packing:
-            problems.append(("training.packing", "packing is for task: causal-lm; remove it"))
+            problems.append(
+                Problem("training.packing", "packing is for task: causal-lm; remove it")
+            )
         return problems
     if d.labels and d.format == "text":
-        problems.append(("data.labels", "causal-lm `text` trains on text only; remove `labels`"))
+        problems.append(
+            Problem("data.labels", "causal-lm `text` trains on text only; remove `labels`")
+        )
     needs = {"prompt-completion": ("prompt", "completion"), "messages": ("messages",)}
     for key in needs.get(d.format, ()):
         if getattr(d, key) is None:
             problems.append(
-                (f"data.{key}", f"format {d.format} needs `{key}`: a column or a template")
+                Problem(f"data.{key}", f"format {d.format} needs `{key}`: a column or a template")
             )
     for key in ("prompt", "completion", "messages"):
         if getattr(d, key) is not None and key not in needs.get(d.format, ()):
             problems.append(
-                (f"data.{key}", f"not used with data.format {d.format}; remove it or the format")
+                Problem(
+                    f"data.{key}", f"not used with data.format {d.format}; remove it or the format"
+                )
             )
     if isinstance(d.messages, list) and not any(m.role == "assistant" for m in d.messages):
-        problems.append(("data.messages", "no assistant turn: add {role: assistant, content: ..}"))
+        problems.append(
+            Problem("data.messages", "no assistant turn: add {role: assistant, content: ..}")
+        )
     for key in ("prompt", "completion"):
         template = getattr(d, key)
         if template is not None:
-            problems += [(f"data.{key}", e) for e in template_errors(template)]
+            problems += [Problem(f"data.{key}", e) for e in template_errors(template)]
     if isinstance(d.messages, list):
         for i, m in enumerate(d.messages):
             errors = template_errors(m.content, column_shorthand=False)
-            problems += [(f"data.messages.{i}.content", e) for e in errors]
+            problems += [Problem(f"data.messages.{i}.content", e) for e in errors]
     return problems
 
 
