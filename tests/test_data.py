@@ -88,3 +88,11 @@ def test_missing_column_and_single_label(study, tmp_path):
     with pytest.raises(DataError, match="at least two"):
         prepare(one, tmp_path / "b")
     assert not (tmp_path / "a").exists()
+
+
+def test_a_directory_given_as_a_data_file_is_called_a_directory(study, tmp_path):
+    folder = tmp_path / "corpus.csv"  # a folder, even with a data file's name
+    folder.mkdir()
+    data = study.data.model_copy(update={"source": str(folder)})
+    with pytest.raises(DataError, match="`data.source`.*is a directory; give one data file"):
+        prepare(study.model_copy(update={"data": data}), tmp_path / "run")

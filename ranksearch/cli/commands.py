@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ranksearch.config.load import load_study, parse_study
-from ranksearch.config.paths import BUILTIN_STUDIES, PathError, study_dir
+from ranksearch.config.paths import BUILTIN_STUDIES, PathError, path_option, study_dir
 from ranksearch.config.problems import StudyError
 from ranksearch.config.schema import StudyConfig
 from ranksearch.data.prepare import DataError
@@ -91,7 +91,7 @@ def _study_args(p: argparse.ArgumentParser) -> None:
         help="override a study key, e.g. --set training.max_steps=600 (repeatable)",
     )
     g.add_argument(
-        "--out", type=Path, default=None, help="study directory (default: runs/<study_name>)"
+        "--out", type=path_option, default=None, help="study directory (default: runs/<study_name>)"
     )
     g.add_argument(
         "--storage",
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument(
         "--to",
-        type=Path,
+        type=path_option,
         required=True,
         metavar="DIR",
         help="destination directory (PeftModel.from_pretrained(base, DIR))",

@@ -299,7 +299,7 @@ def _machine_checks(
     added to `problems`. The study with its device, GPUs and slots."""
     cfg, out, warnings = checked.cfg, checked.out, []
     in_file = list(problems)  # the schema's and the file's own: what later checks must not read
-    problems += out_problems(out)
+    problems += out_problems(out, [cfg.data.source, cfg.data.validation])
     problems += resource_problems(cfg, storage, warnings, in_file)
     if mlflow and cfg.tracking.enabled:
         out_ok = not any(p.key == "--out" for p in problems)

@@ -77,6 +77,10 @@ def read_frame(cfg: DataConfig, source: str, key: str = "data.source") -> pd.Dat
         raise DataError(key, str(e)) from None
     if path is None:
         return _read_hub(cfg, source, key)
+    if path.is_dir():
+        raise DataError(
+            key, f"{path} is a directory; give one data file in it ({', '.join(LOCAL_FORMATS)})"
+        )
     if not path.is_file():
         raise DataError(key, f"no such file: {path}")
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
