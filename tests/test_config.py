@@ -224,3 +224,26 @@ def test_out_is_refused_inside_installed_packages_and_in_the_data_folder(tmp_pat
     assert "inside the data directory" in message
     assert out_problems(tmp_path / "runs", sources) == []  # beside the data folder is fine
     assert out_problems(data.parent / "runs", sources) == []
+
+
+@pytest.mark.parametrize("completion", ["", "  ", "the answer is", "{{literal}}"])
+def test_an_answer_that_names_no_column_is_refused(tmp_path, completion):
+    """The same answer in every row (blank, or a constant) teaches nothing about the rows."""
+    data = {"source": "d.csv", "format": "prompt-completion", "prompt": "{text}"}
+    path = _write(tmp_path, {**BASE, "task": "causal-lm",
+                             "data": {**data, "completion": completion}})  # fmt: skip
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    assert (
+        "names no column, so every row has the same answer"
+        in dict(err.value.problems)["data.completion"]
+    )
+    turns = [{"role": "user", "content": "{text}"}, {"role": "assistant", "content": completion}]
+    chat = {"source": "d.csv", "format": "messages", "messages": turns}
+    with pytest.raises(StudyError) as err:
+        load_study(_write(tmp_path, {**BASE, "task": "causal-lm", "data": chat}))
+    assert "no assistant turn names a column" in dict(err.value.problems)["data.messages"]
+    turns.append({"role": "assistant", "content": "{label}"})  # one answer from the rows: fine
+    load_study(_write(tmp_path, {**BASE, "task": "causal-lm", "data": chat}))
+    load_study(_write(tmp_path, {**BASE, "task": "causal-lm",
+                                 "data": {**data, "completion": "label"}}))  # fmt: skip

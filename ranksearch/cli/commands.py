@@ -309,8 +309,8 @@ def _orchestrator(args, console: Console):
     """What `run` and `confirm` share: checked study, prepared data, tracker, view."""
     import torch
 
-    from ranksearch.cli.validate import empty_warnings
     from ranksearch.cli.view import PlainView, data_line, make_view, study_lines
+    from ranksearch.data.empty import data_warnings
     from ranksearch.data.prepare import prepare
     from ranksearch.search.loop import Orchestrator
     from ranksearch.search.sampling import rung_warning
@@ -330,7 +330,7 @@ def _orchestrator(args, console: Console):
     data = prepare(cfg, out)
     if not args.quiet:
         console.print(Text(data_line(data.counts)))
-    for line in empty_warnings(cfg, data.counts):  # more than half empty was refused above
+    for line in data_warnings(cfg, data.counts):  # more than half empty was refused above
         view.message(f"warning: {line}")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     orchestrator = Orchestrator(

@@ -17,6 +17,7 @@ from ranksearch.config.paths import PathError, out_problems, study_dir
 from ranksearch.config.problems import Problem, StudyError
 from ranksearch.config.schema import StudyConfig
 from ranksearch.config.space import module_sets
+from ranksearch.data.empty import empty_rows, row_warnings
 from ranksearch.data.prepare import DataError, label_frame, read_frame
 from ranksearch.search.packing import (
     SlotError,
@@ -105,7 +106,8 @@ def model_problems(cfg: StudyConfig, check_modules: bool = True) -> list[Problem
 def data_problems(
     cfg: StudyConfig, model_ok: bool = True, warnings: list[str] | None = None
 ) -> list[Problem]:
-    """Problems with the data files; rows dropped as empty are added to `warnings`."""
+    """Problems with the data files; what is accepted but worth saying (rows dropped as
+    empty, a text column of numbers) is added to `warnings`."""
     problems = []
     sources = [("data.source", cfg.data.source)]
     if cfg.data.validation:
@@ -118,52 +120,13 @@ def data_problems(
         except DataError as e:
             problems.append(Problem(e.key, e.message))
             continue
-        problem, warning = empty_rows(cfg, counts, key)
+        problem = empty_rows(cfg, counts, key)[0]
         problems += [problem] if problem else []
-        if warning and warnings is not None:
-            warnings.append(warning)
+        if warnings is not None:
+            warnings += row_warnings(cfg, counts, key)
         if model_ok and cfg.task == "causal-lm" and cfg.data.format != "text":
             problems += example_problems(cfg, frame, key)
     return list(dict.fromkeys(problems))
-
-
-MAX_EMPTY_SHARE = 0.5  # past this share of empty rows, the column is more likely wrong than sparse
-
-
-def _text_key(cfg: StudyConfig) -> tuple[str, str]:
-    """The key whose column(s) an empty row is empty in, and those columns in words."""
-    if cfg.task == "causal-lm" and cfg.data.format != "text":
-        from ranksearch.data.sft import columns_key
-
-        return columns_key(cfg.data), "a column its templates name"
-    return "data.text_column", repr(cfg.data.text_column)
-
-
-def empty_rows(
-    cfg: StudyConfig, counts: dict[str, int], where: str
-) -> tuple[Problem | None, str | None]:
-    """A warning when rows of `where` were dropped as empty; a problem when most of them were."""
-    empty, rows = counts.get("dropped_empty", 0), counts.get("rows", 0)
-    if not empty:
-        return None, None
-    key, column = _text_key(cfg)
-    said = f"{empty:,} of {rows:,} rows of `{where}` dropped: {column} is empty in them"
-    if empty <= MAX_EMPTY_SHARE * rows:
-        return None, said
-    fix = (
-        f"more than {MAX_EMPTY_SHARE:.0%} of the rows: point `{key}` at the column that holds "
-        "the texts, or remove the empty rows from the file"
-    )
-    return Problem(key, f"{said}; {fix}"), said
-
-
-def empty_warnings(cfg: StudyConfig, counts: dict[str, int]) -> list[str]:
-    """The warnings of `empty_rows` for prepared data (validation counts are prefixed)."""
-    said = []
-    for where, prefix in (("data.source", ""), ("data.validation", "validation_")):
-        part = {k: counts.get(prefix + k, 0) for k in ("rows", "dropped_empty")}
-        said.append(empty_rows(cfg, part, where)[1])
-    return [w for w in said if w]
 
 
 def example_problems(cfg: StudyConfig, frame, where: str, sample: int = 500) -> list[Problem]:

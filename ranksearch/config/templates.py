@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ranksearch.config.problems import Problem
-from ranksearch.config.schema import StudyConfig
+from ranksearch.config.schema import DataConfig, StudyConfig
 
 
 def format_problems(cfg: StudyConfig) -> list[Problem]:
@@ -54,7 +54,39 @@ def format_problems(cfg: StudyConfig) -> list[Problem]:
         for i, m in enumerate(d.messages):
             errors = template_errors(m.content, column_shorthand=False)
             problems += [Problem(f"data.messages.{i}.content", e) for e in errors]
-    return problems
+    return problems + answer_problems(d)
+
+
+def answer_problems(d: DataConfig) -> list[Problem]:
+    """The answers a causal-LM study trains on come from the rows: a completion, or every
+    assistant turn, naming no column is the same in each row (or blank), so it teaches
+    nothing about the rows."""
+    if d.format == "prompt-completion" and _constant(d.completion):
+        return [
+            Problem(
+                "data.completion",
+                f"{d.completion!r} names no column, so every row has the same answer; "
+                "name the column of the answers, e.g. ' {label}'",
+            )
+        ]
+    turns = d.messages if isinstance(d.messages, list) else []  # else a column of turns
+    answers = [m.content for m in turns if m.role == "assistant"]
+    if d.format == "messages" and answers and all(_constant(a, False) for a in answers):
+        return [
+            Problem(
+                "data.messages",
+                "no assistant turn names a column, so every row has the same answer; "
+                "template the answer from a column, e.g. {role: assistant, content: '{label}'}",
+            )
+        ]
+    return []
+
+
+def _constant(template: str | None, column_shorthand: bool = True) -> bool:
+    """A valid template that names no column (a malformed one is said by `template_errors`)."""
+    if template is None or template_errors(template, column_shorthand):
+        return False
+    return not template_fields(template, column_shorthand)
 
 
 def template_fields(template: str, column_shorthand: bool = True) -> list[str]:
