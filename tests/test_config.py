@@ -170,6 +170,19 @@ def test_passwords_are_redacted():
         == "postgresql://bob:***@db:5432/optuna"
     )
     assert redact_url("sqlite:///runs/x/optuna.db") == "sqlite:///runs/x/optuna.db"
+    assert redact_url("sqlite:///p/with@sign:x.db") == "sqlite:///p/with@sign:x.db"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://alice:s3cret@[::1/optuna", "postgresql://alice:***@[::1/optuna"),
+        ("alice:s3cret@127.0.0.1/optuna", "alice:***@127.0.0.1/optuna"),  # no scheme
+        ("postgresql://u:s3/cret@db/optuna", "postgresql://u:***@db/optuna"),  # as SQLAlchemy
+    ],
+)
+def test_passwords_are_redacted_in_malformed_urls_too(url, shown):
+    assert redact_url(url) == shown
 
 
 def test_mixed_precision_no_survives_yaml(tmp_path):
@@ -247,3 +260,12 @@ def test_an_answer_that_names_no_column_is_refused(tmp_path, completion):
     load_study(_write(tmp_path, {**BASE, "task": "causal-lm", "data": chat}))
     load_study(_write(tmp_path, {**BASE, "task": "causal-lm",
                                  "data": {**data, "completion": "label"}}))  # fmt: skip
+
+
+def test_seeds_outside_numpys_range_are_refused_naming_the_key(tmp_path):
+    """numpy's generators (the split, the samplers) take seeds in [0, 2**32)."""
+    path = _write(tmp_path, BASE)
+    with pytest.raises(StudyError) as err:
+        load_study(path, ["training.seed=-1", f"sampler.seed={2**32}"])
+    assert {p.key for p in err.value.problems} == {"training.seed", "sampler.seed"}
+    assert load_study(path, [f"training.seed={2**32 - 1}"])[0].training.seed == 2**32 - 1

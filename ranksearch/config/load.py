@@ -29,11 +29,13 @@ def file_problems(cfg: StudyConfig) -> list[Problem]:
     t, p = cfg.training, cfg.pruner
     if t.eval_every > t.max_steps:
         problems.append(
-            ("training.eval_every", f"{t.eval_every} > max_steps {t.max_steps}; lower it")
+            Problem("training.eval_every", f"{t.eval_every} > max_steps {t.max_steps}; lower it")
         )
     if p.type != "none" and p.min_steps is not None and p.min_steps > t.max_steps:
         problems.append(
-            ("pruner.min_steps", f"{p.min_steps} > training.max_steps {t.max_steps}; lower it")
+            Problem(
+                "pruner.min_steps", f"{p.min_steps} > training.max_steps {t.max_steps}; lower it"
+            )
         )
     if p.type != "none" and p.min_steps is not None and p.min_steps < t.eval_every:
         problems.append(

@@ -169,14 +169,22 @@ def out_problems(out: Path, data_sources: list[str | None] = ()) -> list[Problem
     return []
 
 
+# `user:password@` wherever a parser would not find it (no scheme, a malformed host): from the
+# user name's colon to the last `@`, so that a password holding `/` or `@` is hidden whole
+USERINFO = re.compile(r"^(?P<head>(?:[\w+.-]*://)?[^:/@]*):(?!//).*@", re.DOTALL)
+
+
 def redact_url(url: str) -> str:
-    """Hide the password in a storage or tracking URL: `postgresql://u:***@host/db`."""
+    """Hide the password in a storage or tracking URL: `postgresql://u:***@host/db`, also in
+    a malformed one (`u:pw@host/db`, `postgresql://u:pw@[::1/db`)."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
+        parts = None
+    if parts is None or parts.password is None:
+        # unparsed; `u:pw@host` read as scheme `u`; `s://u:p/w@host`, whose password SQLAlchemy
+        # reads up to the `@` (an `@` in a URL's path is hidden too: better than a password)
+        return USERINFO.sub(r"\g<head>:***@", url)
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -128,7 +128,7 @@ class TrainingConfig(_Strict):
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on GPU
 
     @field_validator("mixed_precision", mode="before")
@@ -158,7 +158,7 @@ class PrunerConfig(_Strict):
 
 class SamplerConfig(_Strict):
     type: Literal["tpe", "random", "grid", "bruteforce"] = "tpe"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range (the samplers' RandomState)
     n_startup_trials: int = Field(5, ge=0)  # TPE: random trials before modelling
     # tpe: a new study first runs the configuration published LoRA guidance favours
     # (all-linear, alpha = 2 x rank, rank 16 or 8, the log-middle learning rate), snapped to
