@@ -21,12 +21,25 @@ from typing import TYPE_CHECKING
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
 from ranksearch.search.packing import free_port
 from ranksearch.tracking.ui import stop_server
 
 if TYPE_CHECKING:
     from ranksearch.worker import TrialSpec
+
+# Property-based tests: a fixed seed and a modest count in the fast tier, a longer search in CI.
+# Examples run real checks (the model's config, the data file), so no per-example deadline.
+settings.register_profile(
+    "fast",
+    max_examples=150,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("ci", parent=settings.get_profile("fast"), max_examples=1000)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "fast")
 
 POSITIVE = ["good", "great", "fine", "happy", "love", "nice"]
 NEGATIVE = ["bad", "awful", "sad", "hate", "poor", "ugly"]

@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ranksearch.answer.marks import trial_label
 from ranksearch.answer.recommend import accuracy
 from ranksearch.config.space import shown_config
+from ranksearch.search.supervise import reason_head
 
 
 def trial_row(t: FrozenTrial) -> dict[str, Any]:
@@ -44,8 +45,7 @@ def _note(t: FrozenTrial) -> str:
     if t.state == TrialState.PRUNED:
         return f"pruned at step {a.get('pruned_at_step', a.get('last_step', '?'))}"
     if t.state == TrialState.FAIL:
-        reason = str(a.get("fail_reason", "")).strip().splitlines()
-        return (reason[-1] if reason else "failed")[:60]
+        return reason_head(a.get("fail_reason", ""))[:60]
     return ""
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ranksearch.cli.parser import build_parser
-from ranksearch.config.load import parse_study
+from ranksearch.config.load import load_study, parse_study
 from ranksearch.config.paths import BUILTIN_STUDIES, PathError, study_dir
 from ranksearch.config.problems import StudyError
 from ranksearch.config.schema import StudyConfig
@@ -105,8 +105,8 @@ def _orchestrator(args, console: Console):
 
     from ranksearch.answer.publish import publish_answer
     from ranksearch.cli.output import data_line, study_lines, ui_command
-    from ranksearch.cli.validate import empty_warnings
     from ranksearch.cli.view import PlainView, make_view
+    from ranksearch.data.empty import data_warnings
     from ranksearch.data.prepare import prepare
     from ranksearch.search.loop import Orchestrator
     from ranksearch.search.sampling import rung_warning
@@ -128,7 +128,7 @@ def _orchestrator(args, console: Console):
     data = prepare(cfg, out)
     if not args.quiet:
         console.print(Text(data_line(data.counts)))
-    for line in empty_warnings(cfg, data.counts):  # more than half empty was refused above
+    for line in data_warnings(cfg, data.counts):  # more than half empty was refused above
         view.message(f"warning: {line}")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     orchestrator = Orchestrator(
@@ -278,7 +278,7 @@ def cmd_estimate(args, console: Console) -> int:
     from ranksearch.cli.output import print_estimate
     from ranksearch.data.estimate import estimate_space, measure
 
-    cfg, _, _ = parse_study(args.study, args.overrides)
+    cfg, _ = load_study(args.study, args.overrides)  # a space the rules refuse is not estimated
     rows = estimate_space(cfg, args.rank, args.targets)
     largest = max(rows, key=lambda r: r.memory_estimate_mb)
     measured = measure(cfg, largest) if args.measure else None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ranksearch.config.paths import path_option
 
 if TYPE_CHECKING:
     pass
@@ -71,7 +72,7 @@ def _study_args(p: argparse.ArgumentParser) -> None:
         help="override a study key, e.g. --set training.max_steps=600 (repeatable)",
     )
     g.add_argument(
-        "--out", type=Path, default=None, help="study directory (default: runs/<study_name>)"
+        "--out", type=path_option, default=None, help="study directory (default: runs/<study_name>)"
     )
     g.add_argument(
         "--storage",
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument(
         "--to",
-        type=Path,
+        type=path_option,
         required=True,
         metavar="DIR",
         help="destination directory (PeftModel.from_pretrained(base, DIR))",

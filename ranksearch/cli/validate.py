@@ -17,6 +17,7 @@ from ranksearch.config.paths import PathError, out_problems, study_dir
 from ranksearch.config.problems import Problem, StudyError
 from ranksearch.config.schema import StudyConfig
 from ranksearch.config.space import module_sets
+from ranksearch.data.empty import empty_rows, row_warnings
 from ranksearch.data.prepare import DataError, label_frame, read_frame
 from ranksearch.search.packing import (
     SlotError,
@@ -71,7 +72,9 @@ def module_problems(cfg: StudyConfig, modules: dict[str, str]) -> list[Problem]:
     return problems
 
 
-def model_problems(cfg: StudyConfig) -> list[Problem]:
+def model_problems(cfg: StudyConfig, check_modules: bool = True) -> list[Problem]:
+    """The model loads (its config, on `meta`); with `check_modules`, the target modules
+    exist."""
     try:
         modules = linear_modules(cfg)
     except PathError as e:
@@ -85,7 +88,7 @@ def model_problems(cfg: StudyConfig) -> list[Problem]:
                 "Give a local directory, package://pkg/dir, or a hub id (needs network)",
             )
         ]
-    problems = module_problems(cfg, modules)
+    problems = module_problems(cfg, modules) if check_modules else []
     if cfg.model.quantization == "4bit":
         import torch
 
@@ -103,7 +106,8 @@ def model_problems(cfg: StudyConfig) -> list[Problem]:
 def data_problems(
     cfg: StudyConfig, model_ok: bool = True, warnings: list[str] | None = None
 ) -> list[Problem]:
-    """Problems with the data files; rows dropped as empty are added to `warnings`."""
+    """Problems with the data files; what is accepted but worth saying (rows dropped as
+    empty, a text column of numbers) is added to `warnings`."""
     problems = []
     sources = [("data.source", cfg.data.source)]
     if cfg.data.validation:
@@ -116,52 +120,13 @@ def data_problems(
         except DataError as e:
             problems.append(Problem(e.key, e.message))
             continue
-        problem, warning = empty_rows(cfg, counts, key)
+        problem = empty_rows(cfg, counts, key)[0]
         problems += [problem] if problem else []
-        if warning and warnings is not None:
-            warnings.append(warning)
+        if warnings is not None:
+            warnings += row_warnings(cfg, counts, key)
         if model_ok and cfg.task == "causal-lm" and cfg.data.format != "text":
             problems += example_problems(cfg, frame, key)
     return list(dict.fromkeys(problems))
-
-
-MAX_EMPTY_SHARE = 0.5  # past this share of empty rows, the column is more likely wrong than sparse
-
-
-def _text_key(cfg: StudyConfig) -> tuple[str, str]:
-    """The key whose column(s) an empty row is empty in, and those columns in words."""
-    if cfg.task == "causal-lm" and cfg.data.format != "text":
-        from ranksearch.data.sft import columns_key
-
-        return columns_key(cfg.data), "a column its templates name"
-    return "data.text_column", repr(cfg.data.text_column)
-
-
-def empty_rows(
-    cfg: StudyConfig, counts: dict[str, int], where: str
-) -> tuple[Problem | None, str | None]:
-    """A warning when rows of `where` were dropped as empty; a problem when most of them were."""
-    empty, rows = counts.get("dropped_empty", 0), counts.get("rows", 0)
-    if not empty:
-        return None, None
-    key, column = _text_key(cfg)
-    said = f"{empty:,} of {rows:,} rows of `{where}` dropped: {column} is empty in them"
-    if empty <= MAX_EMPTY_SHARE * rows:
-        return None, said
-    fix = (
-        f"more than {MAX_EMPTY_SHARE:.0%} of the rows: point `{key}` at the column that holds "
-        "the texts, or remove the empty rows from the file"
-    )
-    return Problem(key, f"{said}; {fix}"), said
-
-
-def empty_warnings(cfg: StudyConfig, counts: dict[str, int]) -> list[str]:
-    """The warnings of `empty_rows` for prepared data (validation counts are prefixed)."""
-    said = []
-    for where, prefix in (("data.source", ""), ("data.validation", "validation_")):
-        part = {k: counts.get(prefix + k, 0) for k in ("rows", "dropped_empty")}
-        said.append(empty_rows(cfg, part, where)[1])
-    return [w for w in said if w]
 
 
 def example_problems(cfg: StudyConfig, frame, where: str, sample: int = 500) -> list[Problem]:
@@ -195,14 +160,25 @@ def example_problems(cfg: StudyConfig, frame, where: str, sample: int = 500) -> 
     return [Problem("data.max_length", message)] if message else []
 
 
+def at_fault(problems: list[Problem], *keys: str) -> bool:
+    """Whether a problem names one of `keys` or a key inside one (`data` covers
+    `data.prompt`): a check that reads a key at fault would judge a stand-in, or crash on it."""
+    return any(p.key == k or p.key.startswith(k + ".") for p in problems for k in keys)
+
+
 def resource_problems(
-    cfg: StudyConfig, storage_url: str | None = None, warnings: list[str] | None = None
+    cfg: StudyConfig,
+    storage_url: str | None = None,
+    warnings: list[str] | None = None,
+    file_problems: list[Problem] = (),
 ) -> list[Problem]:
     """Every problem with the model, the data and the storage, collected (not the first);
-    what is accepted but worth saying (rows dropped as empty) is added to `warnings`."""
-    problems = model_problems(cfg)
+    what is accepted but worth saying (rows dropped as empty) is added to `warnings`. The
+    checks of a section `file_problems` already faults wait until it is fixed."""
+    problems = model_problems(cfg, not at_fault(file_problems, "search.target_modules"))
     model_ok = not any(k == "model.path" for k, _ in problems)
-    problems += data_problems(cfg, model_ok, warnings)
+    if not at_fault(file_problems, "task", "data"):
+        problems += data_problems(cfg, model_ok, warnings)
     if storage_url:
         try:
             check_storage(storage_url)
@@ -264,7 +240,8 @@ def check_study(
     cfg, problems = typed_as_far_as_possible(data)
     if cfg is None:
         raise StudyError(problems, str(path))
-    problems += file_problems(cfg)
+    at_fault_in_schema = {p.key for p in problems}  # now their defaults: not the user's values
+    problems += [p for p in file_problems(cfg) if p.key not in at_fault_in_schema]
     out = study_dir(cfg.study_name, out)
     checked = CheckedStudy(cfg, path, out, storage or default_storage_url(out))
     if not schema_only:
@@ -284,13 +261,15 @@ def _machine_checks(
     """The checks that read the model, the data, the stores and this machine; each problem is
     added to `problems`. The study with its device, GPUs and slots."""
     cfg, out, warnings = checked.cfg, checked.out, []
-    problems += out_problems(out)
-    problems += resource_problems(cfg, storage, warnings)
+    in_file = list(problems)  # the schema's and the file's own: what later checks must not read
+    problems += out_problems(out, [cfg.data.source, cfg.data.validation])
+    problems += resource_problems(cfg, storage, warnings, in_file)
     if mlflow and cfg.tracking.enabled:
         out_ok = not any(p.key == "--out" for p in problems)
         problems += tracking_problems(cfg, out, uri_option, out_ok)
     device = resolve_device(cfg.launch.device)
-    model_ok = not any(p.key == "model.path" for p in problems)
+    # the estimates read the search space, which may hold anything the file rules refuse
+    model_ok = not any(p.key == "model.path" for p in problems) and not at_fault(in_file, "search")
     if model_ok:
         problems += memory_problems(cfg, device, available_memory_gb(device))
     gpus = local_gpus(device)

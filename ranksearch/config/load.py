@@ -83,12 +83,17 @@ def _format_pydantic(err: ValidationError) -> list[Problem]:
             for x in e["loc"]
             if not re.search(r"[\[\]]|^(Range|str|int|float|bool)$", str(x))
         ]
-        msg = e["msg"].removeprefix("Value error, ")
+        key, msg = ".".join(loc), e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling or remove it (see search_spaces/cls-task.yaml)"
         elif e["type"] == "missing":
             msg = "required key is missing; add it"
-        problems.append(Problem(".".join(loc), msg))
+        elif e["type"] == "string_type" and isinstance(e.get("input"), dict):
+            msg += (
+                "; YAML read a mapping here (a `: ` inside the value): quote it, e.g. "
+                f"'Review: {{text}}', or on the command line --set '{key}=\"Review: {{text}}\"'"
+            )
+        problems.append(Problem(key, msg))
     # A union reports one error per branch; keep each distinct (path, message) once.
     return list(dict.fromkeys(problems))
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
+import site
+import sysconfig
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
@@ -119,23 +122,69 @@ def creatable_dir(path: Path) -> bool:
     return False
 
 
-def out_problems(out: Path) -> list[Problem]:
-    """`--out` must be a directory this process can write, or one it can create."""
+def path_option(text: str) -> Path:
+    """An argparse `type` for a directory option: an empty value is refused, not taken as the
+    current directory (`Path("")` is `.`)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty path; give a directory, or leave the option out for its default"
+        )
+    return Path(text)
+
+
+def installed_roots() -> list[Path]:
+    """Where installed packages live (site-packages, and this package itself when it is
+    installed in editable mode from a checkout): no study writes there."""
+    paths = sysconfig.get_paths()
+    roots = {paths["purelib"], paths["platlib"], *site.getsitepackages()}
+    roots.add(str(Path(__file__).parents[1]))
+    return sorted(Path(r).resolve() for r in roots)
+
+
+def out_problems(out: Path, data_sources: list[str | None] = ()) -> list[Problem]:
+    """`--out` must be a directory this process can write, or one it can create, outside any
+    installed package and apart from the data: not the folder of a data file nor inside a data
+    directory (a study writes its own `data/`, `trials/` and databases there)."""
     if out.exists() and not out.is_dir():
         return [Problem("--out", f"{out} is a file, not a directory; give a directory path")]
     if not creatable_dir(out):
         return [Problem("--out", f"{out} is not a directory that can be written or created")]
+    where = out.resolve()
+    fix = "give a directory of its own, e.g. runs/<study> (the default)"
+    for root in installed_roots():
+        if where.is_relative_to(root):
+            return [Problem("--out", f"{out} is inside the installed packages ({root}); {fix}")]
+    for source in filter(None, data_sources):
+        try:
+            path = local_path(source)
+        except PathError:
+            continue  # said by the data checks
+        if path is None:
+            continue
+        data = path.resolve()
+        if data.is_dir() and where.is_relative_to(data):
+            return [Problem("--out", f"{out} is inside the data directory {data}; {fix}")]
+        if where == data.parent:
+            return [Problem("--out", f"{out} is the folder of the data file {data}; {fix}")]
     return []
 
 
+# `user:password@` wherever a parser would not find it (no scheme, a malformed host): from the
+# user name's colon to the last `@`, so that a password holding `/` or `@` is hidden whole
+USERINFO = re.compile(r"^(?P<head>(?:[\w+.-]*://)?[^:/@]*):(?!//).*@", re.DOTALL)
+
+
 def redact_url(url: str) -> str:
-    """Hide the password in a storage or tracking URL: `postgresql://u:***@host/db`."""
+    """Hide the password in a storage or tracking URL: `postgresql://u:***@host/db`, also in
+    a malformed one (`u:pw@host/db`, `postgresql://u:pw@[::1/db`)."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
+        parts = None
+    if parts is None or parts.password is None:
+        # unparsed; `u:pw@host` read as scheme `u`; `s://u:p/w@host`, whose password SQLAlchemy
+        # reads up to the `@` (an `@` in a URL's path is hidden too: better than a password)
+        return USERINFO.sub(r"\g<head>:***@", url)
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

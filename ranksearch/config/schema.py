@@ -181,7 +181,12 @@ class TrainingConfig(_Strict):
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="gradient clipping; null turns it off"
     )
-    seed: int = Field(0, description="every trial's seed: configurations differ, not luck")
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="every trial's seed (numpy's range): configurations differ, not luck",
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16/fp16 on GPU"
     )
@@ -239,7 +244,10 @@ class SamplerConfig(_Strict):
         "tpe", description="tpe models the results; random, grid and bruteforce do not"
     )
     seed: int = Field(
-        0, description="the sampler's seed: the draws of trial n depend on (seed, n) only"
+        0,
+        ge=0,
+        lt=2**32,
+        description="the sampler's seed (numpy's range): the draws of trial n depend on (seed, n)",
     )
     n_startup_trials: int = Field(5, ge=0, description="TPE: random trials before modelling")
     informed_start: bool = Field(

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ranksearch.config.problems import Problem, StudyError
 from ranksearch.config.schema import StudyConfig
 from ranksearch.config.space import dimensions, is_searched, module_sets
 from ranksearch.data.prepare import model_location
@@ -163,13 +164,33 @@ def _choices(dim: Any) -> list[Any]:
 def estimate_space(
     cfg: StudyConfig, ranks: list[int] | None = None, targets: list[str] | None = None
 ) -> list[Estimate]:
-    """Every (rank, module set, DoRA) of the study's space, or of the ranks/sets given."""
+    """Every (rank, module set, DoRA) of the study's space, or of the ranks/sets given.
+
+    Raises `StudyError` naming `--rank` or `--targets` for a rank below 1 or a set the study
+    does not name."""
+    problems = option_problems(cfg, ranks or [], targets or [])
+    if problems:
+        raise StudyError(problems, "estimate options")
     dims = dimensions(cfg.search)
     ranks = ranks or [int(r) for r in _choices(dims["rank"])]
     sets = targets or list(module_sets(cfg.search))
     doras = [bool(d) for d in _choices(dims["use_dora"])]
     model = build_skeleton(cfg)
     return [estimate(model, cfg, r, s, d) for r, s, d in itertools.product(ranks, sets, doras)]
+
+
+def option_problems(cfg: StudyConfig, ranks: list[int], targets: list[str]) -> list[Problem]:
+    """`estimate --rank/--targets` values the study cannot train."""
+    problems = []
+    if any(r < 1 for r in ranks):
+        problems.append(Problem("--rank", f"ranks are integers >= 1, got {ranks}"))
+    sets = list(module_sets(cfg.search))
+    unknown = [t for t in targets if t not in sets]
+    if unknown:
+        problems.append(
+            Problem("--targets", f"{unknown} are not module sets of the study; use {sets}")
+        )
+    return problems
 
 
 def _rss_mb() -> float:

@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ranksearch.config.paths import PathError
+
 SUFFIX = ".gguf"
 
 
@@ -46,12 +48,24 @@ def converted_dir(gguf: Path) -> Path:
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f"{final.name}.lock", "w") as lock:
+    lock_path = final.parent / f"{final.name}.lock"
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting the same file
         if not (final / "config.json").is_file():
             tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            convert(gguf, tmp)
+            try:
+                convert(gguf, tmp)
+            except Exception as e:  # noqa: BLE001 - the gguf reader raises many types
+                # nothing of a file that will never convert stays in the cache; a process
+                # waiting on this lock tries (and fails) on its own
+                shutil.rmtree(tmp, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise PathError(
+                    f"{gguf}: cannot read it as a GGUF model ({first}); give a .gguf file "
+                    "transformers can load (needs PyPI `gguf`) or a model directory"
+                ) from None
             tmp.rename(final)
     return final
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ranksearch.config.paths import PathError, local_path
+from ranksearch.data.empty import blank_rows, nothing_left, numeric_texts
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,6 +78,10 @@ def read_frame(cfg: DataConfig, source: str, key: str = "data.source") -> pd.Dat
         raise DataError(key, str(e)) from None
     if path is None:
         return _read_hub(cfg, source, key)
+    if path.is_dir():
+        raise DataError(
+            key, f"{path} is a directory; give one data file in it ({', '.join(LOCAL_FORMATS)})"
+        )
     if not path.is_file():
         raise DataError(key, f"no such file: {path}")
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
@@ -140,9 +145,8 @@ def label_frame(
         raise DataError(
             "data.text_column", f"{where} has no column {cfg.text_column!r}; columns are {columns}"
         )
-    counts = {"rows": len(frame)}
-    frame = frame[frame[cfg.text_column].astype(str).str.strip() != ""]
-    counts["dropped_empty"] = counts["rows"] - len(frame)
+    frame, counts = _without_blank_rows(cfg, frame, task, where)
+    counts["numeric_texts"] = numeric_texts(cfg, frame, task)
     if task == "causal-lm":
         return frame.reset_index(drop=True), counts, {}
     frame, mapping = _map_labels(cfg, frame, where, counts)
@@ -188,18 +192,25 @@ def _causal_frame(
             f"{where} has no column {', '.join(map(repr, missing))}; columns are "
             f"{list(frame.columns)}",
         )
-    counts = {"rows": len(frame)}
-    if not isinstance(cfg.messages, str):  # template columns: a blank value makes no example
-        blank = np.zeros(len(frame), bool)
-        for column in columns_used(cfg):
-            blank |= (frame[column].astype(str).str.strip() == "").to_numpy()
-        frame = frame[~blank]
-    counts["dropped_empty"] = counts["rows"] - len(frame)
+    frame, counts = _without_blank_rows(cfg, frame, "causal-lm", where)
     mapping: dict[str, int] = {}
     if cfg.labels:
         frame, mapping = _map_labels(cfg, frame, where, counts)
         frame["stratum"] = frame.pop("_label").astype(int)
     return frame.reset_index(drop=True), counts, mapping
+
+
+def _without_blank_rows(
+    cfg: DataConfig, frame: pd.DataFrame, task: str, where: str
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows that teach something (`empty.blank_rows`), and the counts of those dropped;
+    a DataError when none is left."""
+    counts = {"rows": len(frame)}
+    frame = frame[~blank_rows(cfg, frame, task)]
+    counts["dropped_empty"] = counts["rows"] - len(frame)
+    if not len(frame):
+        raise DataError(*nothing_left(cfg, task, counts["rows"], where))
+    return frame, counts
 
 
 def stratified_split(

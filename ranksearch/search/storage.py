@@ -65,7 +65,7 @@ def check_storage(url: str) -> None:
     shown = redact_url(url)
     try:
         parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is no number
         raise StorageError(
             f"{shown}: not a database URL; use e.g. sqlite:///runs/x/optuna.db or "
             "postgresql://user:password@host:5432/db"

@@ -209,7 +209,7 @@ def exit_reason(rc: int, worker: WorkerProcess) -> str:
     else:
         how = f"worker exited with code {rc}"
     tail = worker.log_tail() or "(no output)"
-    return f"{how}; worker.log ends with:\n{tail[-(REASON_CHARS - len(how) - 30) :]}"
+    return f"{how}{LOG_QUOTED}\n{tail[-(REASON_CHARS - len(how) - 30) :]}"
 
 
 def killed_reason(name: str, pid: int | None, kernel_log: str | None) -> str:
@@ -234,3 +234,14 @@ def _kernel_log() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return r.stdout if r.returncode == 0 else None
+
+
+LOG_QUOTED = "; worker.log ends with:"  # what joins a failure's head to the log it quotes
+
+
+def reason_head(reason: str) -> str:
+    """What a stored fail reason says in one line (the live line, the tables' note): how the
+    worker ended (`exit_reason`: its exit code or signal) without the log lines it quotes,
+    whose last one is often a warning, not the cause; a one-line reason as it is."""
+    lines = [line for line in str(reason).splitlines() if line.strip()]
+    return lines[0].split(LOG_QUOTED)[0].strip() if lines else "failed"

@@ -87,13 +87,18 @@ def check_tracking(uri: str) -> None:
     """Reach the tracking store once, before any trial starts."""
     shown = redact_url(uri)
     if uri.startswith(("http://", "https://")):
+        import http.client
         import urllib.request
 
-        request = _health_request(uri)
         try:
-            with urllib.request.urlopen(request, timeout=5) as r:
+            with urllib.request.urlopen(_health_request(uri), timeout=5) as r:
                 if r.status == 200:
                     return
+        except (ValueError, http.client.InvalidURL) as e:  # a malformed host or port
+            raise TrackingError(
+                f"{shown}: not a valid URL ({str(e).replace(uri, shown)[:120]}); "
+                "use http://host:port, e.g. http://127.0.0.1:5000"
+            ) from None
         except OSError as e:
             raise TrackingError(
                 f"{shown}: MLflow server not reachable ({e}); start it "

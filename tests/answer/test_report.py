@@ -354,3 +354,31 @@ def test_every_reader_names_the_same_best_trial(tmp_path):
     assert _counts(study, 6) == counts
     assert status["to_go"] == 3 and status["counts"]["complete"] == 2
     assert status["counts"]["duplicate"] == 1
+
+
+def test_a_failed_trial_is_noted_by_how_its_worker_ended_not_its_last_log_line(tmp_path):
+    """A worker killed by SIGKILL whose log ends with a library's warning line: the live line
+    and the table say the signal; the stored reason keeps the log for whoever reads it whole."""
+    from ranksearch.answer.report import trial_row
+    from ranksearch.cli.view import finished_line
+
+    from ..search.test_supervise import _outcome
+
+    script = (
+        "import os, signal, sys\n"
+        "print('/site-packages/peft/tuners/lora/layer.py:171: UserWarning: fan_in_fan_out', "
+        "file=sys.stderr)\nprint('  warnings.warn(', file=sys.stderr, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    reason = _outcome(tmp_path, script).reason
+    assert reason.rstrip().endswith("warnings.warn(")  # the log's last line, kept in the reason
+    failed = _trial(3, 8, None, state=TrialState.FAIL, fail_reason=reason)
+    note = trial_row(failed)["note"]
+    assert note.startswith("worker killed by SIGKILL") and "warn" not in note
+    assert "(worker killed by SIGKILL" in finished_line(failed)
+    for one_line in ("val_loss is nan at step 20", "timed out after 5.0 minutes"):
+        assert (
+            trial_row(_trial(4, 8, None, state=TrialState.FAIL, fail_reason=one_line))["note"]
+            == one_line
+        )
+    assert trial_row(_trial(5, 8, None, state=TrialState.FAIL))["note"] == "failed"

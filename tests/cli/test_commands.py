@@ -304,6 +304,17 @@ def test_a_bad_out_is_named_before_anything_runs(
     assert "tracking.uri" not in r.stderr and "`--storage`" not in r.stderr  # --out's fault
 
 
+def test_an_empty_out_is_refused_not_taken_as_the_current_directory(
+    tmp_path, tiny_bert, sentiment_csv
+):
+    study_file = write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv)
+    r = run_cli("run", "--study", str(study_file), "--out", "", cwd=tmp_path)
+    assert r.returncode == 2 and "argument --out: an empty path" in r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]  # nothing written here
+    r = run_cli("export", "--study", str(study_file), "--to", " ", cwd=tmp_path)
+    assert r.returncode == 2 and "argument --to: an empty path" in r.stderr
+
+
 @pytest.mark.e2e
 @pytest.mark.pretrained
 def test_chat_sft_study_reports_answer_accuracy(tmp_path, tiny_llama, sentiment_csv):

@@ -93,6 +93,43 @@ def test_empty_texts_are_said_and_mostly_empty_is_refused(tmp_path, tiny_bert):
     )
 
 
+def test_an_all_empty_or_rowless_file_blames_the_text_column_not_the_labels(tmp_path, tiny_bert):
+    cfg = _study(tmp_path, tiny_bert, csv_with_empty_texts(tmp_path, 1, keep=True))
+    problems = dict(resource_problems(cfg))
+    assert list(problems) == ["data.text_column"]
+    assert (
+        "'review' is empty in all 300 rows of `data.source`: nothing to train on"
+        in problems["data.text_column"]
+    )
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("sentiment,review\n")
+    problems = dict(resource_problems(_study(tmp_path, tiny_bert, header_only)))
+    assert list(problems) == ["data.source"] and "has no rows" in problems["data.source"]
+
+
+def test_a_text_column_of_numbers_is_said(tmp_path, tiny_bert):
+    import csv
+
+    path = tmp_path / "scored.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["sentiment", "review", "score"])
+        w.writerows(
+            [label, text, f"{i * 0.37:.2f}"] for i, (label, text) in enumerate(make_rows(80))
+        )
+    data = {"source": str(path), "text_column": "score", "label_column": "sentiment",
+            "labels": {"neg": 0, "pos": 1}}  # fmt: skip
+    warnings: list[str] = []
+    assert resource_problems(_study(tmp_path, tiny_bert, path, data=data), warnings=warnings) == []
+    assert warnings == [
+        "every text of `data.source` in 'score' is a number: is it the column that holds the "
+        "texts? If not, point `data.text_column` at that column"
+    ]
+    warnings.clear()
+    resource_problems(_study(tmp_path, tiny_bert, path), warnings=warnings)  # 'review': words
+    assert warnings == []
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,6 +193,32 @@ def test_a_conversation_without_an_assistant_turn_is_refused(tmp_path, tiny_llam
     path.write_text("".join(json.dumps({"messages": "not a list"}) + "\n" for _ in range(3)))
     problems = dict(resource_problems(_sft(tmp_path, tiny_llama, path, messages="messages")))
     assert "must hold a list of {role, content} messages" in problems["data.messages"]
+
+
+def test_conversations_whose_answers_are_all_blank_are_refused(tmp_path, tiny_llama):
+    import json
+
+    path = tmp_path / "chats.jsonl"
+
+    def chats(answers: list[str]) -> None:
+        rows = [{"messages": [{"role": "user", "content": f"question {i}"},
+                              {"role": "assistant", "content": a}]}
+                for i, a in enumerate(answers)]  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    chats([""] * 12)
+    problems = dict(resource_problems(_sft(tmp_path, tiny_llama, path, messages="messages")))
+    assert (
+        "every assistant answer in 'messages' is empty in all 12 rows" in problems["data.messages"]
+    )
+    chats(["yes", " ", "no", "fine"] * 3)  # a quarter blank: dropped, said, accepted
+    warnings: list[str] = []
+    cfg = _sft(tmp_path, tiny_llama, path, messages="messages")
+    assert resource_problems(cfg, warnings=warnings) == []
+    assert warnings == [
+        "3 of 12 rows of `data.source` dropped: every assistant answer in 'messages' is empty "
+        "in them"
+    ]
 
 
 @pytest.mark.pretrained
@@ -237,3 +300,57 @@ def test_a_rule_across_sections_is_a_problem_like_any_other(tmp_path, tiny_bert,
     with pytest.raises(StudyError) as err:
         check_study(study_file, out=tmp_path / "out", mlflow=False)
     assert "multiple of eval_every" in dict(err.value.problems)["pruner.min_steps"]
+
+
+def validate_in_process(capsys, *args: str) -> tuple[int, str]:
+    """`ranksearch validate ARGS` in this process: its exit code and what it printed."""
+    from ranksearch.cli.commands import main
+
+    code = main(["validate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    ("sets", "key"),
+    [
+        (["data.labels={neg: 0}"], "data.labels"),  # one class: a file rule, then the data
+        (["data.labels={neg: 0, pos: x}"], "data.labels.pos"),
+        (["training=5", "pruner.min_steps=1"], "training"),  # a section at fault + a rule
+        (["search.rank=zzz"], "search.rank"),  # a string the memory estimate read as a rank
+        (["search.rank=[4, 8.5]"], "search.rank"),
+        (["search.use_dora=maybe"], "search.use_dora"),
+    ],
+)
+def test_values_later_checks_would_misread_exit_2_naming_the_key(
+    tmp_path, tiny_bert, sentiment_csv, capsys, sets, key
+):
+    study = write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv)
+    args = [f"--set={s}" for s in sets]
+    code, said = validate_in_process(capsys, "--study", str(study), "--out", str(tmp_path / "o"),
+                                     *args)  # fmt: skip
+    assert code == 2 and f"`{key}`" in said
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_schema_problem_is_said_once_not_again_by_the_rules_on_its_default(
+    tmp_path, tiny_gpt2, sentiment_csv, capsys
+):
+    data = {"source": str(sentiment_csv), "format": "prompt-completion", "completion": "x"}
+    study = write_study(tmp_path / "s.yaml", tiny_gpt2, sentiment_csv, task="causal-lm",
+                        data=data, search={"target_modules": {"attn": ["c_attn"]}})  # fmt: skip
+    for value in ("[1, 2]", "Review: {review}"):  # a list; unquoted, YAML reads a mapping
+        code, said = validate_in_process(capsys, "--study", str(study), "--set",
+                                         f"data.prompt={value}")  # fmt: skip
+        assert code == 2 and "1 problem(s)" in said and "`data.prompt`" in said
+    assert "quote it" in said and """--set 'data.prompt="Review: {text}"'""" in said
+
+
+def test_a_malformed_storage_url_exits_2_without_its_password(
+    tmp_path, tiny_bert, sentiment_csv, capsys
+):
+    study = write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv)
+    url = "postgresql://alice:secret@[::1/optuna"  # the IPv6 host is not closed
+    code, said = validate_in_process(capsys, "--study", str(study), "--storage", url)
+    assert code == 2 and "`--storage`" in said and "not a database URL" in said
+    assert "secret" not in said

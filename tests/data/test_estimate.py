@@ -120,6 +120,23 @@ def test_estimate_space_covers_every_rank_and_set(tmp_path, tiny_bert, sentiment
     assert all(r.memory_estimate_mb > r.adapter_mb > 0 for r in rows)
 
 
+def test_estimate_options_and_a_refused_space_exit_2_naming_the_key(
+    tmp_path, tiny_bert, sentiment_csv, capsys
+):
+    from ranksearch.cli.commands import main
+
+    from ..conftest import write_study
+
+    study = str(write_study(tmp_path / "s.yaml", tiny_bert, sentiment_csv))
+    for args, key in (
+        (["--set", "search.rank=zzz"], "`search.rank`: expected numbers"),
+        (["--targets", "nope"], "`--targets`: ['nope'] are not module sets of the study"),
+        (["--rank", "0", "4"], "`--rank`: ranks are integers >= 1"),
+    ):
+        assert main(["estimate", "--study", study, *args]) == 2
+        assert key in capsys.readouterr().err
+
+
 @pytest.mark.e2e
 def test_estimate_command_measures_one_real_step(tmp_path, tiny_bert, sentiment_csv):
     import json

@@ -42,3 +42,23 @@ def test_two_processes_convert_one_gguf_file_once(tmp_path):
         (folder / "tokenizer_config.json").read_text()
     )
     assert "sha256" in (folder / "SOURCE").read_text()
+
+
+@pytest.mark.parametrize("content", [b"not a gguf file at all", b"GGUF\x03\x00\x00\x00cut short"])
+def test_a_bad_gguf_file_is_named_and_leaves_nothing_in_the_cache(
+    tmp_path, monkeypatch, sentiment_csv, content
+):
+    from ranksearch.cli.validate import model_problems
+    from ranksearch.config.load import load_study
+
+    from .conftest import write_study
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RANKSEARCH_CACHE", str(cache))
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(content)
+    study = write_study(tmp_path / "s.yaml", bad, sentiment_csv, task="causal-lm",
+                        data={"source": str(sentiment_csv), "text_column": "review"})  # fmt: skip
+    ((key, message),) = model_problems(load_study(study)[0])
+    assert key == "model.path" and f"{bad}: cannot read it as a GGUF model" in message
+    assert list((cache / "gguf").iterdir()) == []  # no lock, no half-converted folder

@@ -88,3 +88,26 @@ def test_missing_column_and_single_label(study, tmp_path):
     with pytest.raises(DataError, match="at least two"):
         prepare(one, tmp_path / "b")
     assert not (tmp_path / "a").exists()
+
+
+def test_a_directory_given_as_a_data_file_is_called_a_directory(study, tmp_path):
+    folder = tmp_path / "corpus.csv"  # a folder, even with a data file's name
+    folder.mkdir()
+    data = study.data.model_copy(update={"source": str(folder)})
+    with pytest.raises(DataError, match="`data.source`.*is a directory; give one data file"):
+        prepare(study.model_copy(update={"data": data}), tmp_path / "run")
+
+
+def test_prepared_counts_say_a_text_column_of_numbers(study, tmp_path):
+    from ranksearch.data.empty import data_warnings
+
+    path = tmp_path / "ids.csv"
+    path.write_text("sentiment,review\n" + "".join(f"{('pos', 'neg')[i % 2]},{i}\n"
+                                                   for i in range(40)))  # fmt: skip
+    cfg = study.model_copy(update={"data": study.data.model_copy(update={"source": str(path)})})
+    data = prepare(cfg, tmp_path / "run")
+    assert data.counts["numeric_texts"] == data.counts["rows"] == 40
+    assert data_warnings(cfg, data.counts) == [
+        "every text of `data.source` in 'review' is a number: is it the column that holds the "
+        "texts? If not, point `data.text_column` at that column"
+    ]

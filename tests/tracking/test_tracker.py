@@ -328,6 +328,9 @@ def test_tracking_errors_carry_their_key_as_data(tmp_path):
         ("mlflow.db", "expected sqlite:///"),
         (f"sqlite:///{blocked}/sub/mlflow.db", "is not a directory that can be written"),
         ("http://user:secret@127.0.0.1:9/", "MLflow server not reachable"),
+        ("http://user:secret@127.0.0.1:;/", "not a valid URL"),  # http.client.InvalidURL
+        ("http://h st/", "not a valid URL"),
+        ("http://user:secret@[::1:]/", "not a valid URL"),  # urlsplit's ValueError
     ):
         with pytest.raises(TrackingError) as raised:
             check_tracking(uri)
