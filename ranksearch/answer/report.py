@@ -12,8 +12,18 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ranksearch.answer.confirm import analyse
+from ranksearch.answer.importance import study_importances
 from ranksearch.answer.marks import trial_label
-from ranksearch.answer.recommend import accuracy
+from ranksearch.answer.recommend import (
+    accuracy,
+    answer,
+    baselines,
+    cost,
+    count_states,
+    progress,
+    rank_view,
+)
 from ranksearch.config.space import shown_config
 from ranksearch.search.supervise import reason_head
 
@@ -60,7 +70,6 @@ SORT_KEYS = {
 
 
 def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
-    from ranksearch.answer.recommend import cost
 
     if t is None:
         return None
@@ -75,7 +84,6 @@ def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
 
 
 def _importances(study: optuna.Study) -> dict[str, float] | None:
-    from ranksearch.answer.importance import study_importances  # the rule and its threshold
 
     return study_importances(study.get_trials(deepcopy=False))
 
@@ -113,7 +121,6 @@ def build_report(
     sort: str = "number",
 ) -> dict[str, Any]:
     """The JSON document `ranksearch report --format json` prints (see README: Report JSON)."""
-    from ranksearch.answer.recommend import answer, baselines, count_states, rank_view
 
     trials = study.get_trials(deepcopy=False)
     ans = answer(trials, tolerance)
@@ -149,7 +156,6 @@ def build_report(
 
 def _confirmation(trials) -> dict[str, Any] | None:
     """The confirmation round's analysis, once one ran (see confirm.py)."""
-    from ranksearch.answer.confirm import analyse
 
     if not any(t.user_attrs.get("confirmation") for t in trials):
         return None
@@ -161,7 +167,6 @@ def study_status(
 ) -> dict[str, Any]:
     """Progress for anyone watching: counts, per worker host, what runs now, and the answer
     so far (the best and recommended trials `report` names)."""
-    from ranksearch.answer.recommend import answer, progress
 
     trials = study.get_trials(deepcopy=False)
     counts = progress(trials, n_trials)

@@ -18,7 +18,7 @@ import torch
 
 from ranksearch.config.problems import Problem, StudyError
 from ranksearch.config.schema import StudyConfig
-from ranksearch.config.space import dimensions, is_searched, module_sets
+from ranksearch.config.space import TrialConfig, dimensions, is_searched, lora_kwargs, module_sets
 from ranksearch.data.prepare import model_location
 
 SEQ_CLS_HEADS = ("classifier", "score")  # what PEFT keeps trainable for SEQ_CLS
@@ -206,8 +206,6 @@ def measure(cfg: StudyConfig, worst: Estimate) -> dict[str, Any]:
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from ranksearch.config.space import TrialConfig, lora_kwargs
 
     cuda = torch.cuda.is_available() and cfg.launch.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")

@@ -20,6 +20,8 @@ import numpy as np
 
 from ranksearch.config.paths import PathError, local_path
 from ranksearch.data.empty import blank_rows, nothing_left, numeric_texts
+from ranksearch.data.gguf import converted_dir
+from ranksearch.data.sft import ExampleError, build_examples, columns_key, columns_used
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,8 +62,6 @@ def model_location(path: str) -> str:
     """
     local = local_path(path)
     if local is not None and local.suffix == ".gguf":
-        from ranksearch.data.gguf import converted_dir
-
         if not local.is_file():
             raise PathError(f"{path}: no such GGUF file")
         return str(converted_dir(local))
@@ -182,7 +182,6 @@ def _causal_frame(
     cfg: DataConfig, frame: pd.DataFrame, where: str
 ) -> tuple[pd.DataFrame, dict[str, int], dict[str, int]]:
     """prompt-completion / messages: the columns the templates name exist; empty rows dropped."""
-    from ranksearch.data.sft import columns_key, columns_used
 
     key = columns_key(cfg)
     missing = [c for c in columns_used(cfg) if c not in frame.columns]
@@ -357,7 +356,6 @@ def tokenize_split(
             part[d.text_column].astype(str).tolist(), truncation=True, max_length=d.max_length
         )
         return {"input_ids": enc["input_ids"], "labels": part["labels"].tolist()}
-    from ranksearch.data.sft import ExampleError, build_examples
 
     try:
         examples = build_examples(d, part, tok, f"data ({name} split)")

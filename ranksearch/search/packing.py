@@ -73,7 +73,7 @@ def packed_memory(cfg: StudyConfig, device: str) -> dict[str, float]:
     largest configuration's estimate (nothing to check unless trials share a GPU)."""
     if device != "cuda" or cfg.launch.trials_per_gpu == 1:
         return {"trials_per_gpu": cfg.launch.trials_per_gpu}
-    from ranksearch.data.estimate import estimate_space
+    from ranksearch.data.estimate import estimate_space  # torch: only when memory is checked
 
     worst = max(e.memory_estimate_mb for e in estimate_space(cfg))
     return {
@@ -86,7 +86,7 @@ def packed_memory(cfg: StudyConfig, device: str) -> dict[str, float]:
 def memory_problems(cfg: StudyConfig, device: str, available_gb: float | None) -> list[Problem]:
     """Refuse a study whose largest configuration would not fit: `launch.max_memory_gb` when
     set, else `available_gb` (CPU trials run side by side share it)."""
-    from ranksearch.data.estimate import estimate_space
+    from ranksearch.data.estimate import estimate_space  # torch: only when memory is checked
 
     limit = cfg.launch.max_memory_gb or available_gb
     if limit is None:
