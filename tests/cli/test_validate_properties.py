@@ -161,7 +161,9 @@ def _mutated(study: Path, changes: list[tuple[str, object]]) -> str:
     for key, value in changes:
         node, *parents = data, *key.split(".")[:-1]
         for part in parents:
-            node = node.setdefault(part, {}) if isinstance(node.get(part), dict | None) else {}
+            if not isinstance(node.get(part), dict):  # absent, null or a scalar: a mapping now
+                node[part] = {}
+            node = node[part]
         node[key.split(".")[-1]] = value
     return yaml.safe_dump(data, allow_unicode=True)
 

@@ -51,7 +51,7 @@ def test_a_bad_gguf_file_is_named_and_leaves_nothing_in_the_cache(
     from ranksearch.cli.validate import model_problems
     from ranksearch.config.load import load_study
 
-    from .conftest import write_study
+    from ..conftest import write_study
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("RANKSEARCH_CACHE", str(cache))
