@@ -17,7 +17,8 @@ from ranksearch.cli.output import print_report, trials_table
 
 from ..conftest import config_attr
 
-# the README's default-study run: (rank, modules, lr, final or last val loss, pruned at step)
+# a default-study run (2026-11-27, the README's then): (rank, modules, lr, final or last val
+# loss, pruned at step)
 README_RUN = [
     (8, "qv", 1.4e-3, 0.4558, None), (8, "qv", 2.6e-4, 0.6258, 60),
     (32, "qv", 2.2e-3, 0.4000, None), (4, "qv", 2.9e-3, 0.3854, None),
@@ -30,7 +31,7 @@ PER_RANK = {"qv": 9312, "qkv": 13_954, "all-linear": 42_336}
 
 
 def readme_study(baseline_pruned_at: int | None = None) -> optuna.Study:
-    """The README's 12 trials; trial 1 enqueued as a baseline, as `enqueue:` makes one."""
+    """That run's 12 trials; trial 1 enqueued as a baseline, as `enqueue:` makes one."""
     study = optuna.create_study(direction="minimize", study_name="cls-task")
     distributions = {
         "rank": CategoricalDistribution([4, 8, 16, 32]),
