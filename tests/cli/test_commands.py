@@ -104,6 +104,7 @@ def test_run_prunes_completes_then_resumes_without_repeating(tmp_path, tiny_bert
     assert {t.number: t.datetime_start for t in study.trials[:6]} == started
 
 
+@pytest.mark.e2e
 def test_two_ranks_report_once_and_evaluate_the_whole_split(tmp_path, tiny_bert, sentiment_csv):
     study_file = write_study(
         tmp_path / "ddp.yaml",
