@@ -64,7 +64,10 @@ def pack_wheel(dest: Path) -> Path:
         for p in sorted(package.rglob("*"))
         if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".yaml")
     }
-    files[f"{info}/METADATA"] = dist.read_text("METADATA").encode()
+    # a wheel's METADATA; an egg-info install (a checkout on sys.path, `setup.py develop`)
+    # keeps the same fields in PKG-INFO
+    metadata = dist.read_text("METADATA") or dist.read_text("PKG-INFO")
+    files[f"{info}/METADATA"] = metadata.encode()
     files[f"{info}/WHEEL"] = (
         b"Wheel-Version: 1.0\nGenerator: ranksearch\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     )

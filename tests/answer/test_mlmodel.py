@@ -148,6 +148,28 @@ def test_the_model_shows_its_trial_and_why_it_was_recommended(registered):
         assert logged.model_id in [o.model_id for o in outputs]
 
 
+def test_the_wheel_packs_an_egg_info_install_too(tmp_path, monkeypatch):
+    """A checkout on sys.path with a `ranksearch.egg-info` (what an editable or `setup.py
+    develop` install leaves) has PKG-INFO, not METADATA: the model's wheel still packs."""
+    import zipfile
+    from importlib.metadata import PathDistribution, distribution
+
+    from ranksearch.answer import modelenv
+
+    egg = tmp_path / "ranksearch.egg-info"
+    egg.mkdir()
+    installed = distribution("ranksearch")
+    (egg / "PKG-INFO").write_text(
+        installed.read_text("METADATA") or installed.read_text("PKG-INFO")
+    )
+    monkeypatch.setattr(modelenv, "distribution", lambda name: PathDistribution(egg))
+    wheel = modelenv.pack_wheel(tmp_path / "wheel")
+    with zipfile.ZipFile(wheel) as z:
+        metadata = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        assert "Name: ranksearch" in z.read(metadata).decode()
+        assert "ranksearch/worker/spec.py" in z.namelist()
+
+
 def test_requirements_pin_public_releases_and_name_the_base_models_package():
     """`torch==2.13.0+cpu` is served by no index; a `package://` model needs its package."""
     from importlib.metadata import version
@@ -250,27 +272,8 @@ def test_bad_register_exits_2_naming_the_key(tmp_path, tiny_bert, sentiment_csv,
     assert r.returncode == 2 and "`tracking.register`" in r.stderr and fix in r.stderr
 
 
-@pytest.mark.e2e
-def test_a_causal_lm_model_loads_and_completes(tmp_path, tiny_gpt2, sentiment_csv):
-    study_file = write_study(
-        tmp_path / "lm.yaml",
-        tiny_gpt2,
-        sentiment_csv,
-        task="causal-lm",
-        data={"source": str(sentiment_csv), "text_column": "review", "max_length": 16},
-        search={
-            "rank": 4,
-            "alpha_ratio": 2,
-            "target_modules": {"attn": ["c_attn"]},
-            "learning_rate": 1e-3,
-        },
-        pruner={"type": "none"},
-        budget={"n_trials": 1},
-        training={"max_steps": 2, "eval_every": 2, "batch_size": 8},
-    )
-    out = tmp_path / "out"
-    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_a_causal_lm_model_loads_and_completes(causal_lm_study):
+    out = causal_lm_study
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     with _tracking(client):
         model = mlflow.pyfunc.load_model(_parent(client, "lm").data.tags["ranksearch.model_uri"])
