@@ -460,6 +460,7 @@ SLOW_MARKERS = ("e2e", "services", "pretrained", "bench")
 FIXTURE_MARKERS = {
     "finished_study": "e2e",  # tests/answer/test_losses.py, test_publish.py: a real 5-trial study
     "grid_study": "e2e",  # tests/answer/test_export.py: a finished grid study to export from
+    "causal_lm_study": "e2e",  # tests/cli/test_commands.py, answer/test_mlmodel.py
     "tracked_study": "e2e",  # tests/tracking/test_tracker.py: a real `ranksearch run`, tracked
     "registered": "e2e",  # tests/answer/test_mlmodel.py: a study whose answer is a registered model
     "mlflow_server": "services",
@@ -500,6 +501,34 @@ def finished_study(tmp_path_factory, tiny_bert, sentiment_csv) -> Path:
     tmp = tmp_path_factory.mktemp("finished")
     study_file = write_study(
         tmp / "finished.yaml", tiny_bert, sentiment_csv, budget={"n_trials": 5}
+    )
+    out = tmp / "out"
+    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def causal_lm_study(tmp_path_factory, tiny_gpt2, sentiment_csv) -> Path:
+    """One tiny causal-LM study (tiny GPT-2, rank 4 on c_attn, one 4-step trial) run to its end
+    by the real command with the default MLflow store, for the CLI's and the MLflow model's
+    tests, which trained the same study each before. Returns the study directory."""
+    tmp = tmp_path_factory.mktemp("causal-lm")
+    study_file = write_study(
+        tmp / "lm.yaml",
+        tiny_gpt2,
+        sentiment_csv,
+        task="causal-lm",
+        data={"source": str(sentiment_csv), "text_column": "review", "max_length": 16},
+        search={
+            "rank": 4,
+            "alpha_ratio": 2,
+            "target_modules": {"attn": ["c_attn"]},
+            "learning_rate": 1e-3,
+        },
+        pruner={"type": "none"},
+        budget={"n_trials": 1},
+        training={"max_steps": 4, "eval_every": 2, "batch_size": 8},
     )
     out = tmp / "out"
     r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp)

@@ -199,27 +199,8 @@ def test_empty_texts_are_announced_and_mostly_empty_is_refused(tmp_path, tiny_be
     assert not (tmp_path / "o2").exists()
 
 
-@pytest.mark.e2e
-def test_causal_lm_trial(tmp_path, tiny_gpt2, sentiment_csv):
-    study_file = write_study(
-        tmp_path / "lm.yaml",
-        tiny_gpt2,
-        sentiment_csv,
-        task="causal-lm",
-        data={"source": str(sentiment_csv), "text_column": "review", "max_length": 16},
-        search={
-            "rank": 4,
-            "alpha_ratio": 2,
-            "target_modules": {"attn": ["c_attn"]},
-            "learning_rate": 1e-3,
-        },
-        pruner={"type": "none"},
-        budget={"n_trials": 1},
-        training={"max_steps": 4, "eval_every": 2, "batch_size": 8},
-    )
-    out = tmp_path / "out"
-    r = run_cli("run", "--study", str(study_file), "--out", str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_causal_lm_trial(causal_lm_study):
+    out = causal_lm_study
     (trial,) = _load(out, "lm").trials
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["perplexity"] > 1
     assert trial.user_attrs["trainable_params"] == 2 * (4 * (32 + 96))  # r*(in+out) per layer
