@@ -27,18 +27,21 @@ EVALUATION_KEYS = (
     "val_loss", "val_loss_se", "eval_examples", "val_losses",
     "accuracy", "f1",  # sequence classification
     "perplexity", "answer_accuracy",  # causal LM (answer accuracy: prompt-completion, messages)
+    # a nested trial (worker/nested.py): the metrics above are its best rank's, `ranks` holds
+    # each rank's (str(rank) -> val_loss, val_loss_se, accuracy, ...)
+    "best_rank", "ranks",
 )  # fmt: skip
 EVENT_KEYS = {
     "start": ("trainable_params", "total_params", "num_processes", "device", "mixed_precision",
-              "setup_seconds"),
+              "setup_seconds", "rank_params"),
     "end": ("step", "peak_memory_mb", "train_seconds", "eval_seconds", "wall_seconds",
-            "val_losses"),
+            "val_losses", "rank_val_losses"),
     "exit": ("rc", "stopped", "retire", "rss_mb", "cuda_mb"),
 }  # fmt: skip
 # what the trial keeps of each evaluation (Optuna user attributes; the last one wins)
 KEPT_PER_EVALUATION = (
     "val_loss", "val_loss_se", "accuracy", "answer_accuracy", "f1", "perplexity", "train_loss",
-    "train_seconds",
+    "train_seconds", "best_rank", "ranks",
 )  # fmt: skip
 # what the trial keeps of the start and end events as user attributes; the end event's
 # `val_losses` (the final evaluation's per-example losses, rounded, for paired comparisons) is
@@ -46,6 +49,7 @@ KEPT_PER_EVALUATION = (
 # compactly and apart (answer/losses.py): hundreds of numbers would flood Optuna's own tools
 KEPT_FROM_EVENTS = (
     "trainable_params", "total_params", "peak_memory_mb", "train_seconds", "eval_seconds",
+    "rank_params",
 )  # fmt: skip
 # what the trial's MLflow run logs at every evaluation step
 LOGGED_PER_STEP = (
@@ -93,9 +97,14 @@ class TrialSpec:
     reports: str  # the JSON-lines report channel
     orchestrator_pid: int | None = None  # the worker stops when it is gone; None: run by hand
     adapter_dir: str | None = None  # where the trained adapter is saved; None: not saved
+    # a nested-rank trial (worker/nested.py): {"ranks": [...], "alphas": [...]}; None: plain
+    nested: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        raw = asdict(self)
+        if raw["nested"] is None:  # a plain trial's spec reads as before nested trials existed
+            del raw["nested"]
+        return json.dumps(raw, indent=2)
 
     def write(self, path: Path) -> None:
         Path(path).write_text(self.to_json())

@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 
 from ranksearch.worker.batches import get_dataloaders
 from ranksearch.worker.model import KeptBase, load_base, strip_lora
+from ranksearch.worker.nested import NestedLoRA, NestedSpec
 from ranksearch.worker.spec import NullReporter, Reporter, TrialSpec
 
 
@@ -67,7 +68,31 @@ def batch_loss(model: torch.nn.Module, batch: dict, causal: bool) -> tuple[torch
     return loss, count, exact, torch.ones_like(exact)
 
 
-def evaluate(model, eval_dl, accelerator: Accelerator, spec: TrialSpec) -> dict[str, float]:
+def evaluate(
+    model, eval_dl, accelerator: Accelerator, spec: TrialSpec, nested: NestedLoRA | None = None
+) -> dict:
+    """The validation metrics; a nested trial's at each of its ranks (`ranks`, and their
+    per-example losses under `rank_val_losses`), with the top-level ones (the val loss the
+    pruner and the sampler see) those of the best rank, named by `best_rank`."""
+    if nested is None:
+        return _evaluate(model, eval_dl, accelerator, spec)
+    per_rank = {}
+    for rank in nested.spec.ranks:
+        with nested.at(rank):
+            per_rank[rank] = _evaluate(model, eval_dl, accelerator, spec)
+    best = min(per_rank, key=lambda r: (per_rank[r]["val_loss"], r))
+    return {
+        **per_rank[best],
+        "best_rank": best,
+        "ranks": {
+            str(r): {k: v for k, v in m.items() if k not in ("val_losses", "eval_examples")}
+            for r, m in per_rank.items()
+        },
+        "rank_val_losses": {str(r): m["val_losses"] for r, m in per_rank.items()},
+    }
+
+
+def _evaluate(model, eval_dl, accelerator: Accelerator, spec: TrialSpec) -> dict[str, float]:
     causal = spec.task == "causal-lm"
     model.eval()
     parts: list[tuple[torch.Tensor, ...]] = []
@@ -155,10 +180,16 @@ def training_function(spec: TrialSpec, kept: KeptBase | None = None) -> None:
     base = kept.get(spec, accelerator) if kept else load_base(spec, accelerator)
     model = get_peft_model(base, LoraConfig(**spec.lora))
     trainable, total = model.get_nb_trainable_parameters()
+    nested = None
+    if spec.nested:  # one LoRA at the largest rank, every smaller rank of the space usable
+        nested_spec = NestedSpec.of(spec.nested)
+        nested = NestedLoRA(model, nested_spec, spec.lora.get("use_rslora", False), train["seed"])
+        rank_params = {str(r): n for r, n in nested.trainable_params(trainable).items()}
     reporter.emit(
         event="start",
         trainable_params=trainable,
         total_params=total,
+        **({"rank_params": rank_params} if nested else {}),
         num_processes=accelerator.num_processes,
         device=str(accelerator.device),
         mixed_precision=accelerator.mixed_precision,
@@ -180,33 +211,42 @@ def training_function(spec: TrialSpec, kept: KeptBase | None = None) -> None:
         num_training_steps=max_steps,
     )
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    loaders = (train_dl, eval_dl)
     try:
-        _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, eval_dl, started)
+        _train(spec, accelerator, reporter, model, optimizer, scheduler, loaders, started, nested)
     except TrialStopped:  # raised between steps: the base is intact, the LoRA goes
         if kept:
             strip_lora(accelerator.unwrap_model(model))
         raise
     finally:
+        if nested:
+            nested.remove()
         reporter.close()
         accelerator.free_memory()  # the prepared model, optimizer and loaders
     if kept:
         strip_lora(accelerator.unwrap_model(model))
 
 
-def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, eval_dl, started):
+def _train(spec, accelerator, reporter, model, optimizer, scheduler, loaders, started, nested):
     """The loop: optimizer steps, an evaluation and a report every `eval_every`, the adapter
-    saved at the end."""
+    saved at the end. A nested trial trains one sampled rank per optimizer step."""
     train = spec.training
     max_steps = train["max_steps"]
+    train_dl, eval_dl = loaders
 
     step, epoch, losses, train_seconds, eval_seconds = 0, 0, [], 0.0, 0.0
     val_losses: list[float] = []
+    rank_val_losses: dict[str, list[float]] = {}
+    sampled_for = -1  # the step whose rank is drawn: every micro-batch of a step trains it
     model.train()
     while step < max_steps:
         tick = time.time()
         for batch in train_dl:
             if STOP_REQUESTED[0]:
                 raise TrialStopped
+            if nested and sampled_for != step:
+                nested.sample_rank()
+                sampled_for = step
             with accelerator.accumulate(model):
                 loss = training_loss(model, batch, spec.task == "causal-lm")
                 if not torch.isfinite(loss):
@@ -225,8 +265,9 @@ def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, e
             if step % train["eval_every"] == 0 or step == max_steps:
                 train_seconds += time.time() - tick
                 tick = time.time()
-                metrics = evaluate(model, eval_dl, accelerator, spec)
+                metrics = evaluate(model, eval_dl, accelerator, spec, nested)
                 val_losses = metrics.pop("val_losses")
+                rank_val_losses = metrics.pop("rank_val_losses", {})
                 eval_seconds += time.time() - tick
                 train_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
                 losses = []
@@ -244,6 +285,8 @@ def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, e
                 break
         epoch += 1
 
+    if nested:
+        nested.set_rank(nested.full)  # the saved adapter is the full one, at its own scaling
     if spec.adapter_dir and accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(spec.adapter_dir)
     reporter.emit(
@@ -254,6 +297,7 @@ def _train(spec, accelerator, reporter, model, optimizer, scheduler, train_dl, e
         eval_seconds=eval_seconds,
         wall_seconds=time.time() - started,
         val_losses=val_losses,  # of the final evaluation
+        **({"rank_val_losses": rank_val_losses} if nested else {}),
     )
     accelerator.wait_for_everyone()
     accelerator.end_training()
