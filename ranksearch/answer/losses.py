@@ -37,11 +37,17 @@ def decode(text: str) -> list[float]:
     return [u / SCALE for u in units]
 
 
-def store(trial: optuna.Trial, losses: Sequence[float]) -> None:
+def rank_key(rank: int) -> str:
+    """The system attribute of a nested trial's per-example losses at one of its ranks."""
+    return f"{KEY}:r{rank}"
+
+
+def store(trial: optuna.Trial, losses: Sequence[float], rank: int | None = None) -> None:
     """Keep a running trial's per-example losses (none where one is not finite: such a trial
-    fails, and no paired comparison could use them)."""
+    fails, and no paired comparison could use them); `rank`: a nested trial's at that rank."""
     if losses and all(math.isfinite(x) for x in losses):
-        trial.study._storage.set_trial_system_attr(trial._trial_id, KEY, encode(losses))
+        key = KEY if rank is None else rank_key(rank)
+        trial.study._storage.set_trial_system_attr(trial._trial_id, key, encode(losses))
 
 
 def per_example(t: FrozenTrial) -> list[float] | None:

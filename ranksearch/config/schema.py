@@ -153,6 +153,14 @@ class SearchConfig(_Strict):
     init_lora_weights: Dimension = Field(
         True, description="PEFT's init_lora_weights: true, gaussian, pissa, ..."
     )
+    rank_mode: Literal["plain", "nested"] = Field(
+        "plain",
+        description="plain: rank is searched like the other dimensions, a trial per rank; "
+        "nested: one trial per configuration of the others trains a LoRA at the largest rank "
+        "whose leading ranks are each usable and reports every rank of `rank` (the rank curve "
+        "for about one fine-tune), and the recommended rank is then trained once as a plain "
+        "LoRA (docs/search.md#nested-ranks)",
+    )
 
     @model_validator(mode="after")
     def _alpha(self) -> SearchConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ranksearch.config.problems import Problem
@@ -88,8 +88,10 @@ def shown_config(trial: FrozenTrial) -> dict[str, Any]:
 
 def dimensions(search: SearchConfig) -> dict[str, Any]:
     """Study-file key -> dimension, with defaults filled in (alpha_ratio [1, 2] if no alpha)."""
-    dims = search.model_dump(exclude_none=True)
+    dims = search.model_dump(exclude_none=True, exclude={"rank_mode"})
     dims = {k: getattr(search, k) for k in dims}
+    if search.rank_mode == "nested":  # one LoRA at the largest rank reports every rank
+        dims["rank"] = max(_values(search.rank))
     if search.alpha is None and search.alpha_ratio is None:
         dims["alpha_ratio"] = [1, 2]
     if isinstance(search.target_modules, dict):
@@ -226,6 +228,31 @@ def resolve(search: SearchConfig, values: dict[str, Any]) -> TrialConfig:
     )
 
 
+def nested_ranks(search: SearchConfig) -> list[int] | None:
+    """The ranks a nested trial reports (`search.rank_mode: nested`), ascending; None: plain."""
+    if search.rank_mode != "nested":
+        return None
+    return sorted({int(r) for r in _values(search.rank)})
+
+
+def at_rank(config: TrialConfig, rank: int, search: SearchConfig) -> TrialConfig:
+    """The plain LoRA of `rank` that a nested trial's configuration holds: lora_alpha scales
+    with the rank under `alpha_ratio` (alpha_b = ratio x b) and stays under `alpha`."""
+    alpha = config.lora_alpha
+    if search.alpha is None:  # alpha_ratio (given or the default): the ratio is kept
+        alpha = config.lora_alpha / config.rank * rank
+        alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return replace(config, rank=rank, lora_alpha=alpha)
+
+
+def nested_spec(search: SearchConfig, config: TrialConfig) -> dict[str, Any] | None:
+    """The worker's `TrialSpec.nested` for a trial of this configuration; None: plain."""
+    ranks = nested_ranks(search)
+    if ranks is None:
+        return None
+    return {"ranks": ranks, "alphas": [at_rank(config, r, search).lora_alpha for r in ranks]}
+
+
 def config_key(config: TrialConfig) -> str:
     """A canonical string of what is trained; equal keys mean the same fine-tune. Stored as the
     trial's `config_key` and keyed on by benchmark tables: its format never changes."""
@@ -300,6 +327,8 @@ def space_problems(cfg: StudyConfig) -> list[Problem]:
     for key in ("use_rslora", "use_dora"):
         if any(not isinstance(v, bool) for v in _values(getattr(s, key))):
             problems.append(Problem(f"search.{key}", "expected true/false or a list of them"))
+    if s.rank_mode == "nested":
+        problems += _nested_problems(s)
     if isinstance(s.target_modules, dict) and not s.target_modules:
         problems.append(
             Problem("search.target_modules", "name at least one set, e.g. {qv: [query, value]}")
@@ -321,6 +350,37 @@ def space_problems(cfg: StudyConfig) -> list[Problem]:
         )
     for i, entry in enumerate(cfg.enqueue):
         problems += _enqueue_problems(f"enqueue.{i}", s, dims, entry)
+    return problems
+
+
+def _nested_problems(s: SearchConfig) -> list[Problem]:
+    """What a nested-rank study cannot train: its ranks are a list, and each leading rank of
+    one LoRA is a plain LoRA only with PEFT's default initialization and without DoRA."""
+    problems = []
+    if not isinstance(s.rank, list) or len(s.rank) < 2:
+        problems.append(
+            Problem(
+                "search.rank",
+                "`rank_mode: nested` reports the ranks of a list: give two or more, e.g. "
+                "[4, 8, 16, 32] (or set rank_mode: plain)",
+            )
+        )
+    if any(v is not False for v in _values(s.use_dora)):
+        problems.append(
+            Problem(
+                "search.use_dora",
+                "DoRA's magnitude belongs to the full-rank update, so a leading rank is no "
+                "DoRA adapter: set use_dora: false, or rank_mode: plain",
+            )
+        )
+    if any(v is not True for v in _values(s.init_lora_weights)):
+        problems.append(
+            Problem(
+                "search.init_lora_weights",
+                "a nested trial's leading ranks are plain LoRAs of that rank only with PEFT's "
+                "default initialization: set init_lora_weights: true, or rank_mode: plain",
+            )
+        )
     return problems
 
 

@@ -211,7 +211,8 @@ class Orchestrator:
 
         A second handle on the same study asks for them: a random sampler takes the enqueued
         parameters as they are (the study's own sampler may reject enqueued trials) and
-        NopPruner lets every confirmation run to max_steps. Results are never replayed.
+        NopPruner lets every confirmation run to max_steps. Results are never replayed. A
+        job's `attrs` replace the confirmation's attributes (a nested estimate's plain check).
         """
         self.study = optuna.load_study(
             study_name=self.study.study_name,
@@ -226,10 +227,10 @@ class Orchestrator:
             if not queue:
                 return None
             job = queue.pop(0)
-            self.study.enqueue_trial(
-                job["params"],
-                user_attrs={"confirmation": True, "confirm_of": job["origin"], "seed": job["seed"]},
-            )
+            attrs = job.get("attrs") or {
+                "confirmation": True, "confirm_of": job["origin"], "seed": job["seed"]
+            }  # fmt: skip
+            self.study.enqueue_trial(job["params"], user_attrs=attrs)
             return self.study.ask()
 
         return self._loop(next_trial)
@@ -317,12 +318,17 @@ class Orchestrator:
     def _start(self, trial: optuna.Trial) -> TrialRun | Outcome:
         """Launch the trial's worker, or answer it at once from a finished twin."""
         config = space.suggest(trial, self.cfg.search)
+        check_rank = trial.user_attrs.get("rank_check_rank")
+        if check_rank is not None:  # a nested estimate trained as the plain LoRA of its rank
+            config = space.at_rank(config, check_rank, self.cfg.search)
+        nested = space.nested_ranks(self.cfg.search) if check_rank is None else None
         key = space.config_key(config)
         for name, value in (
             ("config", config.as_attr()),
             ("config_key", key),
             ("host", worker_host()),
             ("orchestrator_pid", os.getpid()),
+            *((("nested_ranks", nested),) if nested else ()),
         ):
             trial.set_user_attr(name, value)
         run_id = self.tracker.start_trial(trial.number, config)
@@ -341,6 +347,7 @@ class Orchestrator:
                 t.number != number
                 and t.user_attrs.get("config_key") == key
                 and not t.user_attrs.get("confirmation")
+                and "rank_check_of" not in t.user_attrs  # plain, where the search is nested
             ):
                 return t
         return None

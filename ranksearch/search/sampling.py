@@ -142,7 +142,8 @@ def informed_params(search: SearchConfig) -> dict[str, Any] | None:
     the middle of the learning-rate range in log space. None when no guided rank is in the space.
     Dimensions it says nothing of (dropout, ...) are left to the sampler."""
     dims = space.dimensions(search)
-    rank = next((r for r in GUIDED_RANKS if _contains(dims["rank"], r)), None)
+    ranks = search.rank if search.rank_mode == "nested" else dims["rank"]  # nested: all of them
+    rank = next((r for r in GUIDED_RANKS if _contains(ranks, r)), None)
     if rank is None:
         return None
     sets = space.module_sets(search)

@@ -179,6 +179,8 @@ class TrialRun:
                 self.trial.set_user_attr(name, rec[name])
         if "val_losses" in rec:
             losses.store(self.trial, rec["val_losses"])
+        for rank, per_example in rec.get("rank_val_losses", {}).items():  # a nested trial's
+            losses.store(self.trial, per_example, rank=int(rank))
         if "trainable_params" in rec:
             self.trial.set_user_attr(
                 "trainable_fraction", rec["trainable_params"] / rec["total_params"]
