@@ -21,6 +21,30 @@ from ranksearch.answer.recommend import answer, distinct_complete
 from ranksearch.config.space import shown_config
 
 ALPHA = 0.05
+MAX_RANK_CHECKS = 2  # plain trainings of nested estimates per study (a check may move the answer)
+
+
+def rank_check(trials: Sequence[FrozenTrial], tolerance: str | float) -> dict[str, Any] | None:
+    """The plain training a nested study's answer still needs, as a `Orchestrator.confirm` job:
+    the recommended rank of a nested trial trained once as an ordinary LoRA of that rank, at
+    the full budget and the study's seed, so that what is exported and logged is a plain
+    adapter and its loss is measured, not estimated. None when the recommendation is a trained
+    configuration already, or after MAX_RANK_CHECKS checks (each may move the answer: a check
+    that does worse than its estimate leaves it to another candidate)."""
+    recommended = answer(trials, tolerance).recommended
+    if recommended is None or "nested_rank" not in recommended.user_attrs:
+        return None
+    if sum("rank_check_of" in t.user_attrs for t in trials) >= MAX_RANK_CHECKS:
+        return None
+    return {
+        "params": recommended.params,
+        "origin": recommended.number,
+        "attrs": {
+            "rank_check_of": recommended.number,
+            "rank_check_rank": recommended.user_attrs["nested_rank"],
+            "nested_estimate": recommended.value,
+        },
+    }
 
 
 def candidates(

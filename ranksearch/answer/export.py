@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from ranksearch.answer.nested import at_rank, is_nested, ranks_of
 from ranksearch.answer.recommend import accuracy, answer
 from ranksearch.config.load import parse_study
 from ranksearch.config.paths import model_reference, trial_dir
 from ranksearch.config.space import shown_config
 from ranksearch.search.launch import WorkerProcess, accelerate_argv
 from ranksearch.worker import TrialSpec
+from ranksearch.worker.nested import save_rank
 
 if TYPE_CHECKING:
     from ranksearch.worker import TrialSpec
@@ -43,12 +45,18 @@ def pick_trial(study: optuna.Study, which: str, tolerance: str | float) -> Froze
         if trial is None:
             raise ExportError(f"no trial completed in study {study.study_name!r}: no {which}")
     else:
-        if not which.isdigit() or int(which) >= len(trials):
+        number, _, rank = which.partition("@r")  # `3@r8`: rank 8 of nested trial 3
+        if not number.isdigit() or int(number) >= len(trials) or (rank and not rank.isdigit()):
             raise ExportError(
-                f"--trial {which}: expected best, recommended or a trial number "
-                f"0..{len(trials) - 1}"
+                f"--trial {which}: expected best, recommended, a trial number "
+                f"0..{len(trials) - 1}, or N@rR for rank R of nested trial N"
             )
-        trial = trials[int(which)]
+        trial = trials[int(number)]
+        if rank:
+            if not is_nested(trial) or int(rank) not in ranks_of(trial):
+                ranks = ranks_of(trial) if is_nested(trial) else "none: not a nested trial"
+                raise ExportError(f"--trial {which}: trial {number}'s nested ranks are {ranks}")
+            trial = at_rank(trial, int(rank))
     origin = trial.user_attrs.get("duplicate_of")
     return trials[origin] if origin is not None else trial
 
@@ -114,13 +122,21 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     source = folder / "adapter"
     retrained = None
-    if not (source / "adapter_config.json").is_file():
-        retrained = retrain(spec_path, out, out / "retrain.log")
-    else:
-        shutil.copytree(source, out, dirs_exist_ok=True)
+    rank = trial.user_attrs.get("nested_rank")  # one rank of a nested trial: its leading slices
+    lora = spec.lora
+    with tempfile.TemporaryDirectory(prefix="ranksearch-export-") as tmp:
+        if not (source / "adapter_config.json").is_file():
+            source = Path(tmp) / "adapter" if rank is not None else out
+            retrained = retrain(spec_path, source, out / "retrain.log")
+        if rank is not None:
+            alpha = trial.user_attrs["config"]["lora_alpha"]
+            save_rank(source, out, rank, alpha)
+            lora = {**spec.lora, "r": rank, "lora_alpha": alpha}
+        elif source != out:
+            shutil.copytree(source, out, dirs_exist_ok=True)
 
     cfg = parse_study(study_file, overrides)[0]
-    (out / "lora_config.json").write_text(json.dumps(spec.lora, indent=2) + "\n")
+    (out / "lora_config.json").write_text(json.dumps(lora, indent=2) + "\n")
     shutil.copy(study_file, out / "study.yaml")
     command = ["ranksearch", "run", "--study", "study.yaml"]
     for assignment in overrides:
@@ -128,6 +144,7 @@ def export(
     manifest = {
         "study": study.study_name,
         "trial": trial.number,
+        "nested_rank": rank,  # None: the trial's adapter as trained
         "state": trial.state.name,
         "val_loss": trial.value,
         "accuracy": accuracy(trial.user_attrs),

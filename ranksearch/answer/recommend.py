@@ -35,6 +35,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from ranksearch.answer.losses import per_example
+from ranksearch.answer.nested import expand
 from ranksearch.config.space import TrialConfig
 
 FALLBACK_RELATIVE_TOLERANCE = 0.01  # when a trial carries no standard error
@@ -48,9 +49,12 @@ class Answer:
     # "1se" (paired), "1se+seed" (paired, plus seed noise), "1se-mean", "absolute", "relative"
     tolerance_rule: str
     candidates: list[int]  # trial numbers within their margin
-    margins: dict[int, float] = field(default_factory=dict)  # complete trial -> its margin
+    # candidate -> its margin: a plain trial by number, a nested trial's rank as `3@r8`
+    margins: dict[int | str, float] = field(default_factory=dict)
     seed_std: float | None = None  # pooled over a confirmation round's configurations
     notes: list[str] = field(default_factory=list)  # fallbacks, said in the report
+    # the candidates within their margin (a nested trial's ranks one by one, nested.at_rank)
+    within: list[FrozenTrial] = field(default_factory=list)
 
 
 def accuracy(values: dict[str, Any]) -> float | None:
@@ -62,12 +66,13 @@ def accuracy(values: dict[str, Any]) -> float | None:
 def count_states(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     """Trials per state (lower-case names), so that complete + pruned + running are the search
     trainings, which use `budget.n_trials`. Outside them: confirmation trainings under
-    `confirmation` (they train again what the search found) and proposals of a configuration
+    `confirmation` (they train again what the search found, or a nested estimate as a plain
+    LoRA) and proposals of a configuration
     the study had finished, answered from its result without training, under `duplicate`."""
     counts = {s.name.lower(): 0 for s in TrialState}
     counts["confirmation"] = counts["duplicate"] = 0
     for t in trials:
-        if t.user_attrs.get("confirmation"):
+        if t.user_attrs.get("confirmation") or "rank_check_of" in t.user_attrs:
             counts["confirmation"] += 1
         elif "duplicate_of" in t.user_attrs:
             counts["duplicate"] += 1
@@ -77,7 +82,8 @@ def count_states(trials: Sequence[FrozenTrial]) -> dict[str, int]:
 
 
 def distinct_complete(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """Completed trials that were actually trained (replayed duplicates point to these)."""
+    """Completed trials that were actually trained (replayed duplicates point to these); a
+    nested trial once (`candidates` gives its ranks)."""
     return [
         t
         for t in trials
@@ -85,6 +91,18 @@ def distinct_complete(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
         and "duplicate_of" not in t.user_attrs
         and not t.user_attrs.get("confirmation")
     ]
+
+
+def candidates(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """What the answer chooses among: every trained configuration, a nested trial's ranks
+    one by one (answer/nested.py)."""
+    return expand(distinct_complete(trials))
+
+
+def candidate_id(t: FrozenTrial) -> int | str:
+    """A candidate's key in `Answer.margins`: a plain trial's number, or `3@r8`."""
+    rank = t.user_attrs.get("nested_rank")
+    return t.number if rank is None else f"{t.number}@r{rank}"
 
 
 def margin(best: FrozenTrial, tolerance: str | float) -> tuple[float, str]:
@@ -133,17 +151,17 @@ def seed_std(trials: Sequence[FrozenTrial]) -> float | None:
 
 def _paired_margins(
     complete: list[FrozenTrial], best: FrozenTrial, trials: Sequence[FrozenTrial]
-) -> tuple[dict[int, float], str, float | None, list[str]]:
+) -> tuple[dict[int | str, float], str, float | None, list[str]]:
     noise = seed_std(trials)
     fallback, _ = margin(best, "1se-mean")
     margins, unpaired = {}, []
     for t in complete:
         se = paired_se(t, best)
         if se is None:
-            unpaired.append(t.number)
-            margins[t.number] = fallback
+            unpaired.append(candidate_id(t))
+            margins[candidate_id(t)] = fallback
         else:
-            margins[t.number] = math.sqrt(se**2 + 2 * noise**2) if noise else se
+            margins[candidate_id(t)] = math.sqrt(se**2 + 2 * noise**2) if noise else se
     notes = []
     if unpaired:
         notes.append(
@@ -156,9 +174,15 @@ def _paired_margins(
 def best_of(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
     """The study's best trial, the one every command names (`run`, the live view, `report`,
     `status`, MLflow): the lowest val loss among trained search trials, earliest on ties.
-    Confirmation re-runs are left out (they train a candidate again with another seed)."""
-    complete = distinct_complete(trials)
-    return min(complete, key=lambda t: (t.value, t.number)) if complete else None
+    Confirmation re-runs are left out (they train a candidate again with another seed); a
+    nested trial stands as its best rank."""
+    complete = candidates(trials)
+    return min(complete, key=_order) if complete else None
+
+
+def _order(t: FrozenTrial) -> tuple:
+    """Lowest val loss first; on ties the earlier trial, then the smaller nested rank."""
+    return (t.value, t.number, t.user_attrs.get("nested_rank", 0))
 
 
 def progress(trials: Sequence[FrozenTrial], budget: int) -> dict[str, int]:
@@ -173,34 +197,34 @@ def answer(trials: Sequence[FrozenTrial], tolerance: str | float = "1se") -> Ans
     best = best_of(trials)
     if best is None:
         return Answer(None, None, None, "", [])
-    complete = distinct_complete(trials)  # never a pruned trial: its loss is a partial one
+    complete = candidates(trials)  # never a pruned trial: its loss is a partial one
     notes: list[str] = []
     noise = None
     if tolerance == "1se" and per_example(best):
         margins, rule, noise, notes = _paired_margins(complete, best, trials)
     else:
         delta, rule = margin(best, tolerance)
-        margins = {t.number: delta for t in complete}
+        margins = {candidate_id(t): delta for t in complete}
         if tolerance == "1se":
             notes.append(
                 "the best trial carries no per-example validation losses (a study from older "
                 "workers): the margin is one standard error of its mean (1se-mean)"
             )
-    within = [t for t in complete if t.value <= best.value + margins[t.number]]
+    within = [t for t in complete if t.value <= best.value + margins[candidate_id(t)]]
     # fewest trainable parameters; among equals the lower loss, then the earlier trial
     recommended = min(
-        within,
-        key=lambda t: (t.user_attrs.get("trainable_params", float("inf")), t.value, t.number),
+        within, key=lambda t: (t.user_attrs.get("trainable_params", float("inf")), *_order(t))
     )
     return Answer(
         best,
         recommended,
-        margins[recommended.number],
+        margins[candidate_id(recommended)],
         rule,
-        sorted(t.number for t in within),
+        sorted({t.number for t in within}),
         margins,
         noise,
         notes,
+        sorted(within, key=lambda t: (t.number, t.user_attrs.get("nested_rank", 0))),
     )
 
 
@@ -218,16 +242,20 @@ def baselines(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def rank_view(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
-    """Per rank tried: how good it got and what it cost, to see where gains plateau."""
+    """Per rank tried: how good it got and what it cost, to see where gains plateau. A nested
+    trial counts at each of its ranks (its seconds are those of its one training); a plain
+    check of one of its ranks counts as a trial of that rank."""
     by_rank: dict[int, list[FrozenTrial]] = {}
-    for t in trials:
-        config = TrialConfig.of(t)
-        if (
-            config is not None
-            and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            and "duplicate_of" not in t.user_attrs
-        ):
-            by_rank.setdefault(config.rank, []).append(t)
+    finished = [
+        t
+        for t in trials
+        if TrialConfig.of(t) is not None
+        and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and "duplicate_of" not in t.user_attrs
+        and not t.user_attrs.get("confirmation")
+    ]
+    for t in expand(finished, keep_checked=True):
+        by_rank.setdefault(TrialConfig.of(t).rank, []).append(t)
     rows, previous = [], None
     for rank in sorted(by_rank):
         group = by_rank[rank]
@@ -240,6 +268,8 @@ def rank_view(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
             "best_val_loss": best.value if best else None,
             "best_accuracy": accuracy(best.user_attrs) if best else None,
             "best_trial": best.number if best else None,
+            "best_trainable_params": best.user_attrs.get("trainable_params") if best else None,
+            "nested": any("nested_rank" in t.user_attrs for t in group),
             "mean_seconds": sum(t.user_attrs.get("wall_seconds", 0) for t in group) / len(group),
             "gain_vs_previous_rank": (previous - best.value)
             if best and previous is not None

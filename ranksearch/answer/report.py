@@ -75,6 +75,11 @@ def _brief(t: FrozenTrial | None) -> dict[str, Any] | None:
         return None
     return {
         "trial": t.number,
+        # one rank of a nested trial (an estimate; `export --trial N@rR` writes it); or the
+        # nested trial whose rank this plain trial trained again, and its estimate there
+        "nested_rank": t.user_attrs.get("nested_rank"),
+        "rank_check_of": t.user_attrs.get("rank_check_of"),
+        "nested_estimate": t.user_attrs.get("nested_estimate"),
         "val_loss": t.value,
         "accuracy": accuracy(t.user_attrs),
         "val_loss_se": t.user_attrs.get("val_loss_se"),
@@ -129,7 +134,6 @@ def build_report(
     key = SORT_KEYS[sort]
     rows.sort(key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0, r["number"]))
     base = [_baseline(t, ans.best) for t in baselines(trials)]
-    by_number = {t.number: t for t in trials}
     return {
         "schema": SCHEMA,
         "study": study.study_name,
@@ -141,7 +145,7 @@ def build_report(
             "rule": ans.tolerance_rule,
             "val_loss": ans.tolerance,  # the recommended trial's margin
             "candidates": ans.candidates,
-            "qualified": [trial_label(by_number[n]) for n in ans.candidates],  # named
+            "qualified": [trial_label(t) for t in ans.within],  # named (a nested rank too)
             "seed_std": ans.seed_std,
             "notes": ans.notes,
         },

@@ -57,8 +57,18 @@ def best_summary(study: optuna.Study, tolerance: str | float = "1se") -> list[st
 
 def _one_line(role: str, t: FrozenTrial) -> str:
     r = trial_row(t)
+    a = t.user_attrs
+    if "nested_rank" in a:  # one rank of a nested trial: an estimate, not trained alone
+        which = f"trial {r['number']} (nested, at rank {a['nested_rank']})"
+    elif "rank_check_of" in a:
+        which = f"trial {r['number']} (rank {r['rank']} of nested trial {a['rank_check_of']} "
+        which += "trained as a plain LoRA"
+        estimate = a.get("nested_estimate")
+        which += f"; nested estimate {estimate:.4f})" if estimate is not None else ")"
+    else:
+        which = f"trial {r['number']}"
     return (
-        f"{role}: trial {r['number']}  val_loss {r['val_loss']:.4f}"
+        f"{role}: {which}  val_loss {r['val_loss']:.4f}"
         + (f"  accuracy {r['accuracy']:.3f}" if r["accuracy"] is not None else "")
         + f"  rank {r['rank']}  alpha {r['lora_alpha']}  dropout {r['lora_dropout']:.2f}"
         f"  modules {r['target_modules']}  lr {r['learning_rate']:.2e}"
@@ -175,7 +185,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-RANK_COLUMNS = ("rank", "trials", "complete", "best val loss", "gain vs previous", "best acc")
+RANK_COLUMNS = ("rank", "trials", "complete", "best loss", "gain", "best acc",
+                "trainable")  # fmt: skip
 
 
 def rank_cells(r: dict[str, Any]) -> list[str]:
@@ -187,6 +198,7 @@ def rank_cells(r: dict[str, Any]) -> list[str]:
         cell(r["best_val_loss"], ".4f"),
         cell(r["gain_vs_previous_rank"], "+.4f"),
         cell(r["best_accuracy"], ".3f"),
+        cell(r.get("best_trainable_params"), "int"),
     ]
 
 

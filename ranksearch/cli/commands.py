@@ -172,13 +172,35 @@ def _confirmation_jobs(cfg: StudyConfig, study, top: int, seeds: int) -> list:
     )
 
 
+def _check_ranks(cfg: StudyConfig, orchestrator, view, console: Console, quiet: bool) -> int:
+    """A nested study's recommended rank trained as a plain LoRA (confirm.rank_check)."""
+    from ranksearch.answer.confirm import rank_check
+
+    code = 0
+    while code == 0 and (job := rank_check(orchestrator.study.get_trials(), cfg.report.tolerance)):
+        if not quiet:
+            a = job["attrs"]
+            console.print(
+                Text(
+                    f"nested answer: rank {a['rank_check_rank']} of trial {a['rank_check_of']} "
+                    f"(estimated val_loss {a['nested_estimate']:.4f}); training it once as a "
+                    "plain LoRA of that rank"
+                )
+            )
+        code = _drive(lambda job=job: orchestrator.confirm([job]), view, console)
+    return code
+
+
 def cmd_run(args, console: Console) -> int:
+    from ranksearch.answer.recommend import rank_view
     from ranksearch.answer.text import best_summary
-    from ranksearch.cli.output import trials_table
+    from ranksearch.cli.output import rank_table, trials_table
     from ranksearch.search.budget import compute_line
 
     cfg, orchestrator, view = _orchestrator(args, console)
     code = _drive(orchestrator.run, view, console)
+    if code == 0 and cfg.search.rank_mode == "nested":
+        code = _check_ranks(cfg, orchestrator, view, console, args.quiet)
     if code == 0 and cfg.confirm is not None:
         jobs = _confirmation_jobs(cfg, orchestrator.study, cfg.confirm.top, cfg.confirm.seeds)
         if jobs and not args.quiet:
@@ -191,6 +213,8 @@ def cmd_run(args, console: Console) -> int:
         code = _drive(lambda: orchestrator.confirm(jobs), view, console) if jobs else 0
     if not args.quiet:
         console.print(trials_table(orchestrator.study, f"study {cfg.study_name}", console.width))
+        if cfg.search.rank_mode == "nested":  # the rank curve is what nested trials are for
+            console.print(rank_table({"ranks": rank_view(orchestrator.study.get_trials())}))
         for line in best_summary(orchestrator.study, cfg.report.tolerance):
             console.print(Text(line))
         console.print(Text(compute_line(orchestrator.study.get_trials(deepcopy=False), cfg)))

@@ -74,7 +74,7 @@ def trials_table(study: optuna.Study, title: str | None, width: int) -> Table:
 
 def rank_table(report: dict[str, Any]) -> Table:
     table = Table(title="by rank", title_justify="left")
-    for col in (*RANK_COLUMNS, "mean sec"):
+    for col in (*RANK_COLUMNS, "sec"):
         table.add_column(col, justify="right")
     for r in report["ranks"]:
         table.add_row(*rank_cells(r), cell(r["mean_seconds"], ".0f"))

@@ -321,14 +321,14 @@ class Orchestrator:
         check_rank = trial.user_attrs.get("rank_check_rank")
         if check_rank is not None:  # a nested estimate trained as the plain LoRA of its rank
             config = space.at_rank(config, check_rank, self.cfg.search)
-        nested = space.nested_ranks(self.cfg.search) if check_rank is None else None
+        nested = space.nested_spec(self.cfg.search, config) if check_rank is None else None
         key = space.config_key(config)
         for name, value in (
             ("config", config.as_attr()),
             ("config_key", key),
             ("host", worker_host()),
             ("orchestrator_pid", os.getpid()),
-            *((("nested_ranks", nested),) if nested else ()),
+            *((("nested", nested),) if nested else ()),  # its ranks and their alphas
         ):
             trial.set_user_attr(name, value)
         run_id = self.tracker.start_trial(trial.number, config)

@@ -177,3 +177,39 @@ def test_config_key_is_the_string_benchmark_tables_key_on():
 def test_lora_kwargs_give_peft_module_names_as_a_list():
     kwargs = lora_kwargs(TrialConfig.of(_stored(STORED)), "causal-lm")
     assert kwargs["target_modules"] == ["query", "value"] and kwargs["task_type"] == "CAUSAL_LM"
+
+
+@pytest.mark.parametrize(
+    "alpha, alphas",
+    [({"alpha_ratio": 2}, [8, 16, 32, 64]), ({"alpha": 16}, [16, 16, 16, 16])],
+    ids=["ratio", "absolute"],
+)
+def test_a_nested_space_trains_the_largest_rank_and_gives_each_rank_its_alpha(alpha, alphas):
+    from ranksearch.config.space import at_rank, nested_spec
+
+    search = SearchConfig(rank=[16, 4, 32, 8], rank_mode="nested", **alpha)
+    assert "rank" not in distributions(search) and "rank" not in grid(search)
+    config = suggest(_trial(), search)
+    assert config.rank == 32
+    assert nested_spec(search, config) == {"ranks": [4, 8, 16, 32], "alphas": alphas}
+    r8 = at_rank(config, 8, search)
+    assert (r8.rank, r8.lora_alpha) == (8, alphas[1])
+    assert nested_spec(SearchConfig(rank=[4, 8]), config) is None  # plain
+
+
+def test_a_nested_space_refuses_what_its_ranks_cannot_be(tmp_path):
+    from ranksearch.config.schema import StudyConfig
+    from ranksearch.config.space import space_problems
+
+    def problems(**search):
+        cfg = StudyConfig(study_name="s", model="m", data={"source": "d.csv", "text_column": "t"},
+                          search={"rank_mode": "nested", **search})  # fmt: skip
+        return {p.key: p.message for p in space_problems(cfg)}
+
+    assert problems() == {}
+    assert "two or more" in problems(rank={"low": 4, "high": 32})["search.rank"]
+    assert "two or more" in problems(rank=[8])["search.rank"]
+    assert "use_dora: false" in problems(use_dora=[False, True])["search.use_dora"]
+    assert (
+        "init_lora_weights: true" in problems(init_lora_weights="pissa")["search.init_lora_weights"]
+    )

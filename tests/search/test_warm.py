@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -38,7 +39,7 @@ def make_spec(tmp_path, tiny_bert, tiny_gpt2, sentiment_csv):
     """`make_spec(model, name, **training)`: a trial spec written to its own folder."""
     prepared = {}
 
-    def make(model: str, name: str, rank: int = 4, **training) -> Path:
+    def make(model: str, name: str, rank: int = 4, nested=None, **training) -> Path:
         if model not in prepared:
             overrides = {}
             model_dir = {"bert": tiny_bert, "gpt2": tiny_gpt2}.get(model, model)
@@ -53,9 +54,8 @@ def make_spec(tmp_path, tiny_bert, tiny_gpt2, sentiment_csv):
         folder = tmp_path / name
         folder.mkdir()
         search, training = {"rank": rank, "dropout": 0.1}, {"eval_every": 3, **training}
-        trial_spec(cfg, data, "reports.jsonl", "adapter", search, **training).write(
-            folder / "spec.json"
-        )
+        spec = trial_spec(cfg, data, "reports.jsonl", "adapter", search, **training)
+        replace(spec, nested=nested).write(folder / "spec.json")
         return folder / "spec.json"
 
     return make
@@ -231,3 +231,25 @@ def test_a_study_on_warm_workers_finds_what_it_finds_cold(tmp_path, tiny_bert, s
     assert [t.params for t in warm] == [t.params for t in cold_]
     assert [t.intermediate_values for t in warm] == [t.intermediate_values for t in cold_]
     assert [t.value for t in warm] == [t.value for t in cold_]
+
+
+def test_a_warm_nested_trial_reports_what_a_cold_start_reports(tmp_path, make_spec):
+    """A nested trial (every rank reported) warm equals cold, and a plain trial after it on the
+    same worker does too: the truncation hooks and scalings leave with the trial."""
+    nested = {"ranks": [2, 4, 8], "alphas": [4, 8, 16]}
+    specs = {
+        "nested": lambda n: make_spec("bert", n, rank=8, nested=nested),
+        "plain": lambda n: make_spec("bert", n, rank=8),
+    }
+    expected = {k: cold(make(f"cold-{k}")) for k, make in specs.items()}
+    assert all("ranks" in r for r in expected["nested"] if "val_loss" in r)
+    assert expected["nested"] != expected["plain"]
+    worker = WarmWorker(SERVE, tmp_path / "warm.log")
+    try:
+        for i, key in enumerate(("nested", "plain", "nested")):
+            spec = specs[key](f"warm-{i}")
+            trial = warm(worker, spec)
+            assert trial.poll() == 0 and trial.reusable, trial.log_tail()
+            assert reports(spec)[:-1] == expected[key], f"trial {i} ({key})"
+    finally:
+        worker.close()
