@@ -38,22 +38,23 @@ GRIDS = {
 }
 
 
-def nested_study(grid: str, data: Path | None = None) -> dict:
+def nested_study(grid: str, data: Path | None = None, sampling: str = "uniform") -> dict:
     """The grid's study with `rank_mode: nested`: one trial per (modules, lr), two at a time."""
     folder, space, grouped, _ = GRIDS[grid]
     raw = search_cost.study(Path(data or folder), False, search_cost.MODEL, grouped, space)
     raw["study_name"] = "nested-ranks"
     raw["search"]["rank_mode"] = "nested"
+    raw["search"]["nested_sampling"] = sampling
     modules, lrs = raw["search"]["target_modules"], raw["search"]["learning_rate"]
     raw["budget"]["n_trials"] = len(modules) * len(lrs)
     return raw
 
 
-def train(grid: str, out: Path, data: Path | None) -> None:
+def train(grid: str, out: Path, data: Path | None, sampling: str) -> None:
     folder = out / grid
     folder.mkdir(parents=True, exist_ok=True)
     study_file = folder / "nested.yaml"
-    study_file.write_text(yaml.safe_dump(nested_study(grid, data), sort_keys=False))
+    study_file.write_text(yaml.safe_dump(nested_study(grid, data, sampling), sort_keys=False))
     started = time.time()
     subprocess.run(
         [sys.executable, "-m", "ranksearch.cli", "run", "--study", str(study_file),
@@ -125,6 +126,8 @@ def compare(grid: str, out: Path) -> dict:
     std = table["best_seeds"]["std"]
     independent = grid_ranks(table)
     nested = nested_trials(out / grid)
+    if not nested:
+        return {"grid": grid, "rows": [], "answer": None, "trials": {}}
     rows = []
     for key, n in sorted(nested.items()):
         g = {r: row["val_loss"] for r, row in independent[key].items()}
@@ -197,13 +200,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/work/bench/nested"))
     p.add_argument("--data", type=Path, help="the grid's data folder, if not the default")
     p.add_argument("--json", type=Path, help="table: write the comparison here too")
+    p.add_argument("--sampling", choices=["uniform", "by-rank"], default="uniform",
+                   help="train: search.nested_sampling (how a step draws its rank)")  # fmt: skip
     a = p.parse_args()
     grids = a.grid or list(GRIDS)
     if a.phase == "train":
         for grid in grids:
-            train(grid, a.out, a.data)
+            train(grid, a.out, a.data, a.sampling)
         return
     results = [compare(g, a.out) for g in grids if (a.out / g / "study" / "optuna.db").exists()]
+    results = [r for r in results if r["rows"]]
     markdown(results)
     if a.json:
         a.json.write_text(json.dumps(results, indent=1, default=str))

@@ -161,6 +161,11 @@ class SearchConfig(_Strict):
         "for about one fine-tune), and the recommended rank is then trained once as a plain "
         "LoRA (docs/search.md#nested-ranks)",
     )
+    nested_sampling: Literal["uniform", "by-rank"] = Field(
+        "uniform",
+        description="nested trials: how each training step draws the rank it trains, uniform "
+        "over the ranks (DyLoRA) or as often as its size (BENCHMARKS.md, nested ranks)",
+    )
 
     @model_validator(mode="after")
     def _alpha(self) -> SearchConfig:

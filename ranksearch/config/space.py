@@ -88,7 +88,7 @@ def shown_config(trial: FrozenTrial) -> dict[str, Any]:
 
 def dimensions(search: SearchConfig) -> dict[str, Any]:
     """Study-file key -> dimension, with defaults filled in (alpha_ratio [1, 2] if no alpha)."""
-    dims = search.model_dump(exclude_none=True, exclude={"rank_mode"})
+    dims = search.model_dump(exclude_none=True, exclude={"rank_mode", "nested_sampling"})
     dims = {k: getattr(search, k) for k in dims}
     if search.rank_mode == "nested":  # one LoRA at the largest rank reports every rank
         dims["rank"] = max(_values(search.rank))
@@ -250,7 +250,11 @@ def nested_spec(search: SearchConfig, config: TrialConfig) -> dict[str, Any] | N
     ranks = nested_ranks(search)
     if ranks is None:
         return None
-    return {"ranks": ranks, "alphas": [at_rank(config, r, search).lora_alpha for r in ranks]}
+    return {
+        "ranks": ranks,
+        "alphas": [at_rank(config, r, search).lora_alpha for r in ranks],
+        "sampling": search.nested_sampling,
+    }
 
 
 def config_key(config: TrialConfig) -> str:

@@ -34,12 +34,19 @@ class NestedSpec:
 
     ranks: tuple[int, ...]
     alphas: tuple[float, ...]
+    # how a training step draws its rank: `uniform` over the ranks (DyLoRA), or `by-rank`
+    # (a rank as often as its size: the components past the smallest rank train more often)
+    sampling: str = "uniform"
 
     @classmethod
     def of(cls, raw: dict | None) -> NestedSpec | None:
         if raw is None:
             return None
-        return cls(ranks=tuple(int(r) for r in raw["ranks"]), alphas=tuple(raw["alphas"]))
+        return cls(
+            ranks=tuple(int(r) for r in raw["ranks"]),
+            alphas=tuple(raw["alphas"]),
+            sampling=raw.get("sampling", "uniform"),
+        )
 
     def alpha(self, rank: int) -> float:
         return self.alphas[self.ranks.index(rank)]
@@ -96,8 +103,14 @@ class NestedLoRA:
             layer.scaling[ADAPTER] = value
 
     def sample_rank(self) -> int:
-        """The rank one training step trains: uniform over the nested ranks."""
-        rank = self._rng.choice(self.spec.ranks)
+        """The rank one training step trains, drawn as `NestedSpec.sampling` says."""
+        ranks = self.spec.ranks
+        if self.spec.sampling == "by-rank":
+            rank = self._rng.choices(ranks, weights=ranks)[0]
+        elif self.spec.sampling == "uniform":
+            rank = self._rng.choice(ranks)
+        else:
+            raise ValueError(f"nested sampling {self.spec.sampling!r}: uniform or by-rank")
         self.set_rank(rank)
         return rank
 

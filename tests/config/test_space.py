@@ -191,7 +191,9 @@ def test_a_nested_space_trains_the_largest_rank_and_gives_each_rank_its_alpha(al
     assert "rank" not in distributions(search) and "rank" not in grid(search)
     config = suggest(_trial(), search)
     assert config.rank == 32
-    assert nested_spec(search, config) == {"ranks": [4, 8, 16, 32], "alphas": alphas}
+    assert nested_spec(search, config) == {
+        "ranks": [4, 8, 16, 32], "alphas": alphas, "sampling": "uniform"
+    }  # fmt: skip
     r8 = at_rank(config, 8, search)
     assert (r8.rank, r8.lora_alpha) == (8, alphas[1])
     assert nested_spec(SearchConfig(rank=[4, 8]), config) is None  # plain

@@ -156,6 +156,11 @@ def test_training_samples_every_rank(tiny_bert):
     assert {r: draws.count(r) for r in RANKS} == pytest.approx({r: 200 for r in RANKS}, abs=40)
     again = NestedLoRA(model, NestedSpec.of(nested_of((4, 8, 16))), False, seed=3)
     assert [again.sample_rank() for _ in range(600)] == draws
+    by_rank = NestedLoRA(model, NestedSpec(ranks=RANKS, alphas=(4, 8, 16), sampling="by-rank"),
+                         False, seed=3)  # fmt: skip
+    draws = [by_rank.sample_rank() for _ in range(700)]
+    assert {r: draws.count(r) for r in RANKS} == pytest.approx({2: 100, 4: 200, 8: 400}, abs=45)
+    by_rank.remove()
     with pytest.raises(ValueError, match="not one of the nested ranks"):
         nested.set_rank(3)
     nested.remove()
