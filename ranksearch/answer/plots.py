@@ -22,6 +22,7 @@ from ranksearch.answer.marks import (
     curve_trials,
     trial_label,
 )
+from ranksearch.answer.nested import is_nested, ranks_of
 from ranksearch.answer.recommend import Answer, answer, distinct_complete
 from ranksearch.config.space import TrialConfig
 
@@ -143,6 +144,50 @@ def curves_figure(study: optuna.Study, ans: Answer) -> Figure | None:
     return fig
 
 
+def nested_ranks_figure(all_trials: list[FrozenTrial], ans: Answer) -> Figure | None:
+    """A nested study's rank curves: val loss at each rank of every nested trial at its last
+    evaluation, one line per trial (pruned ones dotted), the plain checks of a rank as stars
+    and the recommended candidate ringed. None when the study has no nested trial."""
+    import matplotlib.pyplot as plt
+
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    nested = [t for t in all_trials if is_nested(t) and t.state in finished]
+    if not nested:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, t in enumerate(nested):
+        ranks = ranks_of(t)
+        c = TrialConfig.of(t)
+        pruned = t.state == TrialState.PRUNED
+        label = trial_label(t).replace(f" r{c.rank}", "") + (
+            f" (pruned at step {t.user_attrs.get('pruned_at_step')})" if pruned else ""
+        )
+        ax.plot(ranks, [t.user_attrs["ranks"][str(r)]["val_loss"] for r in ranks],
+                marker="o", linestyle=":" if pruned else "-", color=OTHERS[i % len(OTHERS)],
+                alpha=0.6 if pruned else 0.9, label=label)  # fmt: skip
+    checks = [t for t in all_trials if "rank_check_of" in t.user_attrs and t.value is not None]
+    for t in checks:
+        ax.scatter([TrialConfig.of(t).rank], [t.value], marker="*", s=220, zorder=5,
+                   color=MARKS["best"][0], label=f"{trial_label(t)} trained plain "
+                   f"(of #{t.user_attrs['rank_check_of']})")  # fmt: skip
+    rec = ans.recommended
+    if rec is not None and TrialConfig.of(rec) is not None:
+        color = MARKS["recommended"][0]
+        ax.scatter([TrialConfig.of(rec).rank], [rec.value], s=320, facecolors="none", zorder=6,
+                   edgecolors=color, linewidths=2,
+                   label=f"recommended: {trial_label(rec)}")  # fmt: skip
+    ranks = sorted({r for t in nested for r in ranks_of(t)})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.minorticks_off()
+    ax.set(xlabel="LoRA rank (leading ranks of one nested trial)", ylabel="val loss",
+           title="Rank curves of the nested trials")  # fmt: skip
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def _importances_png(study: optuna.Study, out: Path) -> list[Path]:
     """The report's parameter importances as bars (no trial on it to mark); none while the
     study has too few complete trials for them (answer/importance.py)."""
@@ -179,7 +224,8 @@ def make_plots(study: optuna.Study, out: Path, tolerance: str | float = "1se") -
     made: list[Path] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
-        drawn = {"curves": curves_figure(study, ans)}
+        drawn = {"curves": curves_figure(study, ans),
+                 "nested_ranks": nested_ranks_figure(all_trials, ans)}  # fmt: skip
         if trials:
             drawn |= {
                 "val_loss_by_rank": loss_by_rank_figure(trials, ans),

@@ -19,7 +19,7 @@ from ranksearch.answer.htmlreport import write_html
 from ranksearch.answer.mlmodel import log_adapter_model
 from ranksearch.answer.modelcard import model_card
 from ranksearch.answer.plots import make_plots
-from ranksearch.answer.recommend import Answer
+from ranksearch.answer.recommend import Answer, candidate_id
 from ranksearch.config.paths import trial_dir
 from ranksearch.config.schema import StudyConfig
 from ranksearch.tracking.store import (
@@ -60,7 +60,8 @@ def log_model(tracker: MlflowTracker, study, trial: FrozenTrial, ans: Answer | N
     model `recommended` of the parent run (mlmodel.py) and registered as `tracking.register`
     names it; logged again only when the recommendation changes (resume, confirm)."""
     parent = retry(tracker.client.get_run, tracker.parent_id)
-    if parent.data.tags.get(MODEL_TRIAL) == str(trial.number) or tracker.study_file is None:
+    which = str(candidate_id(trial))  # `3`, or `3@r8` for a rank of a nested trial
+    if parent.data.tags.get(MODEL_TRIAL) == which or tracker.study_file is None:
         return
     if not (trial_dir(tracker.study_dir, trial) / "adapter" / "adapter_config.json").is_file():
         _log.warning("trial %s kept no adapter: no MLflow model logged", trial.number)
@@ -73,7 +74,7 @@ def log_model(tracker: MlflowTracker, study, trial: FrozenTrial, ans: Answer | N
             info = log_adapter_model(
                 tracker.client, tracker.parent_id, folder, card, tracker.register
             )
-    tags = {MODEL_TRIAL: str(trial.number), MODEL_URI: info.model_uri}
+    tags = {MODEL_TRIAL: which, MODEL_URI: info.model_uri}
     if info.registered_model_version is not None:
         tags[MODEL_VERSION] = f"models:/{tracker.register}/{info.registered_model_version}"
     for key, value in tags.items():

@@ -238,6 +238,7 @@ def baselines(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
         and not t.user_attrs.get("informed_start")
         and "retry_of" not in t.user_attrs
         and not t.user_attrs.get("confirmation")
+        and "rank_check_of" not in t.user_attrs  # a nested estimate trained plain
     ]
 
 

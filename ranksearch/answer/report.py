@@ -56,6 +56,10 @@ def _note(t: FrozenTrial) -> str:
         return f"pruned at step {a.get('pruned_at_step', a.get('last_step', '?'))}"
     if t.state == TrialState.FAIL:
         return reason_head(a.get("fail_reason", ""))[:60]
+    if "rank_check_of" in a:
+        return f"plain check of #{a['rank_check_of']} (est. {a.get('nested_estimate', 0):.4f})"
+    if "nested" in a and "best_rank" in a:  # the row's loss is its best rank's
+        return f"nested: best at r{a['best_rank']}"
     return ""
 
 

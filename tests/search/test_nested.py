@@ -56,18 +56,21 @@ def test_a_nested_study_reports_every_rank_and_trains_its_answer_as_a_plain_lora
         assert [e["step"] for e in evaluations] == [2, 4, 6]
         assert all(set(e["ranks"]) == {"2", "4", "8"} for e in evaluations)
 
-    # the answer's rank trained once as a plain LoRA of that rank, at the full budget
-    assert checks, r.stdout[-3000:]
-    check = checks[0]
-    origin = next(t for t in nested if t.number == check.user_attrs["rank_check_of"])
-    rank = check.user_attrs["rank_check_rank"]
-    config = check.user_attrs["config"]
-    assert check.state == TrialState.COMPLETE and config["rank"] == rank
-    assert config["lora_alpha"] == 2 * rank and check.params == origin.params
-    assert check.user_attrs["nested_estimate"] == origin.user_attrs["ranks"][str(rank)]["val_loss"]
-    assert check.user_attrs["trainable_params"] == origin.user_attrs["rank_params"][str(rank)]
-    spec = json.loads((out / "trials" / str(check.number) / "spec.json").read_text())
-    assert "nested" not in spec and spec["lora"]["r"] == rank
+    # the answer's rank trained once as a plain LoRA of that rank, at the full budget; a
+    # check outside its margin moves the answer, and a second (the last) check follows
+    assert 1 <= len(checks) <= 2, r.stdout[-3000:]
+    by_number = {t.number: t for t in trials}
+    for check in checks:
+        origin = by_number[check.user_attrs["rank_check_of"]]
+        rank = check.user_attrs["rank_check_rank"]
+        config = check.user_attrs["config"]
+        assert check.state == TrialState.COMPLETE and config["rank"] == rank
+        assert config["lora_alpha"] == 2 * rank and check.params == origin.params
+        estimate = origin.user_attrs["ranks"][str(rank)]["val_loss"]
+        assert check.user_attrs["nested_estimate"] == estimate
+        assert check.user_attrs["trainable_params"] == origin.user_attrs["rank_params"][str(rank)]
+        spec = json.loads((out / "trials" / str(check.number) / "spec.json").read_text())
+        assert "nested" not in spec and spec["lora"]["r"] == rank
     assert "nested answer: rank" in r.stdout and "by rank" in r.stdout
     assert "trained as a plain LoRA" in r.stdout
 
@@ -76,14 +79,26 @@ def test_a_nested_study_reports_every_rank_and_trains_its_answer_as_a_plain_lora
         run_cli("report", "--study", str(study), "--out", str(out), "--format", "json",
                 cwd=tmp_path).stdout
     )  # fmt: skip
+    assert report["baselines"] == []  # a plain check is no enqueued baseline
+    notes = {row["number"]: row["note"] for row in report["trials"]}
+    for check in checks:
+        assert notes[check.number].startswith(
+            f"plain check of #{check.user_attrs['rank_check_of']}"
+        )
+    assert all(notes[t.number].startswith("nested: best at r") for t in nested)
+    assert (out / "plots" / "nested_ranks.png").is_file()  # the rank curves, one plot
     ranks = {row["rank"]: row for row in report["ranks"]}
     assert set(ranks) == {2, 4, 8} and all(row["nested"] for row in ranks.values())
     assert report["counts"]["complete"] == 2 and report["counts"]["confirmation"] == len(checks)
     # what the study recommends (and exports) is the plain training, beside its estimate
-    recommended = report["recommended"]["trial"]
-    assert report["recommended"]["rank_check_of"] == origin.number and recommended == check.number
-    assert report["recommended"]["nested_estimate"] == check.user_attrs["nested_estimate"]
-    assert report["recommended"]["nested_rank"] is None
+    recommended, brief = report["recommended"]["trial"], report["recommended"]
+    if recommended in {t.number for t in checks}:
+        check = by_number[recommended]
+        assert brief["rank_check_of"] == check.user_attrs["rank_check_of"]
+        assert brief["nested_estimate"] == check.user_attrs["nested_estimate"]
+        assert brief["nested_rank"] is None
+    else:  # both checks did worse than their estimates: the answer stays an estimate
+        assert len(checks) == 2 and brief["nested_rank"] is not None
     e = run_cli("export", "--study", str(study), "--out", str(out), "--to", str(tmp_path / "x"),
                 cwd=tmp_path)  # fmt: skip
     assert e.returncode == 0, e.stdout[-2000:] + e.stderr[-2000:]
@@ -91,8 +106,6 @@ def test_a_nested_study_reports_every_rank_and_trains_its_answer_as_a_plain_lora
     from transformers import AutoModelForSequenceClassification
 
     adapter = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
-    by_number = {t.number: t for t in trials}
-    exported = by_number[recommended]
-    assert adapter["r"] == exported.user_attrs["config"]["rank"]
+    assert adapter["r"] == brief["config"]["rank"]
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     PeftModel.from_pretrained(base, tmp_path / "x")
