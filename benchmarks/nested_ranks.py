@@ -178,6 +178,88 @@ def compare(grid: str, out: Path) -> dict:
     }
 
 
+def nested_cost(trials: dict) -> float:
+    """Full trials per full nested trial, from the nested trials' own clocks: a plain trial
+    trains the same steps and evaluates one rank where a nested one evaluates every rank."""
+    ratios = []
+    for n in trials.values():
+        ranks, train, evals = len(n["ranks"]), n["train_seconds"], n["eval_seconds"]
+        ratios.append((train + evals) / (train + evals / ranks))
+    return statistics.mean(ratios)
+
+
+def nested_grid(grid: str, out: Path):
+    """The nested trials as a replayable grid: one row per (modules, lr) whose curve is the
+    best rank's (what the pruner and the sampler see), and the row's pick, its best rank at
+    the end, looked up in the grid's independently trained table (`pick_loss`)."""
+    import gridfile
+
+    table = json.loads((RESULTS / GRIDS[grid][3]).read_text())
+    independent = grid_ranks(table)
+    nested = nested_trials(out / grid)
+    top = max(r for n in nested.values() for r in n["ranks"])
+    rows = []
+    for key, n in nested.items():
+        pick = min(n["ranks"], key=lambda r: (n["ranks"][r], r))
+        rows.append({
+            "params": {"target_modules": key[0], "learning_rate": key[1], "rank": top,
+                       "alpha_ratio": 2, "dropout": 0.0},
+            "curve": n["curve"],
+            "pick_loss": independent[key][pick]["val_loss"],
+        })  # fmt: skip
+    header = {"max_steps": table["max_steps"], "seed_std": table["best_seeds"]["std"]}
+    g = gridfile.build(f"{grid} nested", header, rows)
+    search = g.cfg.search.model_copy(
+        update={
+            "rank": sorted({r for n in nested.values() for r in n["ranks"]}),
+            "rank_mode": "nested",
+        }  # fmt: skip
+    )
+    g.cfg = g.cfg.model_copy(update={"search": search})
+    g.rows = {gridfile.row_key(g.cfg, r["params"]): r for r in rows}
+    # the target is the independently trained grid's: best plain configuration + seed noise
+    g.target = min(row["val_loss"] for rs in independent.values() for row in rs.values())
+    g.target += table["best_seeds"]["std"]
+    return g, nested_cost(nested)
+
+
+def reach(grid: str, out: Path, repeats: int, budgets=(2.0, 4.0, 6.0)) -> dict:
+    """The nested search (shipped sampler and pruner, informed first trial, pruning on the
+    best rank's loss) replayed over `repeats` sampler seeds: where it first holds a nested
+    trial whose best rank, trained plain, is within the grid's target; cost in full trials
+    (a full nested trial costs `nested_cost`), without and with the one plain check."""
+    import replay
+
+    g, per_trial = nested_grid(grid, out)
+    method = replay.shipped()
+    reached = []
+    for seed in range(repeats):
+        trials = replay.replay(g, method, seed, max_cost=max(budgets) / per_trial + 1)
+        spent, at = 0.0, None
+        for t in trials:
+            spent += per_trial * budget_steps(t) / g.max_steps
+            row = g.rows[t.user_attrs["config_key"]]
+            if at is None and t.state.name == "COMPLETE" and row["pick_loss"] <= g.target:
+                at = spent
+        reached.append(at)
+    rates = {}
+    for b in budgets:
+        rates[f"{b:g}"] = sum(a is not None and a <= b + 1e-9 for a in reached) / repeats
+        rates[f"{b:g} with check"] = sum(
+            a is not None and a + 1 <= b + 1e-9 for a in reached
+        ) / repeats  # fmt: skip
+    costs = sorted(a for a in reached if a is not None)
+    return {"grid": grid, "nested_cost": per_trial, "configurations": len(g.rows),
+            "reach": rates, "seeds": repeats,
+            "cost_to_reach_median": statistics.median(costs) if costs else None}  # fmt: skip
+
+
+def budget_steps(t) -> int:
+    from ranksearch.search import budget
+
+    return budget.trial_steps(t)
+
+
 def markdown(results: list[dict]) -> None:
     print("| grid | modules | lr | nested / grid val loss per rank | Spearman | pick nested "
           "/ grid | gap | cost (full trials) |")  # fmt: skip
@@ -195,7 +277,8 @@ def markdown(results: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("phase", choices=["train", "table"])
+    p.add_argument("phase", choices=["train", "table", "reach"])
+    p.add_argument("--repeats", type=int, default=100, help="reach: sampler seeds")
     p.add_argument("--grid", choices=list(GRIDS), action="append")
     p.add_argument("--out", type=Path, default=Path("/work/bench/nested"))
     p.add_argument("--data", type=Path, help="the grid's data folder, if not the default")
@@ -207,6 +290,14 @@ def main() -> None:
     if a.phase == "train":
         for grid in grids:
             train(grid, a.out, a.data, a.sampling)
+        return
+    if a.phase == "reach":
+        found = [reach(g, a.out, a.repeats) for g in grids
+                 if (a.out / g / "study" / "optuna.db").exists()]  # fmt: skip
+        for r in found:
+            print(json.dumps(r))
+        if a.json:
+            a.json.write_text(json.dumps(found, indent=1))
         return
     results = [compare(g, a.out) for g in grids if (a.out / g / "study" / "optuna.db").exists()]
     results = [r for r in results if r["rows"]]
