@@ -38,10 +38,17 @@ GRIDS = {
 }
 
 
-def nested_study(grid: str, data: Path | None = None, sampling: str = "uniform") -> dict:
-    """The grid's study with `rank_mode: nested`: one trial per (modules, lr), two at a time."""
+def nested_study(
+    grid: str,
+    data: Path | None = None,
+    sampling: str = "uniform",
+    quick: bool = False,
+    model: str = search_cost.MODEL,
+) -> dict:
+    """The grid's study with `rank_mode: nested`: one trial per (modules, lr), two at a time
+    (`quick`: search_cost's quick grid, one nested trial of 4 steps)."""
     folder, space, grouped, _ = GRIDS[grid]
-    raw = search_cost.study(Path(data or folder), False, search_cost.MODEL, grouped, space)
+    raw = search_cost.study(Path(data or folder), quick, model, grouped, space)
     raw["study_name"] = "nested-ranks"
     raw["search"]["rank_mode"] = "nested"
     raw["search"]["nested_sampling"] = sampling
@@ -50,11 +57,12 @@ def nested_study(grid: str, data: Path | None = None, sampling: str = "uniform")
     return raw
 
 
-def train(grid: str, out: Path, data: Path | None, sampling: str) -> None:
+def train(grid: str, out: Path, data: Path | None, sampling: str, quick: bool, model: str) -> None:
     folder = out / grid
     folder.mkdir(parents=True, exist_ok=True)
     study_file = folder / "nested.yaml"
-    study_file.write_text(yaml.safe_dump(nested_study(grid, data, sampling), sort_keys=False))
+    raw = nested_study(grid, data, sampling, quick, model)
+    study_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     started = time.time()
     subprocess.run(
         [sys.executable, "-m", "ranksearch.cli", "run", "--study", str(study_file),
@@ -77,6 +85,8 @@ def nested_trials(folder: Path) -> dict[tuple[str, float], dict]:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         config = TrialConfig.of(t)
         a = t.user_attrs
+        if "ranks" not in a:  # the plain check of the nested answer `run` trains after them
+            continue
         out[(config.target_modules, round(config.learning_rate, 8))] = {
             "ranks": {int(r): m["val_loss"] for r, m in a["ranks"].items()},
             "rank_params": {int(r): n for r, n in a["rank_params"].items()},
@@ -121,8 +131,13 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return statistics.correlation(ra, rb)
 
 
-def compare(grid: str, out: Path) -> dict:
-    table = json.loads((RESULTS / GRIDS[grid][3]).read_text())
+def grid_table(grid: str, table: Path | None = None) -> dict:
+    """The grid's stored table (search_cost.py's table.json), or the one at `table`."""
+    return json.loads((table or RESULTS / GRIDS[grid][3]).read_text())
+
+
+def compare(grid: str, out: Path, table_path: Path | None = None) -> dict:
+    table = grid_table(grid, table_path)
     std = table["best_seeds"]["std"]
     independent = grid_ranks(table)
     nested = nested_trials(out / grid)
@@ -188,13 +203,13 @@ def nested_cost(trials: dict) -> float:
     return statistics.mean(ratios)
 
 
-def nested_grid(grid: str, out: Path):
+def nested_grid(grid: str, out: Path, table_path: Path | None = None):
     """The nested trials as a replayable grid: one row per (modules, lr) whose curve is the
     best rank's (what the pruner and the sampler see), and the row's pick, its best rank at
     the end, looked up in the grid's independently trained table (`pick_loss`)."""
     import gridfile
 
-    table = json.loads((RESULTS / GRIDS[grid][3]).read_text())
+    table = grid_table(grid, table_path)
     independent = grid_ranks(table)
     nested = nested_trials(out / grid)
     top = max(r for n in nested.values() for r in n["ranks"])
@@ -223,14 +238,16 @@ def nested_grid(grid: str, out: Path):
     return g, nested_cost(nested)
 
 
-def reach(grid: str, out: Path, repeats: int, budgets=(2.0, 4.0, 6.0)) -> dict:
+def reach(
+    grid: str, out: Path, repeats: int, table_path: Path | None = None, budgets=(2.0, 4.0, 6.0)
+) -> dict:
     """The nested search (shipped sampler and pruner, informed first trial, pruning on the
     best rank's loss) replayed over `repeats` sampler seeds: where it first holds a nested
     trial whose best rank, trained plain, is within the grid's target; cost in full trials
     (a full nested trial costs `nested_cost`), without and with the one plain check."""
     import replay
 
-    g, per_trial = nested_grid(grid, out)
+    g, per_trial = nested_grid(grid, out, table_path)
     method = replay.shipped()
     reached = []
     for seed in range(repeats):
@@ -279,6 +296,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("phase", choices=["train", "table", "reach"])
     p.add_argument("--repeats", type=int, default=100, help="reach: sampler seeds")
+    p.add_argument("--table", type=Path, help="the grid's table.json, if not the stored one")
+    p.add_argument("--model", default=search_cost.MODEL, help="train: the base model")
+    p.add_argument("--quick", action="store_true", help="train: one nested trial of 4 steps")
     p.add_argument("--grid", choices=list(GRIDS), action="append")
     p.add_argument("--out", type=Path, default=Path("/work/bench/nested"))
     p.add_argument("--data", type=Path, help="the grid's data folder, if not the default")
@@ -289,17 +309,19 @@ def main() -> None:
     grids = a.grid or list(GRIDS)
     if a.phase == "train":
         for grid in grids:
-            train(grid, a.out, a.data, a.sampling)
+            train(grid, a.out, a.data, a.sampling, a.quick, a.model)
         return
     if a.phase == "reach":
-        found = [reach(g, a.out, a.repeats) for g in grids
+        found = [reach(g, a.out, a.repeats, a.table) for g in grids
                  if (a.out / g / "study" / "optuna.db").exists()]  # fmt: skip
         for r in found:
             print(json.dumps(r))
         if a.json:
             a.json.write_text(json.dumps(found, indent=1))
         return
-    results = [compare(g, a.out) for g in grids if (a.out / g / "study" / "optuna.db").exists()]
+    results = [
+        compare(g, a.out, a.table) for g in grids if (a.out / g / "study" / "optuna.db").exists()
+    ]
     results = [r for r in results if r["rows"]]
     markdown(results)
     if a.json:

@@ -74,6 +74,27 @@ def test_search_cost_quick(tmp_path, tiny_bert):
     assert json.loads((out / "trainer.json").read_text())["trials"] == 1
 
 
+def test_nested_ranks_quick(tmp_path, tiny_bert):
+    """A quick grid, one nested trial of its space, and the comparison and reach between them."""
+    data, out = _sst2_like(tmp_path / "sst2"), tmp_path / "nested"
+    _run("search_cost.py", "grid", "--data", str(data), "--out", str(tmp_path / "sc"),
+         "--model", str(tiny_bert), cwd=tmp_path)  # fmt: skip
+    table = tmp_path / "sc" / "table.json"
+    _run("nested_ranks.py", "train", "--grid", "sst2-random", "--data", str(data), "--out",
+         str(out), "--model", str(tiny_bert), cwd=tmp_path)  # fmt: skip
+    _run("nested_ranks.py", "table", "--grid", "sst2-random", "--out", str(out), "--table",
+         str(table), "--json", str(tmp_path / "t.json"), cwd=tmp_path, quick=False)  # fmt: skip
+    (row,) = json.loads((tmp_path / "t.json").read_text())[0]["rows"]
+    assert set(row["nested"]) == set(row["grid"]) == {"4", "8"}  # the quick grid's ranks
+    assert row["nested_pick"] in (4, 8) and row["cost_full_trials"] > 0
+    _run("nested_ranks.py", "reach", "--grid", "sst2-random", "--out", str(out), "--table",
+         str(table), "--repeats", "2", "--json", str(tmp_path / "r.json"), cwd=tmp_path,
+         quick=False)  # fmt: skip
+    (found,) = json.loads((tmp_path / "r.json").read_text())
+    assert found["configurations"] == 1 and found["nested_cost"] >= 1.0
+    assert set(found["reach"]) >= {"2", "4", "6", "4 with check"}
+
+
 def test_trial_cost_quick(tmp_path, tiny_bert, sentiment_csv):
     study = write_study(tmp_path / "tiny.yaml", tiny_bert, sentiment_csv)
     _run("trial_cost.py", "--out", str(tmp_path), "--study", str(study), cwd=tmp_path)
