@@ -285,11 +285,14 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(record.get("time", time.time()) * 1000)
-        metrics = [
-            Metric(k, float(record[k]), now, int(record["step"]))
-            for k in LOGGED_PER_STEP
-            if k in record
-        ]
+        step = int(record["step"])
+        metrics = [Metric(k, float(record[k]), now, step) for k in LOGGED_PER_STEP if k in record]
+        for rank, per_rank in record.get("ranks", {}).items():  # a nested trial: every rank
+            metrics += [
+                Metric(f"{k}_r{rank}", float(per_rank[k]), now, step)
+                for k in LOGGED_PER_STEP
+                if k in per_rank
+            ]
         retry(self.client.log_batch, self._runs[trial_number], metrics=metrics)
 
     def end_trial(self, trial: FrozenTrial, run_id: str | None = None) -> None:

@@ -318,6 +318,24 @@ def test_a_trial_shorter_than_the_sampling_interval_still_gets_system_metrics(tm
     assert 0 <= cpu.value <= 100 and memory.value > 0
 
 
+def test_a_nested_trial_logs_every_rank_at_every_step(tmp_path):
+    """MLflow users compare ranks of a nested trial on the run's charts: val_loss_r4, ..."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "nested", "none", tmp_path)
+    tracker.study_name = "nested"
+    tracker.experiment_id = tracker.client.create_experiment("nested")
+    tracker.parent_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    run_id = tracker.start_trial(0, space.TrialConfig(**config_attr(8)))
+    for step, shift in ((2, 0.1), (4, 0.0)):
+        ranks = {"4": {"val_loss": 0.5 + shift, "accuracy": 0.7},
+                 "8": {"val_loss": 0.4 + shift, "accuracy": 0.8}}  # fmt: skip
+        tracker.log_report(0, {"step": step, "val_loss": 0.4 + shift, "ranks": ranks})
+    history = tracker.client.get_metric_history
+    assert [(m.step, m.value) for m in history(run_id, "val_loss_r4")] == [(2, 0.6), (4, 0.5)]
+    assert [m.value for m in history(run_id, "accuracy_r8")] == [0.8, 0.8]
+    assert [m.value for m in history(run_id, "val_loss")] == [0.5, 0.4]  # the best rank's
+
+
 def test_tracking_errors_carry_their_key_as_data(tmp_path):
     """Callers gather the problem by its key, without cutting a message apart."""
     from ranksearch.tracking.store import TrackingError, check_tracking
