@@ -41,7 +41,7 @@ GRIDS = {
 def nested_study(
     grid: str,
     data: Path | None = None,
-    sampling: str = "uniform",
+    sampling: str = "by-rank",
     quick: bool = False,
     model: str = search_cost.MODEL,
 ) -> dict:
@@ -303,7 +303,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/work/bench/nested"))
     p.add_argument("--data", type=Path, help="the grid's data folder, if not the default")
     p.add_argument("--json", type=Path, help="table: write the comparison here too")
-    p.add_argument("--sampling", choices=["uniform", "by-rank"], default="uniform",
+    p.add_argument("--sampling", choices=["by-rank", "uniform"], default="by-rank",
                    help="train: search.nested_sampling (how a step draws its rank)")  # fmt: skip
     a = p.parse_args()
     grids = a.grid or list(GRIDS)

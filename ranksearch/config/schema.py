@@ -161,10 +161,12 @@ class SearchConfig(_Strict):
         "for about one fine-tune), and the recommended rank is then trained once as a plain "
         "LoRA (docs/search.md#nested-ranks)",
     )
-    nested_sampling: Literal["uniform", "by-rank"] = Field(
-        "uniform",
-        description="nested trials: how each training step draws the rank it trains, uniform "
-        "over the ranks (DyLoRA) or as often as its size (BENCHMARKS.md, nested ranks)",
+    nested_sampling: Literal["by-rank", "uniform"] = Field(
+        "by-rank",
+        description="nested trials: how each training step draws the rank it trains, as often "
+        "as its size (by-rank: the components past the smallest rank train often enough for "
+        "the large ranks to be judged) or uniformly over the ranks (DyLoRA); BENCHMARKS.md "
+        "section 9 measured both",
     )
 
     @model_validator(mode="after")

@@ -4,10 +4,10 @@ adapter, so one training draws the rank curve (DyLoRA, Valipour et al., EACL 202
 Rank b of a rank-r LoRA is its first b components: the first b rows of every `lora_A` and the
 first b columns of every `lora_B`, scaled as a plain LoRA of rank b with its own alpha would be
 (alpha_b / b, or alpha_b / sqrt(b) with rsLoRA). Zeroing the rest of `lora_A`'s output is that
-adapter exactly: B[:, :b] @ A[:b] x. Training samples one rank per optimizer step, uniformly
-over the space's ranks, and trains the truncation at that rank; evaluation truncates at each
-rank in turn. `save_rank` writes rank b as an ordinary PEFT adapter (r = b) that
-`PeftModel.from_pretrained` loads: the same slices and the same scaling.
+adapter exactly: B[:, :b] @ A[:b] x. Training draws one rank per optimizer step (as often as its
+size, or uniformly over the space's ranks) and trains the truncation at that rank; evaluation
+truncates at each rank in turn. `save_rank` writes rank b as an ordinary PEFT adapter (r = b)
+that `PeftModel.from_pretrained` loads: the same slices and the same scaling.
 
 `NestedSpec` travels in the trial spec (`TrialSpec.nested`); None is a plain LoRA.
 """
@@ -34,9 +34,9 @@ class NestedSpec:
 
     ranks: tuple[int, ...]
     alphas: tuple[float, ...]
-    # how a training step draws its rank: `uniform` over the ranks (DyLoRA), or `by-rank`
-    # (a rank as often as its size: the components past the smallest rank train more often)
-    sampling: str = "uniform"
+    # how a training step draws its rank: `by-rank` (a rank as often as its size: the
+    # components past the smallest rank train more often), or `uniform` over the ranks (DyLoRA)
+    sampling: str = "by-rank"
 
     @classmethod
     def of(cls, raw: dict | None) -> NestedSpec | None:
@@ -45,7 +45,7 @@ class NestedSpec:
         return cls(
             ranks=tuple(int(r) for r in raw["ranks"]),
             alphas=tuple(raw["alphas"]),
-            sampling=raw.get("sampling", "uniform"),
+            sampling=raw.get("sampling", "by-rank"),
         )
 
     def alpha(self, rank: int) -> float:

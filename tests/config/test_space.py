@@ -192,7 +192,7 @@ def test_a_nested_space_trains_the_largest_rank_and_gives_each_rank_its_alpha(al
     config = suggest(_trial(), search)
     assert config.rank == 32
     assert nested_spec(search, config) == {
-        "ranks": [4, 8, 16, 32], "alphas": alphas, "sampling": "uniform"
+        "ranks": [4, 8, 16, 32], "alphas": alphas, "sampling": "by-rank"
     }  # fmt: skip
     r8 = at_rank(config, 8, search)
     assert (r8.rank, r8.lora_alpha) == (8, alphas[1])

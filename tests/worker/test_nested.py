@@ -151,10 +151,11 @@ def test_training_samples_every_rank(tiny_bert):
     model = get_peft_model(
         base, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
     )
-    nested = NestedLoRA(model, NestedSpec.of(nested_of((4, 8, 16))), False, seed=3)
+    uniform = {**nested_of((4, 8, 16)), "sampling": "uniform"}
+    nested = NestedLoRA(model, NestedSpec.of(uniform), False, seed=3)
     draws = [nested.sample_rank() for _ in range(600)]
     assert {r: draws.count(r) for r in RANKS} == pytest.approx({r: 200 for r in RANKS}, abs=40)
-    again = NestedLoRA(model, NestedSpec.of(nested_of((4, 8, 16))), False, seed=3)
+    again = NestedLoRA(model, NestedSpec.of(uniform), False, seed=3)
     assert [again.sample_rank() for _ in range(600)] == draws
     by_rank = NestedLoRA(model, NestedSpec(ranks=RANKS, alphas=(4, 8, 16), sampling="by-rank"),
                          False, seed=3)  # fmt: skip
