@@ -203,7 +203,21 @@ def nested_cost(trials: dict) -> float:
     return statistics.mean(ratios)
 
 
-def nested_grid(grid: str, out: Path, table_path: Path | None = None):
+VARIANTS = ("all", "no-all-linear", "low-lr")  # as benchmarks/gridfile.py's, where one applies
+
+
+def keep(variant: str, keys) -> set:
+    """The (modules, lr) of a wrong-prior variant (gridfile.variant: the informed trial's
+    module set removed, or the highest learning rate)."""
+    keys = set(keys)
+    if variant == "no-all-linear":
+        return {k for k in keys if k[0] != "all-linear"}
+    if variant == "low-lr":
+        return {k for k in keys if k[1] != max(lr for _, lr in keys)}
+    return keys
+
+
+def nested_grid(grid: str, out: Path, table_path: Path | None = None, variant: str = "all"):
     """The nested trials as a replayable grid: one row per (modules, lr) whose curve is the
     best rank's (what the pruner and the sampler see), and the row's pick, its best rank at
     the end, looked up in the grid's independently trained table (`pick_loss`)."""
@@ -212,6 +226,9 @@ def nested_grid(grid: str, out: Path, table_path: Path | None = None):
     table = grid_table(grid, table_path)
     independent = grid_ranks(table)
     nested = nested_trials(out / grid)
+    kept = keep(variant, independent)
+    independent = {k: v for k, v in independent.items() if k in kept}
+    nested = {k: v for k, v in nested.items() if k in kept}
     top = max(r for n in nested.values() for r in n["ranks"])
     rows = []
     for key, n in nested.items():
@@ -239,7 +256,12 @@ def nested_grid(grid: str, out: Path, table_path: Path | None = None):
 
 
 def reach(
-    grid: str, out: Path, repeats: int, table_path: Path | None = None, budgets=(2.0, 4.0, 6.0)
+    grid: str,
+    out: Path,
+    repeats: int,
+    table_path: Path | None = None,
+    variant: str = "all",
+    budgets=(2.0, 4.0, 6.0),
 ) -> dict:
     """The nested search (shipped sampler and pruner, informed first trial, pruning on the
     best rank's loss) replayed over `repeats` sampler seeds: where it first holds a nested
@@ -247,7 +269,7 @@ def reach(
     (a full nested trial costs `nested_cost`), without and with the one plain check."""
     import replay
 
-    g, per_trial = nested_grid(grid, out, table_path)
+    g, per_trial = nested_grid(grid, out, table_path, variant)
     method = replay.shipped()
     reached = []
     for seed in range(repeats):
@@ -266,8 +288,8 @@ def reach(
             a is not None and a + 1 <= b + 1e-9 for a in reached
         ) / repeats  # fmt: skip
     costs = sorted(a for a in reached if a is not None)
-    return {"grid": grid, "nested_cost": per_trial, "configurations": len(g.rows),
-            "reach": rates, "seeds": repeats,
+    return {"grid": grid, "variant": variant, "nested_cost": per_trial,
+            "configurations": len(g.rows), "reach": rates, "seeds": repeats,
             "cost_to_reach_median": statistics.median(costs) if costs else None}  # fmt: skip
 
 
@@ -312,8 +334,9 @@ def main() -> None:
             train(grid, a.out, a.data, a.sampling, a.quick, a.model)
         return
     if a.phase == "reach":
-        found = [reach(g, a.out, a.repeats, a.table) for g in grids
-                 if (a.out / g / "study" / "optuna.db").exists()]  # fmt: skip
+        found = [reach(g, a.out, a.repeats, a.table, v) for g in grids for v in VARIANTS
+                 if (a.out / g / "study" / "optuna.db").exists()
+                 and nested_trials(a.out / g)]  # fmt: skip
         for r in found:
             print(json.dumps(r))
         if a.json:
