@@ -160,7 +160,10 @@ def compare(grid: str, out: Path, table_path: Path | None = None) -> dict:
             "nested_pick": pick_n, "grid_pick": pick_g,
             "gap": g[pick_n] - g[pick_g],  # the grid's loss at the nested pick, over its own
             "within_noise": g[pick_n] - g[pick_g] <= std,
-            "cost_full_trials": n["wall_seconds"] / plain_seconds,
+            # a plain trial's clock: the same steps, one rank evaluated (nested_cost)
+            "cost_full_trials": nested_cost({key: n}),
+            # against the grid's own trials (trained on another day, under another load)
+            "wall_vs_grid": n["wall_seconds"] / plain_seconds,
             "eval_share": n["eval_seconds"] / (n["train_seconds"] + n["eval_seconds"]),
         })  # fmt: skip
     # the whole grid's answer: the smallest configuration within one seed std of the best
