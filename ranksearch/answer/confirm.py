@@ -24,6 +24,13 @@ ALPHA = 0.05
 MAX_RANK_CHECKS = 2  # plain trainings of nested estimates per study (a check may move the answer)
 
 
+def _checked(t: FrozenTrial) -> bool:
+    """A plain check that ran: complete, or failed by itself (one stopped by Ctrl-C or by the
+    study's stop is planned again by the next `run`)."""
+    stopped = t.user_attrs.get("fail_reason") in ("interrupted", "study stopped")
+    return "rank_check_of" in t.user_attrs and t.state.is_finished() and not stopped
+
+
 def rank_check(trials: Sequence[FrozenTrial], tolerance: str | float) -> dict[str, Any] | None:
     """The plain training a nested study's answer still needs, as a `Orchestrator.confirm` job:
     the recommended rank of a nested trial trained once as an ordinary LoRA of that rank, at
@@ -34,7 +41,7 @@ def rank_check(trials: Sequence[FrozenTrial], tolerance: str | float) -> dict[st
     recommended = answer(trials, tolerance).recommended
     if recommended is None or "nested_rank" not in recommended.user_attrs:
         return None
-    if sum("rank_check_of" in t.user_attrs for t in trials) >= MAX_RANK_CHECKS:
+    if sum(_checked(t) for t in trials) >= MAX_RANK_CHECKS:
         return None
     return {
         "params": recommended.params,

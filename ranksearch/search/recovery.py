@@ -87,11 +87,13 @@ def requeue(study: optuna.Study, cfg: StudyConfig, trial: FrozenTrial, lost: boo
     """Queue a stopped trial's configuration again; whether it was queued.
 
     Not for a grid (it revisits unfinished points by itself, and GridSampler rejects enqueued
-    trials) nor a confirmation run (`confirm` plans its round again). A lost trial is queued at
-    most `budget.retry_failed` times; an interrupted one always.
+    trials) nor a confirmation run or a nested estimate's plain check (`run` and `confirm` plan
+    them again). A lost trial is queued at most `budget.retry_failed` times; an interrupted one
+    always.
     """
     retries = trial.user_attrs.get("retries", 0)
-    if cfg.sampler.type == "grid" or trial.user_attrs.get("confirmation"):
+    a = trial.user_attrs
+    if cfg.sampler.type == "grid" or a.get("confirmation") or "rank_check_of" in a:
         return False
     if lost and retries >= cfg.budget.retry_failed:
         return False

@@ -114,5 +114,9 @@ def test_a_plain_check_answers_for_its_estimate_and_checks_stop():
     job = rank_check(trials, "1se")
     assert job["attrs"]["rank_check_rank"] == 8
     assert MAX_RANK_CHECKS == 2
+    interrupted = {**job["attrs"], "fail_reason": "interrupted"}  # planned again by `run`
+    again = rank_check([*trials, create_trial(state=TrialState.FAIL, user_attrs=interrupted)],
+                       "1se")  # fmt: skip
+    assert again["attrs"] == job["attrs"]
     assert rank_check([*trials, create_trial(state=TrialState.FAIL, user_attrs=job["attrs"])],
                       "1se") is None  # fmt: skip

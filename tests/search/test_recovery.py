@@ -146,3 +146,16 @@ def test_a_new_study_runs_the_informed_configuration_before_the_baselines(tmp_pa
         cfg = _cfg(tmp_path, sampler=off)
         study = open_study(cfg, f"sqlite:///{tmp_path / f'{name}.db'}")
         assert study.trials == []
+
+
+def test_an_interrupted_plain_check_is_not_queued_as_a_search_trial(tmp_path):
+    """`run` plans a nested estimate's plain check again; queued, it would run as a nested
+    search trial of the same configuration."""
+    cfg = _cfg(tmp_path)
+    study = open_study(cfg, f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.enqueue_trial({}, user_attrs={"rank_check_of": 0, "rank_check_rank": 4})
+    check = study.ask()
+    study.tell(check, state=TrialState.FAIL)
+    waiting = len(study.get_trials(states=(TrialState.WAITING,)))
+    assert not requeue(study, cfg, study.trials[-1])
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == waiting
