@@ -337,9 +337,14 @@ def main() -> None:
             train(grid, a.out, a.data, a.sampling, a.quick, a.model)
         return
     if a.phase == "reach":
-        found = [reach(g, a.out, a.repeats, a.table, v) for g in grids for v in VARIANTS
-                 if (a.out / g / "study" / "optuna.db").exists()
-                 and nested_trials(a.out / g)]  # fmt: skip
+        found = []
+        for g in grids:
+            if not (a.out / g / "study" / "optuna.db").exists() or not nested_trials(a.out / g):
+                continue
+            keys = set(nested_trials(a.out / g))
+            # a variant that leaves nothing, or everything (nothing to remove), is no variant
+            variants = [v for v in VARIANTS if v == "all" or set() < keep(v, keys) < keys]
+            found += [reach(g, a.out, a.repeats, a.table, v) for v in variants]
         for r in found:
             print(json.dumps(r))
         if a.json:

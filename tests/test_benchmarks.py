@@ -77,9 +77,15 @@ def test_search_cost_quick(tmp_path, tiny_bert):
 def test_nested_ranks_quick(tmp_path, tiny_bert):
     """A quick grid, one nested trial of its space, and the comparison and reach between them."""
     data, out = _sst2_like(tmp_path / "sst2"), tmp_path / "nested"
-    _run("search_cost.py", "grid", "--data", str(data), "--out", str(tmp_path / "sc"),
-         "--model", str(tiny_bert), cwd=tmp_path)  # fmt: skip
-    table = tmp_path / "sc" / "table.json"
+    table = tmp_path / "table.json"  # the quick grid's table, made by hand: ranks 4 and 8
+    configs = {}
+    for rank, loss in ((4, 0.69), (8, 0.68)):
+        key = json.dumps({"init_lora_weights": True, "learning_rate": 0.001, "lora_alpha": 2 * rank,
+                          "lora_dropout": 0.0, "rank": rank, "target_modules": "qv",
+                          "use_dora": False, "use_rslora": False}, sort_keys=True)  # fmt: skip
+        configs[key] = {"val_loss": loss, "wall_seconds": 5.0, "params": {}, "curve": {}}
+    table.write_text(json.dumps({"max_steps": 4, "configs": configs,
+                                 "best_seeds": {"std": 0.01}}))  # fmt: skip
     _run("nested_ranks.py", "train", "--grid", "sst2-random", "--data", str(data), "--out",
          str(out), "--model", str(tiny_bert), cwd=tmp_path)  # fmt: skip
     _run("nested_ranks.py", "table", "--grid", "sst2-random", "--out", str(out), "--table",
