@@ -534,3 +534,21 @@ def test_importance_reliability_measures_every_evaluator_against_the_main_effect
     for name in importance_reliability.EVALUATORS:
         rows = [r for k, r in result["rows"].items() if k.startswith(name + "|")]
         assert rows and all(0.0 <= r["top_match"] <= 1.0 for r in rows)
+
+
+def test_real_run_writes_the_study_of_a_grid_variant_with_the_shipped_search(tmp_path):
+    """`real_run.py study`: the study file a real run of a grid's space (here the SST-2 grid
+    without all-linear) runs, with the grid's module order, the shipped sampler and pruner and
+    the replay's study name, so that its trials can be compared with the replay's."""
+    from ranksearch.config.load import load_study
+
+    grids = tmp_path / "grids"
+    _run("replay.py", "convert", "--out", str(grids), cwd=tmp_path, quick=False)
+    out = tmp_path / "real.yaml"
+    _run("real_run.py", "study", str(grids / "sst2-random.jsonl"), "--variant", "no-all-linear",
+         "--data", str(_sst2_like(tmp_path / "sst2")), "--out", str(out), cwd=tmp_path,
+         quick=False)  # fmt: skip
+    cfg = load_study(out)[0]
+    assert list(cfg.search.target_modules) == ["qkv", "qv"]
+    assert cfg.study_name == "replay-0" and cfg.sampler.informed_start
+    assert cfg.search.rank == [4, 8, 16, 32] and cfg.training.max_steps == 100
