@@ -28,6 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import search_cost  # noqa: E402
 
+from ranksearch.search import budget  # noqa: E402
+
 RESULTS = HERE / "results" / "search-cost-i14"
 # name: (data folder, search_cost space, length-grouped batches, the grid's table)
 GRIDS = {
@@ -279,7 +281,7 @@ def reach(
         trials = replay.replay(g, method, seed, max_cost=max(budgets) / per_trial + 1)
         spent, at = 0.0, None
         for t in trials:
-            spent += per_trial * budget_steps(t) / g.max_steps
+            spent += per_trial * budget.trial_steps(t) / g.max_steps
             row = g.rows[t.user_attrs["config_key"]]
             if at is None and t.state.name == "COMPLETE" and row["pick_loss"] <= g.target:
                 at = spent
@@ -294,12 +296,6 @@ def reach(
     return {"grid": grid, "variant": variant, "nested_cost": per_trial,
             "configurations": len(g.rows), "reach": rates, "seeds": repeats,
             "cost_to_reach_median": statistics.median(costs) if costs else None}  # fmt: skip
-
-
-def budget_steps(t) -> int:
-    from ranksearch.search import budget
-
-    return budget.trial_steps(t)
 
 
 def markdown(results: list[dict]) -> None:

@@ -85,9 +85,3 @@ def expand(trials: Sequence[FrozenTrial], keep_checked: bool = False) -> list[Fr
         else:
             out.append(t)
     return out
-
-
-def candidate_label(t: FrozenTrial) -> str:
-    """`3` for a plain trial, `3@r8` for rank 8 of nested trial 3."""
-    rank = t.user_attrs.get("nested_rank")
-    return str(t.number) if rank is None else f"{t.number}@r{rank}"

@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ranksearch.answer.confirm import analyse
 from ranksearch.answer.importance import study_importances
 from ranksearch.answer.marks import trial_label
+from ranksearch.answer.nested import is_nested
 from ranksearch.answer.recommend import (
     accuracy,
     answer,
@@ -58,7 +59,7 @@ def _note(t: FrozenTrial) -> str:
         return reason_head(a.get("fail_reason", ""))[:60]
     if "rank_check_of" in a:
         return f"plain check of #{a['rank_check_of']} (est. {a.get('nested_estimate', 0):.4f})"
-    if "nested" in a and "best_rank" in a:  # the row's loss is its best rank's
+    if is_nested(t):  # the row's loss is its best rank's
         return f"nested: best at r{a['best_rank']}"
     return ""
 

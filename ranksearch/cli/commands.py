@@ -177,7 +177,10 @@ def _check_ranks(cfg: StudyConfig, orchestrator, view, console: Console, quiet: 
     from ranksearch.answer.confirm import rank_check
 
     code = 0
-    while code == 0 and (job := rank_check(orchestrator.study.get_trials(), cfg.report.tolerance)):
+    while code == 0:
+        job = rank_check(orchestrator.study.get_trials(deepcopy=False), cfg.report.tolerance)
+        if job is None:
+            break
         if not quiet:
             a = job["attrs"]
             console.print(
@@ -214,7 +217,8 @@ def cmd_run(args, console: Console) -> int:
     if not args.quiet:
         console.print(trials_table(orchestrator.study, f"study {cfg.study_name}", console.width))
         if cfg.search.rank_mode == "nested":  # the rank curve is what nested trials are for
-            console.print(rank_table({"ranks": rank_view(orchestrator.study.get_trials())}))
+            ranks = rank_view(orchestrator.study.get_trials(deepcopy=False))
+            console.print(rank_table({"ranks": ranks}))
         for line in best_summary(orchestrator.study, cfg.report.tolerance):
             console.print(Text(line))
         console.print(Text(compute_line(orchestrator.study.get_trials(deepcopy=False), cfg)))

@@ -328,9 +328,10 @@ class Orchestrator:
             ("config_key", key),
             ("host", worker_host()),
             ("orchestrator_pid", os.getpid()),
-            *((("nested", nested),) if nested else ()),  # its ranks and their alphas
         ):
             trial.set_user_attr(name, value)
+        if nested:  # its ranks and their alphas: the worker's spec and the answer read them
+            trial.set_user_attr("nested", nested)
         run_id = self.tracker.start_trial(trial.number, config)
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 
 from ranksearch.config.schema import StudyConfig
-from ranksearch.config.space import TrialConfig, lora_kwargs, nested_spec
+from ranksearch.config.space import TrialConfig, lora_kwargs
 from ranksearch.data.prepare import PreparedData, model_location
 from ranksearch.worker.spec import DataSpec, ModelSpec, TrialSpec
 
@@ -42,7 +42,5 @@ def trial_spec(
         reports="reports.jsonl",
         orchestrator_pid=os.getpid(),  # the worker exits if this process is gone
         adapter_dir="adapter",
-        # a nested trial reports every rank; a plain check of a nested estimate is plain
-        nested=None if trial.user_attrs.get("rank_check_of") is not None
-        else nested_spec(cfg.search, config),
-    )  # fmt: skip
+        nested=trial.user_attrs.get("nested"),  # a nested trial's ranks (loop._start sets it)
+    )
